@@ -1,0 +1,143 @@
+"""Input handling for scoring: data validation and re-chunking, eval mode, memory budget, progress."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["eval_mode", "iter_chunks", "default_memory_budget", "Progress", "check_labels", "check_finite"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Put every module in eval mode and restore each module's own ``training`` flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _as_batches(data, fn: str) -> Iterable:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        return [tuple(data)]
+    if isinstance(data, torch.Tensor):
+        raise TypeError(f"{fn}: data must be (inputs, labels) or an iterable of (inputs, labels) batches, "
+                        "got a single tensor; pass the labels too")
+    if not isinstance(data, Iterable):
+        raise TypeError(f"{fn}: data must be (inputs, labels) or an iterable of (inputs, labels) batches "
+                        f"(e.g. a DataLoader), got {type(data).__name__}")
+    return data
+
+
+def _check_batch(batch, fn: str):
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
+            and isinstance(batch[1], torch.Tensor)):
+        raise TypeError(f"{fn}: each batch must be a pair (inputs, labels) of tensors, got "
+                        f"{type(batch).__name__}; for a dataset of dicts, wrap it to yield pairs")
+    x, y = batch[0], batch[1]
+    if y.dim() != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{fn}: inputs and labels differ in length: inputs {tuple(x.shape)}, labels "
+                         f"{tuple(y.shape)}; labels must be [N] class indices matching inputs [N, ...]")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"{fn}: labels must be integer class indices, got dtype {y.dtype}")
+    return x, y
+
+
+def iter_chunks(data, chunk: int, device, fn: str = "score_layer") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x [n, ...], y [n] int64) on ``device`` with n == ``chunk`` except the last, from any batching.
+
+    Raises ValueError for empty data or mismatched lengths.
+    """
+    pending_x, pending_y, count, seen = [], [], 0, 0
+    for batch in _as_batches(data, fn):
+        x, y = _check_batch(batch, fn)
+        seen += x.shape[0]
+        while x.shape[0]:
+            take = min(chunk - count, x.shape[0])
+            pending_x.append(x[:take])
+            pending_y.append(y[:take])
+            x, y, count = x[take:], y[take:], count + take
+            if count == chunk:
+                yield _join(pending_x, pending_y, device)
+                pending_x, pending_y, count = [], [], 0
+    if count:
+        yield _join(pending_x, pending_y, device)
+    if seen == 0:
+        raise ValueError(f"{fn}: data holds no images; pass at least one (inputs, labels) pair")
+
+
+def _join(xs, ys, device):
+    x = xs[0] if len(xs) == 1 else torch.cat(xs)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys)
+    return x.to(device, non_blocking=True), y.to(device=device, dtype=torch.long)
+
+
+def check_labels(y: torch.Tensor, num_classes: int, fn: str) -> None:
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: label {int(y[bad][0])} is outside the model's {num_classes} classes "
+                         f"(0..{num_classes - 1}); check the labels or the model's output size")
+
+
+def check_finite(logits: torch.Tensor, fn: str, what: str = "the model's output") -> None:
+    if not bool(torch.isfinite(logits).all()):
+        rows = (~torch.isfinite(logits)).any(1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{fn}: {what} is not finite (NaN or inf) for images at chunk positions {rows}; check "
+                         "the model's weights and the input normalisation")
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """A quarter of free host memory (at most 8 GiB) on CPU; half of free device memory on CUDA."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    avail = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    if avail is None:
+        avail = 8 << 30
+    return int(min(avail // 4, 8 << 30))
+
+
+class Progress:
+    """A minimal progress bar on stderr: ``progress`` None (auto: when stderr is a terminal), bool, or a
+    callable ``(done, total)``."""
+
+    def __init__(self, progress, total: int | None, label: str):
+        self.callback = progress if callable(progress) else None
+        show = sys.stderr.isatty() and os.environ.get("CARFAST_PROGRESS", "1") != "0" if progress is None \
+            else bool(progress) and self.callback is None
+        self.show, self.total, self.label, self.done = show, total, label, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+        now = time.perf_counter()
+        if self.show and (now - self.last > 0.25 or (self.total and self.done >= self.total)):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            if self.total:
+                frac = min(self.done / self.total, 1.0)
+                bar = "#" * int(30 * frac)
+                sys.stderr.write(f"\r{self.label} [{bar:<30}] {100 * frac:5.1f} %  {rate:,.0f} pairs/s")
+            else:
+                sys.stderr.write(f"\r{self.label} {self.done:,} pairs  {rate:,.0f} pairs/s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.show:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

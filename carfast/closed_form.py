@@ -1,0 +1,153 @@
+"""Recognise when a layer's ablations have a closed form (design.md 3.4) and prepare its operands.
+
+The closed form applies when the target has one Conv2d consumer (groups 1, zero padding, one input
+channel per filter), the consumer is followed by an elementwise epilogue of the form
+``act(BN(z) + residual)`` (each part optional, in that order; act is ReLU or ReLU6; the residual a
+value computed before the cut), and everything after the epilogue is affine up to the logits
+(pooling, flatten, dropout in eval, Linear...). The affine tail's linear part is materialised once as
+a matrix ``tail`` [classes, O, Ho, Wo] by differentiating it (exact for an affine map).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .graph import LayerGraph, fn_name
+from .ops.closed_form_logits import ACTIVATIONS
+
+__all__ = ["ClosedForm", "find_closed_form"]
+
+_AFFINE_MODULES = (nn.Linear, nn.Flatten, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_AFFINE_FUNCTIONS = frozenset({"flatten", "view", "reshape", "adaptive_avg_pool2d", "avg_pool2d", "contiguous",
+                               "linear"})
+_SHAPE_FUNCTIONS = frozenset({"size", "getattr", "getitem", "dim"})
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+@dataclass
+class ClosedForm:
+    """Operands of ``ops.closed_form_logits`` that do not depend on the images.
+
+    weight [O, K, kh, kw], scale/shift [O], act code, residual_index (which boundary value is the
+    residual, or None), tail [classes, O, Ho, Wo], and the consumer's stride/padding/dilation.
+    """
+    weight: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    act: int
+    residual_index: int | None
+    tail: torch.Tensor
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+
+def _bn_affine(bn: nn.BatchNorm2d):
+    if bn.running_mean is None or bn.running_var is None:
+        return None
+    inv = torch.rsqrt(bn.running_var + bn.eps)
+    w = bn.weight if bn.weight is not None else torch.ones_like(inv)
+    b = bn.bias if bn.bias is not None else torch.zeros_like(inv)
+    scale = (w * inv).detach()
+    return scale, (b - bn.running_mean * scale).detach()
+
+
+def _epilogue(lg: LayerGraph, modules: dict):
+    """Walk ``BN? -> add(residual)? -> act?`` after the consumer. Returns (last node, parts, used nodes)."""
+    cur = lg.consumers[0].node
+    out_ch = lg.consumers[0].module.out_channels
+    w = lg.consumers[0].module.weight
+    scale, shift = torch.ones(out_ch, dtype=w.dtype, device=w.device), torch.zeros(out_ch, dtype=w.dtype,
+                                                                                  device=w.device)
+    residual, act, stage, used = None, 0, 0, []
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        if stage < 1 and u.op == "call_module" and type(modules[u.target]) is nn.BatchNorm2d \
+                and u.args == (cur,):
+            parts = _bn_affine(modules[u.target])
+            if parts is None:
+                break
+            scale, shift, stage = parts[0], parts[1], 1
+        elif stage < 2 and u.op == "call_function" and u.target in _ADDS and len(u.args) == 2 and not u.kwargs:
+            other = u.args[1] if u.args[0] is cur else u.args[0]
+            if other is cur or other not in lg.boundary:
+                break
+            residual, stage = lg.boundary.index(other), 2
+        elif stage < 3 and _activation(u, cur, modules) is not None:
+            act, stage = _activation(u, cur, modules), 3
+        else:
+            break
+        used.append(u)
+        cur = u
+    return cur, (scale, shift, residual, act), used
+
+
+def _activation(u: fx.Node, cur: fx.Node, modules: dict):
+    if u.args[:1] != (cur,):
+        return None
+    if u.op == "call_module":
+        m = modules[u.target]
+        return {nn.ReLU: ACTIVATIONS["relu"], nn.ReLU6: ACTIVATIONS["relu6"]}.get(type(m))
+    if u.op in ("call_function", "call_method") and len(u.args) == 1:
+        return {"relu": ACTIVATIONS["relu"], "relu_": ACTIVATIONS["relu"],
+                "relu6": ACTIVATIONS["relu6"]}.get(fn_name(u))
+    return None
+
+
+def _tail_is_affine(lg: LayerGraph, y: fx.Node, tail_nodes, modules) -> bool:
+    allowed = set(tail_nodes) | {y}
+    for n in tail_nodes:
+        if n.op == "call_module":
+            if not isinstance(modules[n.target], _AFFINE_MODULES):
+                return False
+        elif n.op in ("call_function", "call_method"):
+            name = fn_name(n)
+            if name not in _AFFINE_FUNCTIONS and name not in _SHAPE_FUNCTIONS:
+                return False
+        elif n.op != "get_attr":
+            return False
+        if any(a not in allowed and a.op != "get_attr" for a in n.all_input_nodes):
+            return False
+    return True
+
+
+def _tail_matrix(lg: LayerGraph, y: fx.Node, tail_nodes, y_shape) -> torch.Tensor:
+    g = fx.Graph()
+    env = {y: g.placeholder("y")}
+    for n in tail_nodes:
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a not in env:
+                env[a] = g.node_copy(a)
+        if n.op != "get_attr":
+            env[n] = g.node_copy(n, lambda a: env[a])
+    out = next(n for n in lg.gm.graph.nodes if n.op == "output")
+    g.output(env[out.args[0]])
+    tail = fx.GraphModule(lg.gm, g)
+    w = lg.consumers[0].module.weight
+    y0 = torch.zeros((1,) + tuple(y_shape[1:]), dtype=w.dtype, device=w.device)
+    with torch.enable_grad():
+        jac = torch.autograd.functional.jacobian(lambda v: tail(v), y0, vectorize=True)
+    return jac.reshape((jac.shape[1],) + tuple(y_shape[1:])).detach().contiguous()
+
+
+def find_closed_form(lg: LayerGraph) -> ClosedForm | None:
+    """The closed-form operands for ``lg``, or None where the closed form does not apply."""
+    if len(lg.consumers) != 1:
+        return None
+    c = lg.consumers[0]
+    m = c.module
+    if not isinstance(m, nn.Conv2d) or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) \
+            or c.width != 1:
+        return None
+    modules = dict(lg.gm.named_modules())
+    y, (scale, shift, residual, act), used = _epilogue(lg, modules)
+    tail_nodes = [n for n in lg.changed if n not in used and n.op != "output"]
+    if not _tail_is_affine(lg, y, tail_nodes, modules):
+        return None
+    y_shape = y.meta["tensor_meta"].shape
+    tail = _tail_matrix(lg, y, tail_nodes, y_shape)
+    return ClosedForm(m.weight.detach().contiguous(), scale.contiguous(), shift.contiguous(), act, residual, tail,
+                      tuple(m.stride), tuple(m.padding), tuple(m.dilation))

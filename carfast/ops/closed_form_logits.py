@@ -1,0 +1,73 @@
+"""Closed-form ablated logits for a conv consumer whose epilogue is elementwise and whose tail is linear.
+
+Setting (design.md 3.2 + 3.4): the consumer U is a Conv2d (groups=1, zero padding); after it comes an
+elementwise epilogue E(v) = act(v * scale + shift + residual) per output channel, with ``residual`` a
+fixed per-image tensor (a residual branch that does not depend on the ablated layer); after E, the
+network is affine up to the logits: logits = T(y) + b. Removing input channel k of U then gives
+
+    logits'[k, n] = logits[n] + T(E(z[n] - delta[k, n]) - E(z[n])),   delta[k, n] = U_k(a[n, k])
+
+which touches only the output positions that ``a[n, k]`` reaches through the kernel window, and is
+exactly ``logits[n]`` when ``a[n, k]`` is all zero (free zeros).
+
+The reference below is the ``torch`` backend and the oracle for the compiled kernels.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ACTIVATIONS", "closed_form_logits_ref", "closed_form_logits"]
+
+#: epilogue activation codes shared with the compiled kernels
+ACTIVATIONS = {"identity": 0, "relu": 1, "relu6": 2}
+
+
+def _epilogue(v: torch.Tensor, scale, shift, residual, act: int) -> torch.Tensor:
+    v = v * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    if residual is not None:
+        v = v + residual
+    if act == 1:
+        v = torch.relu(v)
+    elif act == 2:
+        v = v.clamp(0.0, 6.0)
+    return v
+
+
+def closed_form_logits_ref(a: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, scale: torch.Tensor,
+                           shift: torch.Tensor, residual: torch.Tensor | None, act: int, tail: torch.Tensor,
+                           logits: torch.Tensor, filters: torch.Tensor, stride=(1, 1), padding=(0, 0),
+                           dilation=(1, 1)) -> torch.Tensor:
+    """Ablated logits for every (filter, image) pair; plain PyTorch.
+
+    Args:
+        a:        [N, K, H, W] float32, the consumer's input.
+        weight:   [O, K, kh, kw] float32, the consumer's weight (groups=1).
+        z:        [N, O, Ho, Wo] float32, the consumer's intact output (bias included).
+        scale, shift: [O] float32, per-channel affine of the epilogue.
+        residual: [N, O, Ho, Wo] float32 or None, added after the affine.
+        act:      ``ACTIVATIONS`` code: 0 identity, 1 relu, 2 relu6.
+        tail:     [classes, O, Ho, Wo] float32, the linear part of the affine tail.
+        logits:   [N, classes] float32, the intact logits.
+        filters:  [J] int64, input channels of the consumer to remove, one at a time.
+        stride, padding, dilation: the consumer's conv settings.
+    Returns:
+        [J, N, classes] float32 ablated logits.
+    """
+    y0 = _epilogue(z, scale, shift, residual, act)
+    tail2d = tail.reshape(tail.shape[0], -1)
+    out = []
+    for k in filters.tolist():
+        delta = F.conv2d(a[:, k:k + 1], weight[:, k:k + 1], None, stride, padding, dilation)
+        dy = _epilogue(z - delta, scale, shift, residual, act) - y0
+        out.append(logits + dy.reshape(dy.shape[0], -1) @ tail2d.t())
+    return torch.stack(out) if out else logits.new_zeros((0,) + tuple(logits.shape))
+
+
+def closed_form_logits(a, weight, z, scale, shift, residual, act, tail, logits, filters, stride=(1, 1),
+                       padding=(0, 0), dilation=(1, 1), backend: str = "torch") -> torch.Tensor:
+    """``closed_form_logits_ref`` on the chosen backend ("torch" or a compiled one); same contract."""
+    if backend == "torch":
+        return closed_form_logits_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters,
+                                      stride, padding, dilation)
+    raise ValueError(f"closed_form_logits: unknown backend {backend!r}; expected 'torch' or 'cpu'")

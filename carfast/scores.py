@@ -1,0 +1,132 @@
+"""``LayerScores``: what scoring one layer's filters yields, as plain tensors and derived views."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["LayerScores"]
+
+
+@dataclass
+class LayerScores:
+    """CAR scores of a layer's filters.
+
+    Counted fields (integers, so shards over batches or processes add up exactly):
+        layer:          name of the scored layer in ``model.named_modules()``.
+        filters:        [F] int64, the scored filter (output channel / feature) indices.
+        num_images:     N, images scored.
+        class_totals:   [C] int64, images per class.
+        base_correct:   [C] int64, images of each class the intact model classifies correctly.
+        correct:        [F, C] int64, images of each class classified correctly with filter f removed.
+        base_loss_sum:  float, summed cross-entropy of the intact model (float64 accumulation).
+        loss_sum:       [F] float64, summed cross-entropy with filter f removed.
+    Derived: ``base_accuracy``, ``accuracy`` [F], ``car`` [F], ``class_car`` [F, C], ``loss_increase`` [F].
+
+    Provenance: ``coupled`` is always False from ``score_layer`` (it refuses layers whose channels are
+    coupled through a residual add); ``method`` says how the ablations were evaluated ("closed_form",
+    "suffix" or "full_network"), ``backend`` which kernels ran, ``pairs_evaluated`` / ``pairs_skipped``
+    how many (filter, image) pairs were computed or skipped because the filter's activation was all
+    zero on that image (exactly the intact result). With ``per_image=True``: ``image_correct`` [F, N]
+    bool and ``base_image_correct`` [N] bool, in data order.
+    """
+
+    layer: str
+    filters: torch.Tensor
+    num_images: int
+    class_totals: torch.Tensor
+    base_correct: torch.Tensor
+    correct: torch.Tensor
+    base_loss_sum: float
+    loss_sum: torch.Tensor
+    coupled: bool = False
+    method: str = ""
+    backend: str = ""
+    pairs_evaluated: int = 0
+    pairs_skipped: int = 0
+    seconds: float = 0.0
+    image_correct: torch.Tensor | None = field(default=None, repr=False)
+    base_image_correct: torch.Tensor | None = field(default=None, repr=False)
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_totals.numel())
+
+    @property
+    def base_accuracy(self) -> float:
+        """Top-1 accuracy of the intact model (fraction in [0, 1])."""
+        return int(self.base_correct.sum()) / self.num_images
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """[F] float64: top-1 accuracy with each filter removed."""
+        return self.correct.sum(1).double() / self.num_images
+
+    @property
+    def car(self) -> torch.Tensor:
+        """[F] float64: the CAR index, base accuracy minus accuracy without the filter (can be < 0)."""
+        return self.base_accuracy - self.accuracy
+
+    @property
+    def class_car(self) -> torch.Tensor:
+        """[F, C] float64: per-class accuracy reduction; NaN for a class with no images."""
+        totals = self.class_totals.double()
+        base = self.base_correct.double() / totals
+        return base.unsqueeze(0) - self.correct.double() / totals.unsqueeze(0)
+
+    @property
+    def base_loss(self) -> float:
+        """Mean cross-entropy of the intact model."""
+        return self.base_loss_sum / self.num_images
+
+    @property
+    def loss_increase(self) -> torch.Tensor:
+        """[F] float64: mean cross-entropy with the filter removed minus without."""
+        return (self.loss_sum - self.base_loss_sum) / self.num_images
+
+    def ranking(self) -> torch.Tensor:
+        """[F] int64 filter indices, least important first.
+
+        Order: most images still correct without the filter, then smallest loss increase, then
+        lowest filter index. The greedy CAR step removes ``ranking()[0]``.
+        """
+        keys = sorted(range(len(self.filters)),
+                      key=lambda i: (-int(self.correct[i].sum()), float(self.loss_sum[i]), int(self.filters[i])))
+        return self.filters[torch.tensor(keys, dtype=torch.long)]
+
+    # ---- export --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain JSON-able data: counts, derived scores and provenance."""
+        d = {
+            "layer": self.layer, "filters": self.filters.tolist(), "num_images": self.num_images,
+            "class_totals": self.class_totals.tolist(), "base_correct": self.base_correct.tolist(),
+            "correct": self.correct.tolist(), "base_loss_sum": self.base_loss_sum,
+            "loss_sum": self.loss_sum.tolist(), "base_accuracy": self.base_accuracy,
+            "accuracy": self.accuracy.tolist(), "car": self.car.tolist(),
+            "loss_increase": self.loss_increase.tolist(), "ranking": self.ranking().tolist(),
+            "coupled": self.coupled, "method": self.method, "backend": self.backend,
+            "pairs_evaluated": self.pairs_evaluated, "pairs_skipped": self.pairs_skipped,
+            "seconds": self.seconds,
+        }
+        return d
+
+    def table(self, top: int | None = None) -> str:
+        """A readable table, filters in ranking order (least important first)."""
+        order = self.ranking().tolist()
+        pos = {int(f): i for i, f in enumerate(self.filters.tolist())}
+        acc, car, dloss = self.accuracy, self.car, self.loss_increase
+        lines = [f"CAR scores of {self.layer!r}: {len(order)} filters on {self.num_images} images, "
+                 f"base accuracy {100 * self.base_accuracy:.2f} %  ({self.method}, {self.backend})",
+                 f"{'rank':>4}  {'filter':>6}  {'accuracy %':>10}  {'CAR %':>7}  {'loss +':>9}"]
+        shown = order if top is None or top >= len(order) else order[:top]
+        for r, f in enumerate(shown):
+            i = pos[f]
+            lines.append(f"{r:>4}  {f:>6}  {100 * float(acc[i]):>10.2f}  {100 * float(car[i]):>7.2f}  "
+                         f"{float(dloss[i]):>9.5f}")
+        if len(shown) < len(order):
+            lines.append(f"  ... {len(order) - len(shown)} more (most important last)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.table(top=20)
