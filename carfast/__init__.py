@@ -5,8 +5,8 @@ network loses when that filter is removed, equal to re-running the network once 
 """
 from . import data, models
 from ._ext import backends
-from .engine import ScoreOptions, score_layer
+from .engine import LayerScorer, ScoreOptions, score_layer
 from .scores import LayerScores
 
 __version__ = "0.1.0"
-__all__ = ["score_layer", "LayerScores", "ScoreOptions", "backends", "models", "data", "__version__"]
+__all__ = ["score_layer", "LayerScorer", "LayerScores", "ScoreOptions", "backends", "models", "data", "__version__"]

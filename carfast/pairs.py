@@ -1,0 +1,91 @@
+"""Evaluating (filter, image) ablation pairs and accumulating their results into counts."""
+from __future__ import annotations
+
+import torch
+
+from .ops.consumer_delta import consumer_delta
+from .scores import LayerScores
+
+__all__ = ["Accumulator", "active_pairs", "suffix_logits", "zeroing_hook"]
+
+
+class Accumulator:
+    """Integer counts and float64 loss sums over chunks of images; optional per-image results."""
+
+    def __init__(self, num_filters: int, per_image: bool):
+        self.F, self.per_image = num_filters, per_image
+        self.C = None
+        self.n = 0
+        self.image_correct, self.base_image_correct = [], []
+
+    def add(self, y, base_correct, base_loss, img_correct, img_loss, num_classes: int):
+        """y [n]; base_correct [n] bool; base_loss [n] f64; img_correct [F, n] bool; img_loss [F, n] f64."""
+        if self.C is None:
+            dev, self.C = y.device, num_classes
+            self.class_totals = torch.zeros(num_classes, dtype=torch.long, device=dev)
+            self.base_correct = torch.zeros(num_classes, dtype=torch.long, device=dev)
+            self.correct = torch.zeros(self.F, num_classes, dtype=torch.long, device=dev)
+            self.base_loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            self.loss_sum = torch.zeros(self.F, dtype=torch.float64, device=dev)
+        self.n += y.numel()
+        self.class_totals += torch.bincount(y, minlength=self.C)
+        self.base_correct.index_add_(0, y, base_correct.long())
+        self.correct.index_add_(1, y, img_correct.long())
+        self.base_loss_sum += base_loss.sum()
+        self.loss_sum += img_loss.sum(1)
+        if self.per_image:
+            self.image_correct.append(img_correct.cpu())
+            self.base_image_correct.append(base_correct.cpu())
+
+    def result(self, name, filters, **info) -> LayerScores:
+        return LayerScores(
+            layer=name, filters=filters.cpu(), num_images=self.n, class_totals=self.class_totals.cpu(),
+            base_correct=self.base_correct.cpu(), correct=self.correct.cpu(),
+            base_loss_sum=float(self.base_loss_sum), loss_sum=self.loss_sum.cpu(),
+            image_correct=torch.cat(self.image_correct, 1) if self.per_image else None,
+            base_image_correct=torch.cat(self.base_image_correct) if self.per_image else None, **info)
+
+
+def active_pairs(A, consumers, filt) -> torch.Tensor:
+    """[F, n] bool: does filter f have any nonzero value in what it owns of any consumer's input on image n?
+
+    A: the consumers' inputs, each [n, K * width, ...]. A pair that is False equals the intact result.
+    """
+    active = None
+    for a, c in zip(A, consumers):
+        n = a.shape[0]
+        nz = a.reshape(n, a.shape[1] // c.width, -1).ne(0).any(2)       # [n, K]
+        nz = nz[:, filt.to(a.device)].t()
+        active = nz if active is None else active | nz
+    return active
+
+
+def suffix_logits(suffix, consumers, weights, filt, A, Z, B, f_b, n_b, channels_last: bool) -> torch.Tensor:
+    """Ablated logits [P, classes] for the pairs (filter ``filt[f_b[p]]``, image ``n_b[p]``); f_b sorted.
+
+    A, Z: each consumer's cached input [n, K*w, ...] and output [n, O, ...]; B: boundary values [n, ...];
+    weights[u][f]: consumer u's weight restricted to filter f's owned inputs.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    runs, counts = torch.unique_consecutive(f_b, return_counts=True)
+    zs = []
+    for ui, (a, z, c) in enumerate(zip(A, Z, consumers)):
+        zp = z[n_b]
+        off = 0
+        for f, cnt in zip(runs.tolist(), counts.tolist()):
+            k = int(filt[f])
+            owned = a[n_b[off:off + cnt], k * c.width:(k + 1) * c.width]
+            zp[off:off + cnt] -= consumer_delta(c.module, owned, weights[ui][f])
+            off += cnt
+        zs.append(zp.contiguous(memory_format=fmt) if zp.dim() == 4 else zp)
+    bs = [b[n_b].contiguous(memory_format=fmt) if b.dim() == 4 else b[n_b] for b in B]
+    return suffix(*zs, *bs)
+
+
+def zeroing_hook(k: int, width: int):
+    """A forward pre-hook that zeroes input slice [k*width, (k+1)*width) of dim 1 (on a clone)."""
+    def hook(_module, args):
+        x = args[0].clone()
+        x[:, k * width:(k + 1) * width] = 0
+        return (x,) + tuple(args[1:])
+    return hook

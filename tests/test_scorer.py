@@ -1,0 +1,33 @@
+"""LayerScorer: the prefix cache gives the same counts as streaming, across repeated scores."""
+import pytest
+import torch
+
+import carfast
+from carfast.models import cifar_resnet
+
+
+def test_cached_and_streamed_scores_agree():
+    model = cifar_resnet(20)
+    x, y = carfast.data.cifar10_test(n=60)
+    batches = list(zip(x.split(16), y.split(16)))
+    cached = carfast.LayerScorer(model, "layer2.1.conv1", batches).prepare()
+    assert cached.cached
+    streamed = carfast.LayerScorer(model, "layer2.1.conv1", batches, memory_budget=6 << 20,
+                                   options=carfast.ScoreOptions(chunk_images=8))
+    a, b = cached.score(filters=[4, 1, 9]), streamed.score(filters=[4, 1, 9])
+    assert not streamed.cached
+    again = streamed.score(filters=[9, 4])   # a second pass re-reads the data
+    assert torch.equal(a.correct, b.correct) and torch.allclose(a.loss_sum, b.loss_sum)
+    assert torch.equal(again.correct, a.correct[[2, 0]])
+    assert a.filters.tolist() == [4, 1, 9]
+
+
+def test_one_shot_iterator_cannot_be_streamed_twice():
+    model = cifar_resnet(20)
+    x, y = carfast.data.cifar10_test(n=20)
+    scorer = carfast.LayerScorer(model, "layer3.0.conv1", iter(list(zip(x.split(8), y.split(8)))),
+                                 options=carfast.ScoreOptions(cache=False))
+    scorer.score(filters=[0])
+    assert not scorer.cached
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        scorer.score(filters=[1])
