@@ -1,11 +1,13 @@
 """Recognise when a layer's ablations have a closed form (design.md 3.4) and prepare its operands.
 
-The closed form applies when the target has one Conv2d consumer (groups 1, zero padding, one input
-channel per filter), the consumer is followed by an elementwise epilogue of the form
+The closed form applies when the target has one consumer, either a Conv2d (groups 1, zero padding,
+one input channel per filter) or a Linear (any feature block per filter; e.g. the classifier itself),
+the consumer is followed by an elementwise epilogue of the form
 ``act(BN(z) + residual)`` (each part optional, in that order; act is ReLU or ReLU6; the residual a
 value computed before the cut), and everything after the epilogue is affine up to the logits
 (pooling, flatten, dropout in eval, Linear...). The affine tail's linear part is materialised once as
-a matrix ``tail`` [classes, O, Ho, Wo] by differentiating it (exact for an affine map).
+a matrix ``tail`` [classes, O, Ho, Wo] (conv) or [classes, O] (linear) by differentiating it (exact
+for an affine map).
 """
 from __future__ import annotations
 
@@ -29,11 +31,14 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 
 @dataclass
 class ClosedForm:
-    """Operands of ``ops.closed_form_logits`` that do not depend on the images.
+    """Operands of ``ops.closed_form_logits`` (conv) / ``ops.closed_form_linear`` that do not depend on
+    the images.
 
-    weight [O, K, kh, kw], scale/shift [O], act code, residual_index (which boundary value is the
-    residual, or None), tail [classes, O, Ho, Wo], and the consumer's stride/padding/dilation.
+    kind "conv" or "linear"; weight [O, K, kh, kw] or [O, K*width]; scale/shift [O], act code,
+    residual_index (which boundary value is the residual, or None), tail [classes, O, Ho, Wo] or
+    [classes, O], the consumer's stride/padding/dilation (conv), width (linear).
     """
+    kind: str
     weight: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
@@ -43,9 +48,10 @@ class ClosedForm:
     stride: tuple
     padding: tuple
     dilation: tuple
+    width: int = 1
 
 
-def _bn_affine(bn: nn.BatchNorm2d):
+def _bn_affine(bn: nn.modules.batchnorm._BatchNorm):
     if bn.running_mean is None or bn.running_var is None:
         return None
     inv = torch.rsqrt(bn.running_var + bn.eps)
@@ -58,14 +64,15 @@ def _bn_affine(bn: nn.BatchNorm2d):
 def _epilogue(lg: LayerGraph, modules: dict):
     """Walk ``BN? -> add(residual)? -> act?`` after the consumer. Returns (last node, parts, used nodes)."""
     cur = lg.consumers[0].node
-    out_ch = lg.consumers[0].module.out_channels
+    m = lg.consumers[0].module
+    out_ch = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
     w = lg.consumers[0].module.weight
     scale, shift = torch.ones(out_ch, dtype=w.dtype, device=w.device), torch.zeros(out_ch, dtype=w.dtype,
                                                                                   device=w.device)
     residual, act, stage, used = None, 0, 0, []
     while len(cur.users) == 1:
         u = next(iter(cur.users))
-        if stage < 1 and u.op == "call_module" and type(modules[u.target]) is nn.BatchNorm2d \
+        if stage < 1 and u.op == "call_module" and type(modules[u.target]) in (nn.BatchNorm1d, nn.BatchNorm2d) \
                 and u.args == (cur,):
             parts = _bn_affine(modules[u.target])
             if parts is None:
@@ -139,15 +146,19 @@ def find_closed_form(lg: LayerGraph) -> ClosedForm | None:
         return None
     c = lg.consumers[0]
     m = c.module
-    if not isinstance(m, nn.Conv2d) or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) \
-            or c.width != 1:
+    if isinstance(m, nn.Conv2d):
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) or c.width != 1:
+            return None
+    elif not isinstance(m, nn.Linear):
         return None
     modules = dict(lg.gm.named_modules())
     y, (scale, shift, residual, act), used = _epilogue(lg, modules)
     tail_nodes = [n for n in lg.changed if n not in used and n.op != "output"]
     if not _tail_is_affine(lg, y, tail_nodes, modules):
         return None
-    y_shape = y.meta["tensor_meta"].shape
-    tail = _tail_matrix(lg, y, tail_nodes, y_shape)
-    return ClosedForm(m.weight.detach().contiguous(), scale.contiguous(), shift.contiguous(), act, residual, tail,
-                      tuple(m.stride), tuple(m.padding), tuple(m.dilation))
+    tail = _tail_matrix(lg, y, tail_nodes, y.meta["tensor_meta"].shape)
+    if isinstance(m, nn.Linear):
+        return ClosedForm("linear", m.weight.detach().contiguous(), scale.contiguous(), shift.contiguous(), act,
+                          residual, tail, (), (), (), c.width)
+    return ClosedForm("conv", m.weight.detach().contiguous(), scale.contiguous(), shift.contiguous(), act, residual,
+                      tail, tuple(m.stride), tuple(m.padding), tuple(m.dilation))

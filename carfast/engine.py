@@ -32,6 +32,7 @@ from .closed_form import find_closed_form
 from .dynamic_graph import discover_consumers
 from .errors import resolve_layer
 from .graph import TraceError, analyze, optimized_suffix, target_num_filters
+from .ops.closed_form_linear import closed_form_linear_ref
 from .ops.closed_form_logits import closed_form_logits
 from .ops.consumer_delta import owned_weight
 from .ops.score_reduce import score_reduce_ref
@@ -179,8 +180,8 @@ class LayerScorer:
             lg = self.lg
             self.cf = find_closed_form(lg)
             self.method = "closed_form" if self.cf is not None else "suffix"
-            if self.cf is None:
-                self.kernel = "torch"  # no compiled kernel applies to a general suffix: it runs in PyTorch
+            if self.cf is None or self.cf.kind == "linear":
+                self.kernel = "torch"  # no compiled kernel for a general suffix or a Linear consumer
             self.channels_last = opt.channels_last if opt.channels_last is not None else cpu
             self.suffix = optimized_suffix(lg.suffix, self.channels_last) if opt.fold_bn and self.cf is None \
                 else lg.suffix
@@ -283,18 +284,18 @@ class LayerScorer:
         A, Z, B, logits = self._split(outs)
         cf = self.cf
         R = B[cf.residual_index] if cf.residual_index is not None else None
-        abl = closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
-                                 filt.to(self.device), cf.stride, cf.padding, cf.dilation, backend=self.kernel)
+        if cf.kind == "linear":
+            abl = closed_form_linear_ref(A[0], cf.weight, cf.width, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
+                                         logits, filt.to(self.device))
+        else:
+            abl = closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
+                                     filt.to(self.device), cf.stride, cf.padding, cf.dilation, backend=self.kernel)
         check_finite(abl.reshape(-1, abl.shape[-1]), _FN, "the model's output with a filter removed")
         c, l = score_reduce_ref(abl.reshape(-1, abl.shape[-1]), y.repeat(len(filt)))
         n_active = int(active_pairs(A, self.lg.consumers, filt).sum())
-        total = len(filt) * y.numel()
-        if self.kernel == "cpu":       # the fused kernel does no work for all-zero (filter, image) pairs
-            stats[0] += n_active
-            stats[1] += total - n_active
-        else:
-            stats[0] += total
-        bar.update(total)
+        stats[0] += n_active
+        stats[1] += len(filt) * y.numel() - n_active
+        bar.update(len(filt) * y.numel())
         return c.view(len(filt), -1), l.view(len(filt), -1)
 
     def _suffix(self, outs, y, filt, img_correct, img_loss, stats, bar):

@@ -25,9 +25,11 @@ class LayerScores:
 
     Provenance: ``coupled`` is always False from ``score_layer`` (it refuses layers whose channels are
     coupled through a residual add); ``method`` says how the ablations were evaluated ("closed_form",
-    "suffix" or "full_network"), ``backend`` which kernels ran, ``pairs_evaluated`` / ``pairs_skipped``
-    how many (filter, image) pairs were computed or skipped because the filter's activation was all
-    zero on that image (exactly the intact result). With ``per_image=True``: ``image_correct`` [F, N]
+    "suffix" or "full_network"), ``backend`` which kernels ran; ``pairs_skipped`` counts the (filter,
+    image) pairs whose result is the intact one because the filter's activation is all zero on that
+    image (free zeros: the suffix and the compiled kernels do no work for them; the plain-PyTorch
+    closed form computes them anyway; the full-network path does not look for them and counts every
+    pair as evaluated), ``pairs_evaluated`` the rest. With ``per_image=True``: ``image_correct`` [F, N]
     bool and ``base_image_correct`` [N] bool, in data order.
     """
 

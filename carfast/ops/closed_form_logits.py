@@ -10,12 +10,16 @@ network is affine up to the logits: logits = T(y) + b. Removing input channel k 
 which touches only the output positions that ``a[n, k]`` reaches through the kernel window, and is
 exactly ``logits[n]`` when ``a[n, k]`` is all zero (free zeros).
 
-The reference below is the ``torch`` backend and the oracle for the compiled kernels.
+The reference below is the ``torch`` backend and the oracle for the compiled kernels; the ``cpu``
+backend is the C++/OpenMP kernel in csrc/cpu/closed_form_logits.cpp, registered as
+``torch.ops.carfast.closed_form_logits`` (schema in csrc/ops.cpp; its fake kernel is here).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .. import _ext
 
 __all__ = ["ACTIVATIONS", "closed_form_logits_ref", "closed_form_logits"]
 
@@ -64,10 +68,56 @@ def closed_form_logits_ref(a: torch.Tensor, weight: torch.Tensor, z: torch.Tenso
     return torch.stack(out) if out else logits.new_zeros((0,) + tuple(logits.shape))
 
 
+def _pair(v, name: str) -> list:
+    """The conv setting ``v`` (an int or a pair) as ``[h, w]`` ints, for the compiled op's int[] arguments."""
+    if isinstance(v, int):
+        return [v, v]
+    v = [int(x) for x in v]
+    if len(v) == 1:
+        return v * 2
+    if len(v) != 2:
+        raise ValueError(f"closed_form_logits: {name} must be an int or a pair (h, w), got {v!r}; "
+                         f"pass the consumer's Conv2d.{name}")
+    return v
+
+
+def _closed_form_logits_cpu(a, weight, z, scale, shift, residual, act, tail, logits, filters, stride,
+                            padding, dilation) -> torch.Tensor:
+    """Launcher of the C++/OpenMP kernel (csrc/cpu/closed_form_logits.cpp); same contract as the reference.
+
+    The kernel checks dtypes, devices and shapes itself; here ``filters`` may also be a list of ints.
+    """
+    _ext.require_backend("cpu")
+    if not isinstance(filters, torch.Tensor):
+        filters = torch.tensor(list(filters), dtype=torch.int64)
+    return torch.ops.carfast.closed_form_logits(a, weight, z, scale, shift, residual, int(act), tail, logits,
+                                                filters, _pair(stride, "stride"), _pair(padding, "padding"),
+                                                _pair(dilation, "dilation"))
+
+
+if _ext.has_op("closed_form_logits"):
+    @torch.library.register_fake("carfast::closed_form_logits")
+    def _closed_form_logits_fake(a, weight, z, scale, shift, residual, act, tail, logits, filters, stride,
+                                 padding, dilation):
+        """Shape and dtype of the result for torch.compile / opcheck: [J, N, classes] like ``logits``."""
+        return logits.new_empty((filters.shape[0], logits.shape[0], logits.shape[1]))
+
+
+_BACKENDS = ("torch", "cpu")
+
+
 def closed_form_logits(a, weight, z, scale, shift, residual, act, tail, logits, filters, stride=(1, 1),
                        padding=(0, 0), dilation=(1, 1), backend: str = "torch") -> torch.Tensor:
-    """``closed_form_logits_ref`` on the chosen backend ("torch" or a compiled one); same contract."""
+    """``closed_form_logits_ref`` on the chosen backend; same contract and shapes.
+
+    backend: "torch" (the plain-PyTorch reference, any device and dtype) or "cpu" (the C++/OpenMP
+    kernel: float32 CPU tensors; raises RuntimeError saying why and how to fix it when the
+    extension is not built, see ``carfast.backends()``).
+    """
     if backend == "torch":
         return closed_form_logits_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters,
                                       stride, padding, dilation)
-    raise ValueError(f"closed_form_logits: unknown backend {backend!r}; expected 'torch' or 'cpu'")
+    if backend == "cpu":
+        return _closed_form_logits_cpu(a, weight, z, scale, shift, residual, act, tail, logits, filters,
+                                       stride, padding, dilation)
+    raise ValueError(f"closed_form_logits: unknown backend {backend!r}; expected one of {list(_BACKENDS)}")

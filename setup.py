@@ -1,0 +1,150 @@
+"""Build script for carfast.
+
+Install (after installing torch):  pip install --no-build-isolation -e .
+(``--no-build-isolation`` lets the build see the torch you installed, so the compiled kernels match
+it; pyproject.toml does not list torch as a build requirement on purpose.)
+
+Compiled extensions, each optional; the package always installs and falls back to pure PyTorch:
+
+* ``carfast._C``      the C++/OpenMP CPU kernels, from csrc/*.cpp and csrc/cpu/*.cpp.
+* ``carfast._C_cuda`` the CUDA kernels, from csrc/cuda/*; built only with a CUDA build of torch, nvcc
+                      and sources present (none exist yet).
+
+An extension that is skipped, or fails to compile, prints one line ``carfast: skipping ...`` with
+the reason and the fix (pip shows it with ``pip install -v``); at run time
+``python -c "import carfast; print(carfast.backends())"`` lists the backends and why any is unavailable.
+
+Environment switches:
+
+* ``CARFAST_NO_EXT_BUILD=1``  build no extension (pure-PyTorch install, or to mimic a machine
+                              without a compiler).
+* ``CARFAST_MARCH_NATIVE=0``  compile without ``-march=native``. Native is the default because
+                              carfast is built from source on the machine that runs it; turn it off
+                              to build a binary that runs on other x86-64 CPUs.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REBUILD = "fix: install torch, then rebuild with `pip install --no-build-isolation -e .`"
+
+
+# pip runs this file more than once (metadata, then build); say things only where it builds
+_METADATA_ONLY = len(sys.argv) > 1 and sys.argv[1] in ("egg_info", "dist_info")
+
+
+def _skip(ext: str, reason: str, fix: str) -> None:
+    if not _METADATA_ONLY:
+        print(f"carfast: skipping extension {ext}: {reason}; {fix}", flush=True)
+
+
+def _sources(*patterns: str) -> list[str]:
+    # relative paths: setuptools rejects absolute source paths
+    out: list[str] = []
+    for pattern in patterns:
+        out += sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+    return out
+
+
+def _extensions():
+    """(ext_modules, cmdclass); empty when nothing can be built."""
+    if os.environ.get("CARFAST_NO_EXT_BUILD") == "1":
+        for ext in ("carfast._C", "carfast._C_cuda"):
+            _skip(ext, "CARFAST_NO_EXT_BUILD=1 is set", "fix: unset it and rebuild to get the compiled kernels")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # torch missing or broken: install the pure-PyTorch package
+        for ext in ("carfast._C", "carfast._C_cuda"):
+            _skip(ext, f"torch is not importable at build time ({type(exc).__name__}: {exc})",
+                  f"{REBUILD} (without --no-build-isolation the build cannot see torch)")
+        return [], {}
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """torch's BuildExtension, but a failed extension is skipped with one line, not fatal."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # compiler missing, compile or link error
+                msg = " ".join(str(exc).split())[:300]
+                _skip(ext.name, f"compilation failed ({type(exc).__name__}: {msg})",
+                      "fix: see the compiler output above (`pip install -v ...`), check that a C++17 "
+                      "compiler is installed, then rebuild with `pip install --no-build-isolation -e .`")
+
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 for torch 2.4,
+    # C++20 for recent torch); the sources need C++17 at least.
+    cxx = ["-O3"]
+    ldflags: list[str] = []
+    if sys.platform == "win32":
+        cxx = ["/O2", "/openmp"]
+    elif sys.platform == "darwin":
+        pass  # Apple clang has no -fopenmp: the kernels build and run on one thread
+    else:
+        cxx.append("-fopenmp")
+        ldflags.append("-fopenmp")  # links libgomp, the same soname torch loads
+    if os.environ.get("CARFAST_MARCH_NATIVE", "1") != "0" and sys.platform != "win32":
+        cxx.append("-march=native")  # built from source where it runs; CARFAST_MARCH_NATIVE=0 for portable
+
+    ext_modules = [
+        cpp_extension.CppExtension(
+            "carfast._C",
+            _sources("csrc/*.cpp", "csrc/cpu/*.cpp"),
+            include_dirs=[os.path.join(HERE, "csrc")],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=ldflags,
+        )
+    ]
+
+    cuda_sources = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+    if not cuda_sources:
+        _skip("carfast._C_cuda", "no CUDA sources under csrc/cuda yet",
+              "nothing to do: the CPU and torch backends are used")
+    elif torch.version.cuda is None:
+        _skip("carfast._C_cuda", f"torch {torch.__version__} is a CPU-only build",
+              "fix: install a CUDA build of torch, then rebuild with `pip install --no-build-isolation -e .`")
+    elif cpp_extension.CUDA_HOME is None or shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")) is None:
+        _skip("carfast._C_cuda", "nvcc not found (set CUDA_HOME)",
+              "fix: install the CUDA toolkit matching torch.version.cuda, then rebuild")
+    else:
+        # csrc/cuda registers kernels for ops defined by csrc/ops.cpp in carfast._C; it must not
+        # repeat TORCH_LIBRARY(carfast, ...). carfast/_ext.py imports _C first.
+        ext_modules.append(
+            cpp_extension.CUDAExtension(
+                "carfast._C_cuda",
+                cuda_sources + _sources("csrc/module.cpp"),
+                include_dirs=[os.path.join(HERE, "csrc")],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+            )
+        )
+    return ext_modules, {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="carfast",
+    version="0.1.0",
+    description="Score CNN filters by CAR: the accuracy lost when a filter is removed",
+    python_requires=">=3.9",
+    packages=find_packages(include=["carfast*"]),
+    package_data={"carfast": ["assets/*"]},
+    include_package_data=True,
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark"],
+        "captum": ["captum"],
+        "triton": ["triton"],
+    },
+    entry_points={"console_scripts": ["carfast = carfast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

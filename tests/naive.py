@@ -1,0 +1,145 @@
+"""The naive CAR reference: remove one filter by zeroing what it owns in each consumer's input, run the
+whole network, repeat for every filter.
+
+This is the oracle the exactness tests compare carfast against, so it is written to be obviously
+correct rather than fast: one full forward pass of the model per (filter, batch), with forward
+pre-hooks on the consumers that zero the removed filter's slice of their input (on a clone).
+
+Consumers are given by hand as ``{consumer_module_name: width}``: filter ``k`` owns the contiguous
+slice ``[k * width, (k + 1) * width)`` of dim 1 of that consumer's input (width 1 for a conv consumer,
+H*W for a Linear after flatten, the channel multiplier m for a conv after a depthwise conv, m*H*W for a
+Linear after flatten after a depthwise conv).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["NaiveResult", "naive_scores", "naive_logits", "per_class_counts", "near_tie", "margin_of"]
+
+
+@dataclass
+class NaiveResult:
+    """Per-image results of the naive reference, F filters (in the order asked) by N images."""
+
+    filters: torch.Tensor        # [F] int64
+    labels: torch.Tensor         # [N] int64
+    base_logits: torch.Tensor    # [N, C] float32
+    logits: torch.Tensor         # [F, N, C] float32
+    base_pred: torch.Tensor      # [N] int64
+    pred: torch.Tensor           # [F, N] int64
+    base_correct: torch.Tensor   # [N] bool
+    correct: torch.Tensor        # [F, N] bool
+    base_loss: torch.Tensor      # [N] float64, per-image cross-entropy of the intact model
+    loss: torch.Tensor           # [F, N] float64, per-image cross-entropy with filter f removed
+    base_margin: torch.Tensor    # [N] float32, top1 - top2 logit of the intact model
+    margin: torch.Tensor         # [F, N] float32, top1 - top2 logit with filter f removed
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.base_logits.shape[1])
+
+    def class_counts(self, num_classes: int | None = None) -> torch.Tensor:
+        """[F, C] int64: images of each class still correct with filter f removed."""
+        return per_class_counts(self.correct, self.labels, num_classes or self.num_classes)
+
+    def base_class_counts(self, num_classes: int | None = None) -> torch.Tensor:
+        """[C] int64: images of each class the intact model gets right."""
+        return per_class_counts(self.base_correct.unsqueeze(0), self.labels, num_classes or self.num_classes)[0]
+
+    def class_totals(self, num_classes: int | None = None) -> torch.Tensor:
+        """[C] int64: images per class."""
+        return torch.bincount(self.labels, minlength=num_classes or self.num_classes)
+
+    def near_ties(self, rel: float = 1e-5) -> torch.Tensor:
+        """[F, N] bool: images whose naive top-1 with filter f removed is a near tie."""
+        return near_tie(self.margin, self.logits, rel)
+
+
+def margin_of(logits: torch.Tensor) -> torch.Tensor:
+    """top-1 logit minus top-2 logit, over the last dim."""
+    top2 = torch.topk(logits, 2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def near_tie(margin: torch.Tensor, logits: torch.Tensor, rel: float = 1e-5) -> torch.Tensor:
+    """margin < rel * max(1, max |logit| of that image)."""
+    scale = logits.abs().amax(dim=-1).clamp(min=1.0)
+    return margin < rel * scale
+
+
+def per_class_counts(correct: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[F, N] bool correct, [N] labels -> [F, C] int64 counts of correct images per class."""
+    correct = correct.to(torch.bool)
+    out = torch.zeros(correct.shape[0], num_classes, dtype=torch.int64)
+    for c in range(num_classes):
+        out[:, c] = correct[:, labels == c].sum(dim=1)
+    return out
+
+
+def _zeroing_pre_hook(first: int, last: int):
+    def hook(module, args):
+        x = args[0].clone()
+        x[:, first:last] = 0
+        return (x,) + tuple(args[1:])
+    return hook
+
+
+def _run(model: nn.Module, data_x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    outs = []
+    for start in range(0, data_x.shape[0], batch_size):
+        outs.append(model(data_x[start:start + batch_size]).float())
+    return torch.cat(outs, dim=0)
+
+
+def naive_logits(model: nn.Module, consumers: dict[str, int], data_x: torch.Tensor,
+                 filter_index: int | None, batch_size: int = 256) -> torch.Tensor:
+    """[N, C] logits of the model in eval mode with filter ``filter_index`` removed (None: intact).
+
+    The model's hooks and train/eval flags are restored afterwards.
+    """
+    modules = dict(model.named_modules())
+    flags = {name: m.training for name, m in modules.items()}
+    handles = []
+    try:
+        model.eval()
+        if filter_index is not None:
+            k = int(filter_index)
+            for name, width in consumers.items():
+                handles.append(modules[name].register_forward_pre_hook(
+                    _zeroing_pre_hook(k * width, (k + 1) * width)))
+        with torch.no_grad():
+            return _run(model, data_x, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, m in modules.items():
+            m.training = flags[name]
+
+
+def naive_scores(model: nn.Module, consumers: dict[str, int], data_x: torch.Tensor, data_y: torch.Tensor,
+                 filters, batch_size: int = 256) -> NaiveResult:
+    """Remove each filter in ``filters`` in turn (zero its slice of every consumer's input), run the
+    whole model in eval mode, and record per-image logits, predictions, correctness, loss and margin."""
+    filters = torch.as_tensor(list(filters), dtype=torch.int64)
+    data_y = torch.as_tensor(data_y, dtype=torch.int64)
+
+    base_logits = naive_logits(model, consumers, data_x, None, batch_size)
+    all_logits = []
+    for k in filters.tolist():
+        all_logits.append(naive_logits(model, consumers, data_x, k, batch_size))
+    logits = torch.stack(all_logits, dim=0) if all_logits else base_logits.new_zeros((0,) + base_logits.shape)
+
+    base_pred = base_logits.argmax(dim=1)
+    pred = logits.argmax(dim=2)
+    base_loss = F.cross_entropy(base_logits.double(), data_y, reduction="none")
+    loss = torch.stack([F.cross_entropy(lg.double(), data_y, reduction="none") for lg in logits], dim=0) \
+        if len(filters) else torch.zeros(0, len(data_y), dtype=torch.float64)
+    return NaiveResult(
+        filters=filters, labels=data_y, base_logits=base_logits, logits=logits,
+        base_pred=base_pred, pred=pred, base_correct=base_pred == data_y, correct=pred == data_y.unsqueeze(0),
+        base_loss=base_loss, loss=loss, base_margin=margin_of(base_logits), margin=margin_of(logits),
+    )
