@@ -37,11 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the naive reference
 
 import torch  # noqa: E402
 
 import common  # noqa: E402
 from common import GIB, fmt_rate, fmt_seconds, fmt_x  # noqa: E402
+from naive import margin_of, naive_logits, near_tie  # noqa: E402
 
 import carfast  # noqa: E402
 
@@ -115,21 +117,9 @@ def forward_logits(model, x: torch.Tensor, batch: int = NAIVE_BATCH) -> torch.Te
         return torch.cat([model(x[s:s + batch]) for s in range(0, x.shape[0], batch)])
 
 
-def _zero_channel(k: int):
-    def hook(_module, args):
-        a = args[0].clone()
-        a[:, k] = 0
-        return (a,) + tuple(args[1:])
-    return hook
-
-
 def ablated_logits(case: ScoreLayerCase, k: int, x: torch.Tensor, batch: int = NAIVE_BATCH) -> torch.Tensor:
-    """[n, C] logits of the whole model with filter k removed (consumer's input channel k zeroed)."""
-    handle = case.consumer.register_forward_pre_hook(_zero_channel(k))
-    try:
-        return forward_logits(case.model, x, batch)
-    finally:
-        handle.remove()
+    """[n, C] logits of the whole model with filter k removed: the naive reference of tests/naive.py."""
+    return naive_logits(case.model, {case.consumer_name: 1}, x, k, batch_size=batch)
 
 
 @dataclass
@@ -254,13 +244,14 @@ def compare(case: ScoreLayerCase, a: Run, b: Run, base_logits: torch.Tensor, rel
             out["filters_differ"].append({"filter": k, "drop_images_a": int(sa[j]), "drop_images_b": int(sb[j])})
     diff = (da != db).nonzero().tolist()
     out["image_disagreements"] = len(diff)
-    base_tie = common.is_near_tie(base_logits[:n], rel)
+    base_tie = near_tie(margin_of(base_logits[:n]), base_logits[:n], rel)
     by_filter: dict[int, list[int]] = {}
     for j, i in diff:
         by_filter.setdefault(common_f[j], []).append(i)
     for k, imgs in by_filter.items():     # judge each disagreement on the reference logits of that image
         idx = torch.tensor(imgs)
-        tie = base_tie[idx] | common.is_near_tie(ablated_logits(case, k, case.x[idx]), rel)
+        abl = ablated_logits(case, k, case.x[idx])
+        tie = base_tie[idx] | near_tie(margin_of(abl), abl, rel)
         out["near_ties"] += int(tie.sum())
         out["non_tie_disagreements"] += int((~tie).sum())
         for i, t in zip(imgs, tie.tolist()):

@@ -209,18 +209,6 @@ def provider_status(name: str) -> tuple[bool, str]:
 
 # ---- exactness checks --------------------------------------------------------------------------
 
-def margin_and_scale(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(top-1 minus top-2 logit, max(1, max |logit|)) per row."""
-    top2 = torch.topk(logits.float(), 2, dim=-1).values
-    return top2[..., 0] - top2[..., 1], logits.float().abs().amax(dim=-1).clamp(min=1.0)
-
-
-def is_near_tie(logits: torch.Tensor, rel: float) -> torch.Tensor:
-    """[n] bool: the top-1 is within ``rel`` (relative to the largest |logit|, at least 1) of the top-2."""
-    margin, scale = margin_and_scale(logits)
-    return margin < rel * scale
-
-
 def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "-"

@@ -8,7 +8,7 @@ scored filter, the ablated logits come from one of three methods:
 - ``closed_form``: the consumer is followed by an elementwise epilogue and an affine tail
   (``closed_form.py``); one fused op computes all pairs (``ops/closed_form_logits.py``).
 - ``suffix``: Z - U_k(A_k) (``ops/consumer_delta.py``) runs through the rest of the network, many pairs
-  per call, the suffix's Conv2d->BN pairs folded (``graph.optimized_suffix``).
+  per call, on an optimised copy of the suffix (``suffix_opt.optimized_suffix``).
 - ``full_network``: for models torch.fx cannot trace, the whole network reruns with the owned input
   slice of each consumer zeroed by a hook (the naive method, exact by construction).
 
@@ -31,13 +31,14 @@ from .batching import (Progress, _as_batches, _check_batch, check_finite, check_
 from .closed_form import find_closed_form
 from .dynamic_graph import discover_consumers
 from .errors import resolve_layer
-from .graph import TraceError, analyze, optimized_suffix, target_num_filters
+from .graph import TraceError, analyze, target_num_filters
 from .ops.closed_form_linear import closed_form_linear_ref
 from .ops.closed_form_logits import closed_form_logits
 from .ops.consumer_delta import owned_weight
 from .ops.score_reduce import score_reduce_ref
 from .pairs import Accumulator, active_pairs, suffix_logits, zeroing_hook
 from .scores import LayerScores
+from .suffix_opt import optimized_suffix
 
 __all__ = ["ScoreOptions", "LayerScorer", "score_layer"]
 
@@ -49,7 +50,8 @@ _BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 class ScoreOptions:
     """Engine settings beyond the public arguments.
 
-    fold_bn: fold Conv2d->BatchNorm pairs of the suffix (changes float rounding only; default on).
+    fold_bn: run an optimised copy of the suffix: Conv2d->BatchNorm folded, and on CPU conv->relu and
+        conv->add->relu fused into oneDNN convolutions (``suffix_opt.py``; float rounding only; default on).
     channels_last: run the suffix channels_last (default: on CPU, where oneDNN is faster so).
     chunk_images: images per prefix chunk (default: from the memory budget, at most 2048).
     prefix_batch: images per prefix call inside a chunk (default 128 on CPU: faster than huge batches).
@@ -183,8 +185,8 @@ class LayerScorer:
             if self.cf is None or self.cf.kind == "linear":
                 self.kernel = "torch"  # no compiled kernel for a general suffix or a Linear consumer
             self.channels_last = opt.channels_last if opt.channels_last is not None else cpu
-            self.suffix = optimized_suffix(lg.suffix, self.channels_last) if opt.fold_bn and self.cf is None \
-                else lg.suffix
+            self.suffix = optimized_suffix(lg.suffix, self.channels_last) \
+                if opt.fold_bn and self.cf is None else lg.suffix
             cached = [c.node.args[0] for c in lg.consumers] + [c.node for c in lg.consumers] + lg.boundary
             widest = max(_meta_bytes(lg.gm.graph.nodes))
             self.cache_bytes_per_image = sum(_meta_bytes(cached))

@@ -15,7 +15,6 @@ the suffix. Raises ``ValueError`` with the reason when the target cannot be remo
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -231,16 +230,3 @@ def _build_prefix(gm, capture) -> fx.GraphModule:
             clones[n] = g.call_function(torch.clone, (env[n],))
     g.output(tuple(clones[n] for n in capture) + (out_value,))
     return fx.GraphModule(gm, g)
-
-
-def optimized_suffix(suffix: fx.GraphModule, channels_last: bool) -> fx.GraphModule:
-    """A copy of the suffix with Conv2d->BatchNorm pairs folded (and weights channels_last on CPU).
-
-    Equal to the suffix up to float rounding (about 1e-6 relative): accuracy figures differ only at
-    near-tie images, which the exactness contract allows. The user's modules are not touched.
-    """
-    from torch.fx.experimental.optimization import fuse
-    opt = fuse(copy.deepcopy(suffix), inplace=True)
-    if channels_last:
-        opt = opt.to(memory_format=torch.channels_last)
-    return opt

@@ -14,18 +14,9 @@ from __future__ import annotations
 
 import torch
 
+from .epilogue import epilogue
+
 __all__ = ["closed_form_linear_ref"]
-
-
-def _epilogue(v, scale, shift, residual, act: int):
-    v = v * scale + shift
-    if residual is not None:
-        v = v + residual
-    if act == 1:
-        v = torch.relu(v)
-    elif act == 2:
-        v = v.clamp(0.0, 6.0)
-    return v
 
 
 def closed_form_linear_ref(a: torch.Tensor, weight: torch.Tensor, width: int, z: torch.Tensor, scale: torch.Tensor,
@@ -50,6 +41,6 @@ def closed_form_linear_ref(a: torch.Tensor, weight: torch.Tensor, width: int, z:
     a_blocks = a.view(n, -1, width)[:, filters]                       # [N, J, w]
     w_blocks = weight.view(o, -1, width)[:, filters]                  # [O, J, w]
     delta = torch.einsum("njw,ojw->jno", a_blocks, w_blocks)         # [J, N, O]
-    y0 = _epilogue(z, scale, shift, residual, act)                    # [N, O]
-    dy = _epilogue(z.unsqueeze(0) - delta, scale, shift, residual, act) - y0
+    y0 = epilogue(z, scale, shift, residual, act, 0)                    # [N, O]
+    dy = epilogue(z.unsqueeze(0) - delta, scale, shift, residual, act, 0) - y0
     return logits.unsqueeze(0) + dy @ tail.t()

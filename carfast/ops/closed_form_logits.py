@@ -20,23 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
+from .epilogue import ACTIVATIONS, epilogue
 
 __all__ = ["ACTIVATIONS", "closed_form_logits_ref", "closed_form_logits"]
-
-#: epilogue activation codes shared with the compiled kernels
-ACTIVATIONS = {"identity": 0, "relu": 1, "relu6": 2}
-
-
-def _epilogue(v: torch.Tensor, scale, shift, residual, act: int) -> torch.Tensor:
-    v = v * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    if residual is not None:
-        v = v + residual
-    if act == 1:
-        v = torch.relu(v)
-    elif act == 2:
-        v = v.clamp(0.0, 6.0)
-    return v
-
 
 def closed_form_logits_ref(a: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, scale: torch.Tensor,
                            shift: torch.Tensor, residual: torch.Tensor | None, act: int, tail: torch.Tensor,
@@ -58,12 +44,12 @@ def closed_form_logits_ref(a: torch.Tensor, weight: torch.Tensor, z: torch.Tenso
     Returns:
         [J, N, classes] float32 ablated logits.
     """
-    y0 = _epilogue(z, scale, shift, residual, act)
+    y0 = epilogue(z, scale, shift, residual, act, 2)
     tail2d = tail.reshape(tail.shape[0], -1)
     out = []
     for k in filters.tolist():
         delta = F.conv2d(a[:, k:k + 1], weight[:, k:k + 1], None, stride, padding, dilation)
-        dy = _epilogue(z - delta, scale, shift, residual, act) - y0
+        dy = epilogue(z - delta, scale, shift, residual, act, 2) - y0
         out.append(logits + dy.reshape(dy.shape[0], -1) @ tail2d.t())
     return torch.stack(out) if out else logits.new_zeros((0,) + tuple(logits.shape))
 
