@@ -16,6 +16,7 @@ Pairs whose filter is all zero on an image equal the intact result and are not e
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import itertools
@@ -154,7 +155,7 @@ class LayerScorer:
         if x0.shape[0] == 0:
             raise ValueError(f"{_FN}: the first batch of data is empty; pass non-empty batches")
         self._first_pass = itertools.chain([first], batches)
-        self._one_shot = iter(data) is data if not isinstance(data, (tuple, list)) else False
+        self._one_shot = isinstance(data, collections.abc.Iterator)   # a generator: can be read once
         example = x0[:1].to(self.device)
         cpu = self.device.type == "cpu"
         self.prefix_batch = self.options.prefix_batch or (128 if cpu else 1024)
