@@ -106,6 +106,18 @@ def _work_model(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
     return copy.deepcopy(model).to(device), torch.device(device)  # never move the user's model
 
 
+def _count_images(data) -> int | None:
+    """Number of images in ``data`` when it is known without reading it (tuple of tensors, DataLoader)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
+            and isinstance(data[1], torch.Tensor):
+        return int(data[0].shape[0])
+    dataset = getattr(data, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
 def _nbytes(shape, dtype=torch.float32) -> int:
     """Bytes of one image's slice of a tensor of ``shape`` (batch dim excluded)."""
     n = 1
@@ -155,6 +167,7 @@ class LayerScorer:
         if x0.shape[0] == 0:
             raise ValueError(f"{_FN}: the first batch of data is empty; pass non-empty batches")
         self._first_pass = itertools.chain([first], batches)
+        self.num_images_hint = _count_images(data)    # for the progress bar; None when unknown
         self._one_shot = isinstance(data, collections.abc.Iterator)   # a generator: can be read once
         example = x0[:1].to(self.device)
         cpu = self.device.type == "cpu"
@@ -262,7 +275,8 @@ class LayerScorer:
         t0 = time.perf_counter()
         filt = _check_filters(filters, self.num_filters, self.name)
         acc = Accumulator(len(filt), per_image)
-        bar = Progress(self.progress, None, f"scoring {self.name}")
+        total = len(filt) * self.num_images_hint if self.num_images_hint else None
+        bar = Progress(self.progress, total, f"scoring {self.name}")
         stats = [0, 0]                                   # pairs evaluated, pairs skipped (free zeros)
         with eval_mode(self.model), torch.no_grad():
             for y, outs, base_correct, base_loss in self._chunks():

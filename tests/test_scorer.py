@@ -31,3 +31,14 @@ def test_one_shot_iterator_cannot_be_streamed_twice():
     assert not scorer.cached
     with pytest.raises(ValueError, match="one-shot iterator"):
         scorer.score(filters=[1])
+
+
+def test_progress_callback_counts_every_pair():
+    model = cifar_resnet(20)
+    x, y = carfast.data.cifar10_test(n=30)
+    for layer in ("layer2.2.conv1", "layer3.2.conv1"):          # suffix and closed-form paths
+        calls = []
+        carfast.score_layer(model, layer, (x, y), filters=[0, 3, 5],
+                            progress=lambda done, total: calls.append((done, total)))
+        assert calls and calls[-1] == (3 * 30, 3 * 30)
+        assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
