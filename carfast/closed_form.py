@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .graph import LayerGraph, fn_name
+from .graph import LayerGraph, fn_name, subgraph
 from .ops.closed_form_logits import ACTIVATIONS
 
 __all__ = ["ClosedForm", "find_closed_form"]
@@ -122,17 +122,8 @@ def _tail_is_affine(lg: LayerGraph, y: fx.Node, tail_nodes, modules) -> bool:
 
 
 def _tail_matrix(lg: LayerGraph, y: fx.Node, tail_nodes, y_shape) -> torch.Tensor:
-    g = fx.Graph()
-    env = {y: g.placeholder("y")}
-    for n in tail_nodes:
-        for a in n.all_input_nodes:
-            if a.op == "get_attr" and a not in env:
-                env[a] = g.node_copy(a)
-        if n.op != "get_attr":
-            env[n] = g.node_copy(n, lambda a: env[a])
     out = next(n for n in lg.gm.graph.nodes if n.op == "output")
-    g.output(env[out.args[0]])
-    tail = fx.GraphModule(lg.gm, g)
+    tail = subgraph(lg.gm, [(y, "y")], list(tail_nodes) + [out])
     w = lg.consumers[0].module.weight
     y0 = torch.zeros((1,) + tuple(y_shape[1:]), dtype=w.dtype, device=w.device)
     with torch.enable_grad():

@@ -278,16 +278,21 @@ class LayerScorer:
         total = len(filt) * self.num_images_hint if self.num_images_hint else None
         bar = Progress(self.progress, total, f"scoring {self.name}")
         stats = [0, 0]                                   # pairs evaluated, pairs skipped (free zeros)
+        weights = None
+        if self.method == "suffix":   # each consumer's weight restricted to each filter's inputs, [u][f]
+            weights = [[owned_weight(c.module, int(k) * c.width, c.width).detach() for k in filt]
+                       for c in self.lg.consumers]
         with eval_mode(self.model), torch.no_grad():
             for y, outs, base_correct, base_loss in self._chunks():
-                img_correct = base_correct.expand(len(filt), -1).clone()
-                img_loss = base_loss.expand(len(filt), -1).clone()
-                if self.lg is None:
-                    self._full_network(outs[0], y, filt, img_correct, img_loss, stats, bar)
-                elif self.cf is not None:
+                if self.cf is not None:
                     img_correct, img_loss = self._closed_form(outs, y, filt, stats, bar)
-                else:
-                    self._suffix(outs, y, filt, img_correct, img_loss, stats, bar)
+                else:   # start from the intact result; evaluated pairs overwrite theirs
+                    img_correct = base_correct.expand(len(filt), -1).clone()
+                    img_loss = base_loss.expand(len(filt), -1).clone()
+                    if self.lg is None:
+                        self._full_network(outs[0], y, filt, img_correct, img_loss, stats, bar)
+                    else:
+                        self._suffix(outs, y, filt, weights, img_correct, img_loss, stats, bar)
                 acc.add(y, base_correct, base_loss, img_correct, img_loss, outs[-1].shape[1])
         bar.close()
         return acc.result(self.name, filt, method=self.method, backend=self.kernel, pairs_evaluated=stats[0],
@@ -307,18 +312,18 @@ class LayerScorer:
         else:
             abl = closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
                                      filt.to(self.device), cf.stride, cf.padding, cf.dilation, backend=self.kernel)
-        check_finite(abl.reshape(-1, abl.shape[-1]), _FN, "the model's output with a filter removed")
-        c, l = score_reduce_ref(abl.reshape(-1, abl.shape[-1]), y.repeat(len(filt)))
+        abl = abl.reshape(-1, abl.shape[-1])                                   # [F * n, classes]
+        check_finite(abl, _FN, "the model's output with a filter removed")
+        c, l = score_reduce_ref(abl, y.repeat(len(filt)))
         n_active = int(active_pairs(A, self.lg.consumers, filt).sum())
         stats[0] += n_active
         stats[1] += len(filt) * y.numel() - n_active
         bar.update(len(filt) * y.numel())
         return c.view(len(filt), -1), l.view(len(filt), -1)
 
-    def _suffix(self, outs, y, filt, img_correct, img_loss, stats, bar):
+    def _suffix(self, outs, y, filt, weights, img_correct, img_loss, stats, bar):
         A, Z, B, _ = self._split(outs)
         consumers = self.lg.consumers
-        weights = [[owned_weight(c.module, int(k) * c.width, c.width).detach() for k in filt] for c in consumers]
         fi, ni = active_pairs(A, consumers, filt).nonzero(as_tuple=True)
         for s in range(0, fi.numel(), self.pair_batch):
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]

@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .ops_catalog import classify_function, classify_module
 
-__all__ = ["TraceError", "Consumer", "LayerGraph", "analyze", "fn_name"]
+__all__ = ["TraceError", "Consumer", "LayerGraph", "analyze", "fn_name", "subgraph"]
 
 
 class TraceError(RuntimeError):
@@ -194,25 +194,25 @@ def target_num_filters(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
 
-def _copy_get_attrs(gm, g, env, nodes):
-    for n in nodes:
+def subgraph(gm: fx.GraphModule, inputs, body) -> fx.GraphModule:
+    """A GraphModule over ``gm``'s modules: placeholders for ``inputs`` (pairs (node, name)), then copies
+    of ``body`` (nodes of ``gm`` in topological order, ending with its output node); the parameters the
+    body reads are fetched as in ``gm``."""
+    g = fx.Graph()
+    env = {n: g.placeholder(name) for n, name in inputs}
+    body = [n for n in body if n not in env]
+    for n in body:
         for a in n.all_input_nodes:
             if a.op == "get_attr" and a not in env:
                 env[a] = g.node_copy(a)
-
-
-def _build_suffix(gm, consumer_nodes, boundary, suffix_nodes) -> fx.GraphModule:
-    g = fx.Graph()
-    env = {}
-    for i, n in enumerate(consumer_nodes):
-        env[n] = g.placeholder(f"z{i}")
-    for i, n in enumerate(boundary):
-        env[n] = g.placeholder(f"b{i}")
-    body = [n for n in suffix_nodes if n not in env]
-    _copy_get_attrs(gm, g, env, body)
     for n in body:
         env[n] = g.node_copy(n, lambda a: env[a])
     return fx.GraphModule(gm, g)
+
+
+def _build_suffix(gm, consumer_nodes, boundary, suffix_nodes) -> fx.GraphModule:
+    inputs = [(n, f"z{i}") for i, n in enumerate(consumer_nodes)] + [(n, f"b{i}") for i, n in enumerate(boundary)]
+    return subgraph(gm, inputs, suffix_nodes)
 
 
 def _build_prefix(gm, capture) -> fx.GraphModule:
