@@ -1,12 +1,22 @@
-"""carfast: exact, fast CAR (Classification Accuracy Reduction) filter scoring for CNNs.
+"""carfast: exact, fast CAR (Classification Accuracy Reduction) filter scoring and pruning for CNNs.
 
 ``score_layer(model, layer, data)`` scores every filter of a Conv2d or Linear by the accuracy the
-network loses when that filter is removed, equal to re-running the network once per filter.
+network loses when that filter is removed, equal to re-running the network once per filter;
+``prune(model, layers, data, keep=...)`` removes filters greedily by CAR (or a baseline criterion of
+``carfast.criteria``) and returns a physically smaller model; ``remove_filters`` is the surgery;
+``ClassImportance`` interprets the class-wise CAR of each filter.
 """
-from . import data, models
+from . import criteria, data, models
 from ._ext import backends
+from .classwise import ClassImportance
 from .engine import LayerScorer, ScoreOptions, score_layer
+from .evaluate import evaluate
+from .prune import prune
+from .prune_result import PruneResult, load_pruned
 from .scores import LayerScores
+from .surgery import remove_filters
 
-__version__ = "0.1.0"
-__all__ = ["score_layer", "LayerScorer", "LayerScores", "ScoreOptions", "backends", "models", "data", "__version__"]
+__version__ = "0.2.0"
+__all__ = ["score_layer", "LayerScorer", "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned",
+           "remove_filters", "evaluate", "ClassImportance", "criteria", "backends", "models", "data",
+           "__version__"]

@@ -114,11 +114,11 @@ class Progress:
     """A minimal progress bar on stderr: ``progress`` None (auto: when stderr is a terminal), bool, or a
     callable ``(done, total)``."""
 
-    def __init__(self, progress, total: int | None, label: str):
+    def __init__(self, progress, total: int | None, label: str, unit: str = "pairs"):
         self.callback = progress if callable(progress) else None
         show = sys.stderr.isatty() and os.environ.get("CARFAST_PROGRESS", "1") != "0" if progress is None \
             else bool(progress) and self.callback is None
-        self.show, self.total, self.label, self.done = show, total, label, 0
+        self.show, self.total, self.label, self.unit, self.done = show, total, label, unit, 0
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int) -> None:
@@ -132,9 +132,9 @@ class Progress:
             if self.total:
                 frac = min(self.done / self.total, 1.0)
                 bar = "#" * int(30 * frac)
-                sys.stderr.write(f"\r{self.label} [{bar:<30}] {100 * frac:5.1f} %  {rate:,.0f} pairs/s")
+                sys.stderr.write(f"\r{self.label} [{bar:<30}] {100 * frac:5.1f} %  {rate:,.1f} {self.unit}/s")
             else:
-                sys.stderr.write(f"\r{self.label} {self.done:,} pairs  {rate:,.0f} pairs/s")
+                sys.stderr.write(f"\r{self.label} {self.done:,} {self.unit}  {rate:,.1f} {self.unit}/s")
             sys.stderr.flush()
 
     def close(self) -> None:

@@ -13,6 +13,10 @@ scored filter, the ablated logits come from one of three methods:
   slice of each consumer zeroed by a hook (the naive method, exact by construction).
 
 Pairs whose filter is all zero on an image equal the intact result and are not evaluated (3.5).
+
+Greedy pruning removes filters one at a time with ``remove(k)``: the cached state is updated in place
+(design.md 3.7: A_k <- 0, Z <- Z - U_k(A_k), logits and base results recomputed from the new Z) instead
+of being rebuilt; a prefix that is streamed gets the same updates, in the same order, on every pass.
 """
 from __future__ import annotations
 
@@ -35,9 +39,9 @@ from .errors import resolve_layer
 from .graph import TraceError, analyze, target_num_filters
 from .ops.closed_form_linear import closed_form_linear_ref
 from .ops.closed_form_logits import closed_form_logits
-from .ops.consumer_delta import owned_weight
+from .ops.consumer_delta import consumer_delta, owned_weight
 from .ops.score_reduce import score_reduce_ref
-from .pairs import Accumulator, active_pairs, suffix_logits, zeroing_hook
+from .pairs import Accumulator, active_pairs, suffix_base_logits, suffix_logits, zeroing_hook
 from .scores import LayerScores
 from .suffix_opt import optimized_suffix
 
@@ -139,6 +143,8 @@ class LayerScorer:
     ``score`` runs the prefix over the data and keeps it when it fits the memory budget, so later calls
     only evaluate ablations. The model must not change between calls (the scorer holds a folded copy
     of the suffix). A one-shot iterator as data can be scored once unless its prefix was kept.
+    ``remove(k)`` removes filter k for good (greedy pruning): later scores are those of the model
+    without the removed filters, and score only the filters that remain.
     """
 
     def __init__(self, model: nn.Module, layer, data, *, device=None, batch_size: int | None = None,
@@ -182,6 +188,7 @@ class LayerScorer:
             self._plan(example, batch_size, cpu)
         self._cache: list | None = [] if self.options.cache else None
         self._cache_complete = False
+        self.removed: list[int] = []
 
     # ---- planning -------------------------------------------------------------------------------------
     def _plan(self, example, batch_size, cpu):
@@ -239,6 +246,8 @@ class LayerScorer:
                              "prefix did not fit the memory budget); pass a list, tensors or a DataLoader")
         else:
             stream = self.data
+        if self._cache is not None:
+            self._cache = []     # a pass cut short before (an exception) must not leave chunks behind
         used = 0
         for x, y in iter_chunks(stream, self.chunk, self.device, _FN):
             outs = self._prefix(x)
@@ -252,6 +261,9 @@ class LayerScorer:
                     self._cache.append(entry)
                 else:
                     self._cache = None   # does not fit: stream the prefix on every score
+            # a fresh chunk gets the removals made so far, in order (the full network reruns once, with all)
+            for k in (self.removed if self.lg is not None else self.removed[-1:]):
+                entry = self._remove_from(entry, k)
             yield entry
         if self._cache is not None:
             self._cache_complete = True
@@ -269,11 +281,66 @@ class LayerScorer:
         """Whether the prefix of the whole data set is held in memory."""
         return self._cache_complete
 
+    @property
+    def remaining(self) -> list[int]:
+        """Filter indices not removed, ascending."""
+        gone = set(self.removed)
+        return [k for k in range(self.num_filters) if k not in gone]
+
+    # ---- incremental removal (greedy pruning) ------------------------------------------------------------
+    def remove(self, k: int) -> None:
+        """Remove filter ``k`` from the model this scorer evaluates, updating the cached state in place."""
+        if isinstance(k, bool) or not isinstance(k, int) and not (isinstance(k, torch.Tensor) and k.numel() == 1):
+            raise TypeError(f"{_FN}: remove takes one int filter index, got {k!r}")
+        k = int(k)
+        if not 0 <= k < self.num_filters:
+            raise ValueError(f"{_FN}: filter {k} is out of range: layer {self.name!r} has {self.num_filters} "
+                             f"filters (0..{self.num_filters - 1})")
+        if k in self.removed:
+            raise ValueError(f"{_FN}: filter {k} of {self.name!r} is already removed")
+        self.removed.append(k)
+        if self._cache_complete:
+            with eval_mode(self.model), torch.no_grad():
+                self._cache = [self._remove_from(entry, k) for entry in self._cache]
+
+    def _remove_from(self, entry, k: int):
+        """One chunk's (y, outs, base_correct, base_loss) with filter k removed (tensors updated in place)."""
+        y, outs = entry[0], list(entry[1])
+        if self.lg is None:   # full network: rerun with every removed filter zeroed at its consumers
+            outs[-1] = self._run_removed(outs[0], self.removed[:self.removed.index(k) + 1])
+        else:
+            u = len(self.lg.consumers)
+            A, Z = outs[:u], outs[u:2 * u]
+            if self.cf is not None:   # the closed form of removing k is the new base (before Z changes)
+                outs[-1] = self._ablated_closed_form(outs, torch.tensor([k], device=self.device))[0]
+            for a, z, c in zip(A, Z, self.lg.consumers):
+                owned = a[:, k * c.width:(k + 1) * c.width]
+                z.sub_(consumer_delta(c.module, owned, owned_weight(c.module, k * c.width, c.width)))
+                owned.zero_()
+            if self.cf is None:
+                outs[-1] = suffix_base_logits(self.suffix, Z, outs[2 * u:-1], self.pair_batch, self.channels_last)
+        check_finite(outs[-1], _FN, f"the model's output with filters {self.removed} removed")
+        return (y, tuple(outs), *score_reduce_ref(outs[-1], y))
+
+    def _run_removed(self, x, ks) -> torch.Tensor:
+        """Logits [n, classes] of the whole model with filters ``ks`` zeroed at every consumer."""
+        handles = [c.module.register_forward_pre_hook(zeroing_hook(ks, c.width)) for c in self.consumers] \
+            if ks else []
+        try:
+            return torch.cat([self.model(x[s:s + self.pair_batch]) for s in range(0, x.shape[0], self.pair_batch)])
+        finally:
+            for h in handles:
+                h.remove()
+
     # ---- scoring -------------------------------------------------------------------------------------
     def score(self, filters=None, per_image: bool = False) -> LayerScores:
         """CAR scores of ``filters`` (default all), see ``score_layer``."""
         t0 = time.perf_counter()
-        filt = _check_filters(filters, self.num_filters, self.name)
+        filt = _check_filters(self.remaining if filters is None else filters, self.num_filters, self.name)
+        gone = sorted(set(filt.tolist()) & set(self.removed))
+        if gone:
+            raise ValueError(f"{_FN}: filters {gone[:5]} of {self.name!r} were removed; score the remaining ones "
+                             "(filters=None scores all that remain)")
         acc = Accumulator(len(filt), per_image)
         total = len(filt) * self.num_images_hint if self.num_images_hint else None
         bar = Progress(self.progress, total, f"scoring {self.name}")
@@ -302,16 +369,20 @@ class LayerScorer:
         u = len(self.lg.consumers)
         return outs[:u], outs[u:2 * u], outs[2 * u:-1], outs[-1]
 
-    def _closed_form(self, outs, y, filt, stats, bar):
+    def _ablated_closed_form(self, outs, filt) -> torch.Tensor:
+        """[F, n, classes] ablated logits of ``filt`` by the closed form."""
         A, Z, B, logits = self._split(outs)
         cf = self.cf
         R = B[cf.residual_index] if cf.residual_index is not None else None
         if cf.kind == "linear":
-            abl = closed_form_linear_ref(A[0], cf.weight, cf.width, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
-                                         logits, filt.to(self.device))
-        else:
-            abl = closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
-                                     filt.to(self.device), cf.stride, cf.padding, cf.dilation, backend=self.kernel)
+            return closed_form_linear_ref(A[0], cf.weight, cf.width, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
+                                          logits, filt.to(self.device))
+        return closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
+                                  filt.to(self.device), cf.stride, cf.padding, cf.dilation, backend=self.kernel)
+
+    def _closed_form(self, outs, y, filt, stats, bar):
+        A = self._split(outs)[0]
+        abl = self._ablated_closed_form(outs, filt)
         abl = abl.reshape(-1, abl.shape[-1])                                   # [F * n, classes]
         check_finite(abl, _FN, "the model's output with a filter removed")
         c, l = score_reduce_ref(abl, y.repeat(len(filt)))
@@ -338,12 +409,7 @@ class LayerScorer:
 
     def _full_network(self, x, y, filt, img_correct, img_loss, stats, bar):
         for f, k in enumerate(filt.tolist()):
-            handles = [c.module.register_forward_pre_hook(zeroing_hook(k, c.width)) for c in self.consumers]
-            try:
-                abl = torch.cat([self.model(x[s:s + self.pair_batch]) for s in range(0, x.shape[0], self.pair_batch)])
-            finally:
-                for h in handles:
-                    h.remove()
+            abl = self._run_removed(x, self.removed + [k])
             check_finite(abl, _FN, "the model's output with a filter removed")
             img_correct[f], img_loss[f] = score_reduce_ref(abl, y)
             bar.update(x.shape[0])

@@ -5,6 +5,11 @@ He et al. (2016) with the parameter-free "option A" shortcut, and loads the bund
 weights for depth 20 and 56 (``weights=PATH`` loads any of the original checkpoints, e.g. depth 32
 or 44). ``alexnet_cifar(weights=PATH)`` builds the AlexNet-shaped network the CAR paper prunes.
 All weights load with ``torch.load(..., weights_only=True)``.
+
+Each builder records how to rebuild its network in ``model.carfast_arch`` (plain data: ``{"builder":
+"cifar_resnet", "kwargs": {"depth": 56}, "input_shape": [3, 32, 32]}``), which ``pruned_io`` uses to
+rebuild a saved pruned model and ``surgery`` to infer an input; it is a plain attribute, so it survives
+``copy.deepcopy`` and is not part of the state dict.
 """
 from __future__ import annotations
 
@@ -124,6 +129,7 @@ def cifar_resnet(depth: int = 20, pretrained: bool = True, weights: str | os.Pat
                              "or pretrained=False")
         with resources.as_file(resources.files("carfast.assets") / _BUNDLED[depth]) as p:
             _load_resnet_weights(model, p)
+    model.carfast_arch = {"builder": "cifar_resnet", "kwargs": {"depth": depth}, "input_shape": [3, 32, 32]}
     return model.eval()
 
 
@@ -153,4 +159,5 @@ def alexnet_cifar(weights: str | os.PathLike | None = None) -> AlexNetCifar:
     model = AlexNetCifar()
     if weights is not None:
         model.load_state_dict(_load_state(weights), strict=True)
+    model.carfast_arch = {"builder": "alexnet_cifar", "kwargs": {}, "input_shape": [3, 32, 32]}
     return model.eval()

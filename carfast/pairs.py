@@ -6,7 +6,7 @@ import torch
 from .ops.consumer_delta import consumer_delta
 from .scores import LayerScores
 
-__all__ = ["Accumulator", "active_pairs", "suffix_logits", "zeroing_hook"]
+__all__ = ["Accumulator", "active_pairs", "suffix_logits", "suffix_base_logits", "zeroing_hook"]
 
 
 class Accumulator:
@@ -66,7 +66,6 @@ def suffix_logits(suffix, consumers, weights, filt, A, Z, B, f_b, n_b, channels_
     A, Z: each consumer's cached input [n, K*w, ...] and output [n, O, ...]; B: boundary values [n, ...];
     weights[u][f]: consumer u's weight restricted to filter f's owned inputs.
     """
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     runs, counts = torch.unique_consecutive(f_b, return_counts=True)
     zs = []
     for ui, (a, z, c) in enumerate(zip(A, Z, consumers)):
@@ -77,15 +76,33 @@ def suffix_logits(suffix, consumers, weights, filt, A, Z, B, f_b, n_b, channels_
             owned = a[n_b[off:off + cnt], k * c.width:(k + 1) * c.width]
             zp[off:off + cnt] -= consumer_delta(c.module, owned, weights[ui][f])
             off += cnt
-        zs.append(zp.contiguous(memory_format=fmt) if zp.dim() == 4 else zp)
-    bs = [b[n_b].contiguous(memory_format=fmt) if b.dim() == 4 else b[n_b] for b in B]
+        zs.append(zp)
+    return _run_suffix(suffix, zs, [b[n_b] for b in B], channels_last)
+
+
+def suffix_base_logits(suffix, Z, B, batch: int, channels_last: bool) -> torch.Tensor:
+    """Logits [n, classes] of the suffix on the consumers' outputs Z and boundary values B as they are
+    (after a filter removal has updated Z), ``batch`` images per call."""
+    n = Z[0].shape[0]
+    return torch.cat([_run_suffix(suffix, [z[s:s + batch] for z in Z], [b[s:s + batch] for b in B], channels_last)
+                      for s in range(0, n, batch)])
+
+
+def _run_suffix(suffix, zs, bs, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    zs = [z.contiguous(memory_format=fmt) if z.dim() == 4 else z for z in zs]
+    bs = [b.contiguous(memory_format=fmt) if b.dim() == 4 else b for b in bs]
     return suffix(*zs, *bs)
 
 
-def zeroing_hook(k: int, width: int):
-    """A forward pre-hook that zeroes input slice [k*width, (k+1)*width) of dim 1 (on a clone)."""
+def zeroing_hook(filters, width: int):
+    """A forward pre-hook that zeroes input slices [k*width, (k+1)*width) of dim 1 (on a clone) for each
+    filter k in ``filters`` (an int or a list of ints)."""
+    ks = [filters] if isinstance(filters, int) else list(filters)
+
     def hook(_module, args):
         x = args[0].clone()
-        x[:, k * width:(k + 1) * width] = 0
+        for k in ks:
+            x[:, k * width:(k + 1) * width] = 0
         return (x,) + tuple(args[1:])
     return hook

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NaiveResult", "naive_scores", "naive_logits", "per_class_counts", "near_tie", "margin_of"]
+__all__ = ["NaiveResult", "naive_scores", "naive_logits", "naive_greedy", "per_class_counts", "near_tie",
+           "margin_of"]
 
 
 @dataclass
@@ -96,8 +97,9 @@ def _run(model: nn.Module, data_x: torch.Tensor, batch_size: int) -> torch.Tenso
 
 
 def naive_logits(model: nn.Module, consumers: dict[str, int], data_x: torch.Tensor,
-                 filter_index: int | None, batch_size: int = 256) -> torch.Tensor:
-    """[N, C] logits of the model in eval mode with filter ``filter_index`` removed (None: intact).
+                 filter_index: int | None, batch_size: int = 256, removed=()) -> torch.Tensor:
+    """[N, C] logits of the model in eval mode with filter ``filter_index`` removed (None: intact), and
+    the filters in ``removed`` too.
 
     The model's hooks and train/eval flags are restored afterwards.
     """
@@ -106,8 +108,9 @@ def naive_logits(model: nn.Module, consumers: dict[str, int], data_x: torch.Tens
     handles = []
     try:
         model.eval()
-        if filter_index is not None:
-            k = int(filter_index)
+        gone = list(removed) + ([filter_index] if filter_index is not None else [])
+        for k in gone:
+            k = int(k)
             for name, width in consumers.items():
                 handles.append(modules[name].register_forward_pre_hook(
                     _zeroing_pre_hook(k * width, (k + 1) * width)))
@@ -143,3 +146,28 @@ def naive_scores(model: nn.Module, consumers: dict[str, int], data_x: torch.Tens
         base_pred=base_pred, pred=pred, base_correct=base_pred == data_y, correct=pred == data_y.unsqueeze(0),
         base_loss=base_loss, loss=loss, base_margin=margin_of(base_logits), margin=margin_of(logits),
     )
+
+
+def naive_greedy(model: nn.Module, consumers: dict[str, int], data_x: torch.Tensor, labels: torch.Tensor,
+                 num_filters: int, num_remove: int, batch_size: int = 256) -> list[dict]:
+    """The naive greedy CAR loop: at every step run the whole network once per remaining candidate (with
+    the filters removed so far and the candidate zeroed at each consumer) and remove the candidate that
+    keeps the most images correct, then the smallest summed cross-entropy, then the lowest index.
+
+    Returns one dict per removal: ``filter``, ``correct`` (images correct after it), ``loss_sum``.
+    """
+    removed, steps = [], []
+    for _ in range(num_remove):
+        best = None
+        for k in range(num_filters):
+            if k in removed:
+                continue
+            logits = naive_logits(model, consumers, data_x, k, batch_size, removed=removed)
+            correct = int((logits.argmax(1) == labels).sum())
+            loss = float(F.cross_entropy(logits.double(), labels, reduction="sum"))
+            key = (-correct, loss, k)
+            if best is None or key < best[0]:
+                best = (key, {"filter": k, "correct": correct, "loss_sum": loss})
+        removed.append(best[1]["filter"])
+        steps.append(best[1])
+    return steps

@@ -1,0 +1,36 @@
+"""Atomic file writes: write beside the target, then rename over it, so a reader (or a run killed
+half-way) never sees a half-written file."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+
+__all__ = ["atomic_path", "write_json_atomic"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """Yield a temporary path in ``path``'s folder; on success it replaces ``path``, on error it is removed."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".carfast-", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    with atomic_path(path, ".json") as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,0 +1,47 @@
+"""Top-1 accuracy and mean cross-entropy of a model on labelled data (eval mode, no gradients)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .batching import eval_mode, iter_chunks
+from .ops.score_reduce import score_reduce_ref
+
+__all__ = ["Evaluation", "evaluate"]
+
+
+@dataclass
+class Evaluation:
+    """correct: images classified correctly; loss_sum: summed cross-entropy (float64); num_images."""
+    correct: int
+    loss_sum: float
+    num_images: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.num_images
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.num_images
+
+
+def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None) -> Evaluation:
+    """Evaluate ``model`` on ``data`` ((inputs [N, ...], labels [N]) or an iterable of such batches).
+
+    The model runs in eval mode under ``torch.no_grad`` and its train/eval flags are restored. Uses the
+    scoring reduction of the engine (``ops/score_reduce.py``), so the figures match ``LayerScores``.
+    """
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    correct, loss, n = 0, 0.0, 0
+    with eval_mode(model), torch.no_grad():
+        for x, y in iter_chunks(data, batch_size, device, "evaluate"):
+            c, l = score_reduce_ref(model(x), y)
+            correct += int(c.sum())
+            loss += float(l.sum())
+            n += y.numel()
+    return Evaluation(correct, loss, n)
