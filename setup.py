@@ -131,15 +131,18 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="carfast",
-    version="0.1.0",
+    version="0.2.0",
     description="Score CNN filters by CAR: the accuracy lost when a filter is removed",
     python_requires=">=3.9",
     packages=find_packages(include=["carfast*"]),
     package_data={"carfast": ["assets/*"]},
     include_package_data=True,
-    install_requires=["torch>=2.4", "numpy"],
+    # matplotlib draws the report's figures (``carfast demo`` / ``report``); it brings Pillow, which
+    # decodes the JPEG training set for fine-tuning
+    install_requires=["torch>=2.4", "numpy", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
+        "finetune": ["pillow"],
         "captum": ["captum"],
         "triton": ["triton"],
     },

@@ -35,6 +35,12 @@ class FinetuneConfig:
     "constant" keeps ``lr``. ``augment``: random 32x32 crop of the image reflect-padded by 4 pixels
     and a random horizontal flip, per image. ``max_images``: at most this many images per epoch.
     ``seed`` fixes the shuffle, the augmentation and dropout, so runs repeat bit for bit.
+    ``bn_stats``: "freeze" (default) keeps every BatchNorm's running mean and variance as they are (the
+    BN layers run in eval mode; their affine weights still train), "update" re-estimates them from the
+    training batches. Freezing is the default because a short fine-tune on data that differs from the
+    test distribution (the JPEG copies of CIFAR-10) otherwise moves the statistics away from it: measured
+    on ResNet-20, 1 epoch on 5,000 JPEG images cost 3.9 points of test accuracy with "update" even at a
+    tiny learning rate, and none with the statistics kept (91.80 % -> 91.90 %).
     """
     epochs: int = 1
     lr: float = 0.01
@@ -47,6 +53,7 @@ class FinetuneConfig:
     schedule: str = "cosine"
     seed: int = 0
     max_images: int | None = None
+    bn_stats: str = "freeze"
 
     def __post_init__(self):
         def bad(key, want):
@@ -69,6 +76,8 @@ class FinetuneConfig:
         for key in ("nesterov", "augment"):
             if not isinstance(getattr(self, key), bool):
                 raise bad(key, "True or False")
+        if self.bn_stats not in ("freeze", "update"):
+            raise bad("bn_stats", "'freeze' or 'update'")
         if self.schedule not in _SCHEDULES:
             raise bad("schedule", f"one of {_SCHEDULES}")
         if self.nesterov and self.momentum == 0:
@@ -207,6 +216,10 @@ def finetune(model: nn.Module, data, config: FinetuneConfig | dict | None = None
                          "len(); pass (inputs, labels) tensors, a DataLoader, or schedule='constant'")
 
     net = copy.deepcopy(model).to(device).train()
+    if cfg.bn_stats == "freeze":
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     params = [p for p in net.parameters() if p.requires_grad]
     if not params:
         raise ValueError("finetune: the model has no trainable parameters (all requires_grad=False)")

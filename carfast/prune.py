@@ -137,7 +137,7 @@ class _Run:
     """The state of one pruning run: the current model and each layer's original filter indices."""
 
     def __init__(self, model, names, targets, data, score_kw, criterion, step, threshold, replay, checkpoint,
-                 settings, bar, example):
+                 settings, bar, example, prebuilt):
         self.model, self.names, self.targets, self.data = model, names, targets, data
         self.score_kw, self.criterion, self.step, self.threshold = score_kw, criterion, step, threshold
         self.orig = {n: list(range(target_num_filters(model.get_submodule(n)))) for n in names}
@@ -147,6 +147,8 @@ class _Run:
         self.stopped = False
         self.iteration = -1
         self.example = example       # one input [1, ...] for the surgery's shape tracing
+        self.first_scores = {}       # {layer: LayerScores of its first scoring} (CAR): the class-wise view
+        self.prebuilt = prebuilt     # {layer: LayerScorer} on the input model, valid until the first cut
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def record(self, layer, orig_index, ev, remaining, seconds, planned):
@@ -181,6 +183,7 @@ class _Run:
         if not removals:
             return
         self.model = remove_filters(self.model, removals, example=self.example)
+        self.prebuilt = {}
         for n, ks in removals.items():
             gone = set(ks)
             self.orig[n] = [o for i, o in enumerate(self.orig[n]) if i not in gone]
@@ -189,12 +192,17 @@ class _Run:
                 raise ValueError(f"{_FN}: removing filters of {sorted(removals)} also changed layer {n!r} (it lies "
                                  "on their channel chain, e.g. a depthwise conv); prune it on its own")
 
+    def scorer(self, layer: str) -> LayerScorer:
+        """A scorer of ``layer`` on the current model."""
+        return self.prebuilt.pop(layer, None) or LayerScorer(self.model, layer, self.data, progress=False,
+                                                             **self.score_kw)
+
     # -- sequential ----------------------------------------------------------------------------------------
     def sequential(self):
         for layer in self.names:
             if self.stopped:
                 break
-            scorer = LayerScorer(self.model, layer, self.data, progress=False, **self.score_kw)
+            scorer = self.scorer(layer)
             start = list(self.orig[layer])           # scorer index -> original index
             while len(scorer.remaining) > self.targets[layer] and not self.stopped:
                 t0 = time.perf_counter()
@@ -221,6 +229,7 @@ class _Run:
         """Remaining scorer indices, best to remove first; and {index: LayerScores} already known."""
         if self.criterion is None:
             s = scorer.score()
+            self.first_scores.setdefault(layer, s)
             order = s.ranking().tolist()
             return order, {order[0]: s}
         now = remove_filters(self.model, {layer: list(scorer.removed)}, example=self.example) if scorer.removed else self.model
@@ -243,7 +252,8 @@ class _Run:
             cands = []       # (key, layer, original index, ev or None)
             for pos, n in enumerate(open_layers):
                 if self.criterion is None:
-                    s = LayerScorer(self.model, n, self.data, progress=False, **self.score_kw).score()
+                    s = self.scorer(n).score()
+                    self.first_scores.setdefault(n, s)
                     for i, k in enumerate(s.filters.tolist()):
                         c, l = int(s.correct[i].sum()), float(s.loss_sum[i])
                         cands.append(((-c, l, pos, self.orig[n][k]), n, self.orig[n][k], (c, l, s.num_images)))
@@ -265,7 +275,7 @@ class _Run:
                 if self.threshold is not None and ev[0] / ev[2] < self.threshold:
                     self.stopped = True
                     return
-                self.model = tentative
+                self.model, self.prebuilt = tentative, {}
                 self.orig[n].remove(o)
                 self.record(n, o, ev, len(self.orig[n]), time.perf_counter() - t0, len(picks))
 
@@ -352,11 +362,10 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     if first is None:
         raise ValueError(f"{_FN}: data holds no images; pass at least one (inputs, labels) pair")
     example = _check_batch(first, _FN)[0][:1]
-    # fail early for a layer that cannot be scored (coupled, untraceable consumers...): cheap, no data pass
-    for n in names:
-        LayerScorer(model, n, data, progress=False, **score_options)
-
     work = copy.deepcopy(model).eval()
+    # fail early for a layer that cannot be scored (coupled, untraceable consumers...): no data pass; the
+    # scorers are kept for use while the model is still the input model
+    prebuilt = {n: LayerScorer(work, n, data, progress=False, **score_options) for n in names}
     base = evaluate(work, data)
     threshold = None if max_accuracy_drop is None else base.accuracy - max_accuracy_drop
     settings = {"layers": names, "keep": targets, "step": step, "schedule": schedule, "criterion": crit_name,
@@ -370,7 +379,7 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         replay = _read_checkpoint(checkpoint, settings)
     bar = Progress(progress, sum(nums[n] - targets[n] for n in names), "pruning", unit="filters")
     run = _Run(work, names, targets, data, score_options, crit, step, threshold, replay, checkpoint, settings, bar,
-               example)
+               example, prebuilt)
     run.sequential() if schedule == "sequential" else run.global_()
     bar.close()
     example = example.to(next(run.model.parameters()).device)
@@ -378,7 +387,7 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     removed = {n: [r["filter"] for r in run.history if r["layer"] == n] for n in names}
     result = PruneResult(run.model, removed, {n: sorted(run.orig[n]) for n in names}, run.history,
                          {"accuracy": base.accuracy, "loss": base.loss, "num_images": base.num_images}, settings,
-                         stats)
+                         stats, scores=run.first_scores)
     if finetune is not None:
         result.model = _finetune(result.model, finetune)
         result.finetuned_accuracy = evaluate(result.model, data).accuracy

@@ -13,6 +13,7 @@ from torch import nn
 
 from .measure import count_macs, count_params
 from .pruned_io import load_pruned_model, save_pruned
+from .scores import LayerScores
 
 __all__ = ["PruneResult", "PruneSummary", "load_pruned"]
 
@@ -69,6 +70,9 @@ class PruneResult:
     settings: the run's settings (layers, keep, step, schedule, criterion, ...), plain data.
     stats:    {"before": {"params", "macs"}, "after": {...}}, counted at ``settings["input_shape"]``.
     finetuned_accuracy: accuracy on the scoring data after ``finetune`` (None when not fine-tuned).
+    scores:   {layer: LayerScores} of each layer's first CAR scoring (all its filters, before any of them
+              was removed): the class-wise view of the layer (``carfast.ClassImportance``). Empty for
+              other criteria and for layers whose removals were all replayed from a checkpoint.
     """
     model: nn.Module
     removed: dict
@@ -78,6 +82,7 @@ class PruneResult:
     settings: dict
     stats: dict = field(default_factory=dict)
     finetuned_accuracy: float | None = None
+    scores: dict = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -96,7 +101,8 @@ class PruneResult:
         """Everything but the model, as plain data (JSON-able)."""
         return {"format": _FORMAT, "removed": self.removed, "kept": self.kept, "history": self.history,
                 "base": self.base, "settings": self.settings, "stats": self.stats,
-                "finetuned_accuracy": self.finetuned_accuracy}
+                "finetuned_accuracy": self.finetuned_accuracy,
+                "scores": {layer: s.to_dict() for layer, s in self.scores.items()}}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the pruned model and the run's record to ``path`` (atomically); see ``load_pruned``."""
@@ -125,4 +131,5 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> Prun
                          f"(format {extra.get('format') if isinstance(extra, dict) else None!r}); load it with "
                          "carfast.pruned_io.load_pruned_model instead")
     return PruneResult(pruned, extra["removed"], extra["kept"], extra["history"], extra["base"], extra["settings"],
-                       extra.get("stats", {}), extra.get("finetuned_accuracy"))
+                       extra.get("stats", {}), extra.get("finetuned_accuracy"),
+                       {layer: LayerScores.from_dict(d) for layer, d in extra.get("scores", {}).items()})

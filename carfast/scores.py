@@ -113,6 +113,17 @@ class LayerScores:
         }
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerScores":
+        """Rebuild from ``to_dict()`` output (the counted fields and provenance; not per-image results)."""
+        t = torch.tensor
+        return cls(d["layer"], t(d["filters"], dtype=torch.long), int(d["num_images"]),
+                   t(d["class_totals"], dtype=torch.long), t(d["base_correct"], dtype=torch.long),
+                   t(d["correct"], dtype=torch.long).view(len(d["filters"]), len(d["class_totals"])),
+                   float(d["base_loss_sum"]), t(d["loss_sum"], dtype=torch.float64), d.get("coupled", False),
+                   d.get("method", ""), d.get("backend", ""), d.get("pairs_evaluated", 0), d.get("pairs_skipped", 0),
+                   d.get("seconds", 0.0))
+
     def table(self, top: int | None = None) -> str:
         """A readable table, filters in ranking order (least important first)."""
         order = self.ranking().tolist()

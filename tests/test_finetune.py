@@ -91,6 +91,16 @@ def test_iterable_batches():
         finetune(model, (b for b in batches), dict(epochs=2, schedule="constant"), progress=False)
 
 
+@pytest.mark.parametrize("bn_stats", ["freeze", "update"])
+def test_bn_stats_frozen_or_updated(bn_stats):
+    model, (x, y) = _net(), _data()
+    out = finetune(model, (x, y), dict(epochs=1, lr=0.05, batch_size=32, bn_stats=bn_stats), progress=False)
+    same = torch.equal(out[1].running_mean, model[1].running_mean) and \
+        torch.equal(out[1].running_var, model[1].running_var)
+    assert same == (bn_stats == "freeze")
+    assert not torch.equal(out[1].weight, model[1].weight)       # BN's affine weights train either way
+
+
 @pytest.mark.parametrize("schedule,lrs", [("cosine", [0.2, 0.1]), ("constant", [0.2, 0.2])])
 def test_schedule_matches_hand_written_sgd(schedule, lrs):
     """Two full-batch steps of plain SGD: cosine over 2 steps uses lr, then lr * (1 + cos(pi / 2)) / 2."""
@@ -114,7 +124,8 @@ def test_schedule_matches_hand_written_sgd(schedule, lrs):
                                  dict(lr=float("nan")), dict(lr=float("inf")), dict(momentum=1.0),
                                  dict(batch_size=0), dict(schedule="linear"), dict(augment="yes"),
                                  dict(label_smoothing=1.0), dict(max_images=0), dict(weight_decay=-1e-4),
-                                 dict(seed=1.5), dict(momentum=0.0, nesterov=True)])
+                                 dict(seed=1.5), dict(momentum=0.0, nesterov=True),
+                                 dict(bn_stats="recalibrate")])
 def test_config_validation(bad):
     with pytest.raises(ValueError, match="FinetuneConfig"):
         FinetuneConfig(**bad)
