@@ -181,7 +181,8 @@ def _rgb_layers(result: PruneResult) -> list[str]:
 
 # ---- sections ------------------------------------------------------------------------------------------
 class _Page:
-    """Collects the HTML sections and the figures (written at once as PNG files)."""
+    """The page being built: HTML parts in order, and the figures (each written as a PNG file in
+    ``out_dir`` when added, then embedded)."""
 
     def __init__(self, out_dir: str):
         self.out_dir, self.parts, self.figures = out_dir, [], []

@@ -29,3 +29,120 @@ def test_missing_data_file(capsys, tmp_path):
 def test_version_lists_backends():
     r = subprocess.run([sys.executable, "-m", "carfast.cli", "--version"], capture_output=True, text=True, check=True)
     assert r.stdout.startswith("carfast ") and "torch" in r.stdout
+
+
+# ---- prune / report / demo ---------------------------------------------------------------------------------
+import os  # noqa: E402
+import re  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import carfast  # noqa: E402
+from carfast.data import cifar10_test  # noqa: E402
+
+SECTIONS = ("<h2>Run settings</h2>", "<h2>Summary</h2>", "<h2>Accuracy while pruning</h2>",
+            "<h2>Class-wise CAR: layer1.0.conv1</h2>", "<h3>Per-filter interpretation</h3>", "<h2>Removal history</h2>")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: tiny runs, where a second thread only adds barrier waits on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("command", ["score", "prune", "report", "demo"])
+def test_each_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: carfast {command}")
+    assert command == "score" or "--out" in out
+    assert "--quick" not in out                                   # the demo's test switch stays hidden
+
+
+def _one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"carfast {command}: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--layer", "layer9.conv1", "--keep", "3"], "layer 'layer9.conv1' not found"),
+    (["--layer", "layer1.0.conv1", "--keep", "30"], "keep=30 for 'layer1.0.conv1' is impossible"),
+    (["--layer", "layer1.0.conv1", "--keep", "1.5"], "not a fraction in (0, 1]"),
+    (["--layer", "layer1.0.conv1", "--keep", "half"], "'half' is neither a filter count"),
+    (["--layer", "layer1.0.conv1", "--keep", "3", "--data", "MISSING"], "no such file"),
+    (["--layer", "layer1.0.conv1", "--keep", "3", "--weights", "MISSING"], "no such file"),
+])
+def test_prune_bad_arguments_exit_2_with_one_line(argv, expected, tmp_path, capsys):
+    argv = [str(tmp_path / "nope") if a == "MISSING" else a for a in argv]
+    out = tmp_path / "r.pt"
+    try:
+        code = main(["prune", "--model", "resnet20", "--n", "10", "--out", str(out), *argv])
+    except SystemExit as exit_:                                   # argparse's own checks
+        code = exit_.code
+    assert code == 2
+    assert expected in _one_line_error(capsys, "prune")
+    assert not out.exists()
+
+
+def test_alexnet_without_weights_and_missing_result_exit_2(tmp_path, capsys):
+    assert main(["prune", "--model", "alexnet", "--layer", "features.0", "--keep", "3", "--out",
+                 str(tmp_path / "r.pt")]) == 2
+    assert "needs --weights" in _one_line_error(capsys, "prune")
+    assert main(["report", str(tmp_path / "none.pt")]) == 2
+    assert "no such file" in _one_line_error(capsys, "report")
+
+
+def test_prune_then_report(tmp_path, capsys):
+    result_path = tmp_path / "run" / "result.pt"
+    assert main(["prune", "--model", "resnet20", "--layer", "layer1.0.conv1", "--n", "40", "--keep", "14",
+                 "--out", str(result_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layer1.0.conv1 filters" in out and f"wrote {result_path}" in out
+    result = carfast.load_pruned(result_path)
+    assert len(result.kept["layer1.0.conv1"]) == 14
+    assert result.settings["cli_model"] == {"model": "resnet20", "weights": None, "data": None, "n": 40,
+                                            "normalization": [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]}
+
+    assert main(["report", str(result_path), "--heldout-n", "30"]) == 0
+    folder = tmp_path / "run" / "result-report"
+    assert f"wrote {folder / 'index.html'}" in capsys.readouterr().out
+    page = (folder / "index.html").read_text(encoding="utf-8")
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "IMG", page)
+    assert all(s in text for s in SECTIONS)
+    assert "latency, 1 image" in text                                   # the original was rebuilt
+    pngs = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
+    assert pngs == ["accuracy.png", "classwise_layer1.0.conv1.png", "summary.png"]
+    assert text.count("src=\"IMG\"") == len(pngs)
+    # held out = the 30 bundled images after the 40 scored ones
+    d = json.loads((folder / "summary.json").read_text())
+    x, y = cifar10_test(70)
+    assert d["heldout"]["num_images"] == 30
+    assert d["layers"]["layer1.0.conv1"]["classwise"]["class_names"][:2] == ["airplane", "automobile"]
+    assert d["heldout"]["accuracy_after"] == carfast.evaluate(result.model, (x[40:], y[40:])).accuracy
+
+    assert main(["report", str(result_path), "--heldout-n", "1961", "--out", str(tmp_path / "r2")]) == 2
+    assert "only 1,960 images" in _one_line_error(capsys, "report")
+
+
+def test_demo_quick_writes_a_new_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick"]) == 0
+    out = capsys.readouterr().out
+    folders = [f for f in os.listdir(tmp_path) if f.startswith("carfast-demo-")]
+    assert len(folders) == 1 and re.fullmatch(r"carfast-demo-\d{8}-\d{6}", folders[0])
+    folder = tmp_path / folders[0]
+    assert (folder / "index.html").exists() and (folder / "result.pt").exists()
+    d = json.loads((folder / "summary.json").read_text())
+    assert d["heldout"]["num_images"] == 20 and d["settings"]["num_images"] == 20
+    assert f"held-out top-1 % (20 images)  {100 * d['heldout']['accuracy_before']:.2f}" in out
+    assert f"report: {folder / 'index.html'}" in out
+    # the saved result reports again, with the demo's held-out split recorded
+    assert carfast.load_pruned(folder / "result.pt").settings["cli_model"]["n"] == 20

@@ -21,6 +21,16 @@ from nets import make_alexnet_head, make_data
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these tests run tiny batches (and time single images), where a second thread only
+    adds barrier waits, and those explode when other processes load the 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- filter_images ---------------------------------------------------------------------------------------
 def _filter(r, g, b, size=3):
     """One filter [3, size, size] whose channels are the given patterns (scalars or [size, size])."""
