@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from .ops_catalog import classify_function, classify_module
 
-__all__ = ["DynamicConsumer", "discover_consumers"]
+__all__ = ["DynamicConsumer", "discover_consumers", "record_forward"]
 
 
 @dataclass
@@ -58,7 +58,11 @@ class _Recorder(TorchFunctionMode):
         return out
 
 
-def _record(model: nn.Module, example: torch.Tensor):
+def record_forward(model: nn.Module, example: torch.Tensor):
+    """Run ``model`` on ``example`` once, recording every module call and torch function it makes.
+
+    Returns (events, output): the recorded calls in order and the model's output.
+    """
     rec = _Recorder()
     handles = []
 
@@ -91,7 +95,7 @@ def discover_consumers(model: nn.Module, name: str, example: torch.Tensor) -> li
     Raises ValueError, as the fx analysis does, when the channels are coupled (residual add, concat),
     reach an unsupported op, or reach the output without a consumer.
     """
-    events, out = _record(model, example)
+    events, out = record_forward(model, example)
     calls = [i for i, e in enumerate(events) if e.kind == "module" and e.name == name]
     if len(calls) != 1:
         raise ValueError(f"score_layer: layer {name!r} is called {len(calls)} times in forward; it must run "

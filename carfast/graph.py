@@ -23,7 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .ops_catalog import classify_function, classify_module
 
-__all__ = ["TraceError", "Consumer", "LayerGraph", "analyze", "fn_name", "subgraph"]
+__all__ = ["TraceError", "Consumer", "LayerGraph", "analyze", "trace", "walk_chain", "fn_name", "subgraph"]
 
 
 class TraceError(RuntimeError):
@@ -65,7 +65,8 @@ def _shape(node) -> tuple | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """Symbolically trace ``model`` and propagate shapes of ``example`` [1, ...]; ``TraceError`` if fx cannot."""
     try:
         gm = fx.symbolic_trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: use the full-network path
@@ -78,7 +79,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     return gm
 
 
-def _walk_chain(gm: fx.GraphModule, target: fx.Node, name: str):
+def walk_chain(gm: fx.GraphModule, target: fx.Node, name: str):
     """Follow the target's channels to their consumers. Returns (chain nodes, consumers)."""
     modules = dict(gm.named_modules())
     chain, consumers = [target], []
@@ -142,7 +143,7 @@ def _is_shape_value(node: fx.Node) -> bool:
 
 def analyze(model: nn.Module, name: str, example: torch.Tensor) -> LayerGraph:
     """Trace ``model`` and split it at the consumers of layer ``name``; ``example`` is [1, ...] input."""
-    gm = _trace(model, example)
+    gm = trace(model, example)
     targets = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
     if not targets:
         raise ValueError(f"score_layer: layer {name!r} is never called in the model's forward; score a layer "
@@ -156,7 +157,7 @@ def analyze(model: nn.Module, name: str, example: torch.Tensor) -> LayerGraph:
             or len(_shape(out_node.args[0])) != 2:
         raise ValueError("score_layer: the model must return one tensor of logits [N, classes]; wrap it so "
                          "forward returns that tensor")
-    chain, consumers = _walk_chain(gm, target, name)
+    chain, consumers = walk_chain(gm, target, name)
     if not consumers:
         raise ValueError(f"score_layer: layer {name!r} has no consumer (Conv2d or Linear) on the path to the "
                          "output; score a layer that feeds one")

@@ -202,7 +202,7 @@ def _plan(work: nn.Module, targets: dict[str, list[int]], ex: torch.Tensor):
 def _paths(work: nn.Module, names: list[str], ex: torch.Tensor):
     """Per target: (chain steps [(name, module, channels in, channels out)], consumers [(name, width)])."""
     try:
-        gm = graph._trace(work, ex)
+        gm = graph.trace(work, ex)
     except graph.TraceError:
         return _paths_recorded(work, names, ex)
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
@@ -214,7 +214,7 @@ def _paths(work: nn.Module, names: list[str], ex: torch.Tensor):
             raise ValueError(f"{_FN}: layer {name!r} is called {len(nodes)} times in forward; its filters can be "
                              "removed only from a layer that runs exactly once (not shared)")
         try:
-            chain, consumers = graph._walk_chain(gm, nodes[0], name)
+            chain, consumers = graph.walk_chain(gm, nodes[0], name)
         except ValueError as err:
             raise _rephrase(err) from None
         steps = []
@@ -235,7 +235,7 @@ def _channels(node) -> int:
 
 def _paths_recorded(work: nn.Module, names: list[str], ex: torch.Tensor):
     """Same as ``_paths`` for models fx cannot trace, from one recorded forward pass."""
-    events, _ = dynamic_graph._record(work, ex)
+    events, _ = dynamic_graph.record_forward(work, ex)
     calls = Counter(e.name for e in events if e.kind == "module")
     paths = {}
     for name in names:
