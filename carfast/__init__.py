@@ -13,10 +13,11 @@ from .engine import LayerScorer, ScoreOptions, score_layer
 from .evaluate import evaluate
 from .prune import prune
 from .prune_result import PruneResult, load_pruned
+from .report import write_report
 from .scores import LayerScores
 from .surgery import remove_filters
 
 __version__ = "0.2.0"
 __all__ = ["score_layer", "LayerScorer", "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned",
-           "remove_filters", "evaluate", "ClassImportance", "criteria", "finetune", "train_data", "backends", "models", "data",
+           "remove_filters", "write_report", "evaluate", "ClassImportance", "criteria", "finetune", "train_data", "backends", "models", "data",
            "__version__"]

@@ -38,16 +38,7 @@ def _save(fig, path) -> str:
     path = os.fspath(path)
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
-        readable(tmp)
     return path
-
-
-def readable(path) -> None:
-    """Give ``path`` the permissions of a plain new file (0o666 less the umask): ``atomic_path``'s temporary
-    file is private (0o600), and a report is meant to be read by others."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _order_labels(removed) -> dict:
@@ -262,9 +253,9 @@ def colour_selectivity_plot(path, *, removed_index: list, kept_index: list, titl
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("removal order (1 = removed first)")
     ax.set_ylabel("colour-selectivity index (0 grey .. 1 colour)")
-    ax.set_title(title or "Colour selectivity of removed vs kept first-layer filters")
+    ax.set_title(title or "Colour selectivity of removed vs kept first-layer filters", pad=24)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8.5, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
     return _save(fig, path)
 
 

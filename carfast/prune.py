@@ -141,6 +141,7 @@ class _Run:
         self.model, self.names, self.targets, self.data = model, names, targets, data
         self.score_kw, self.criterion, self.step, self.threshold = score_kw, criterion, step, threshold
         self.orig = {n: list(range(target_num_filters(model.get_submodule(n)))) for n in names}
+        self.num_filters = {n: len(o) for n, o in self.orig.items()}
         self.replay = collections.deque(replay)
         self.checkpoint, self.settings, self.bar = checkpoint, settings, bar
         self.history: list[dict] = []
@@ -253,7 +254,8 @@ class _Run:
             for pos, n in enumerate(open_layers):
                 if self.criterion is None:
                     s = self.scorer(n).score()
-                    self.first_scores.setdefault(n, s)
+                    if len(self.orig[n]) == self.num_filters[n]:      # intact: indices are the original ones
+                        self.first_scores.setdefault(n, s)
                     for i, k in enumerate(s.filters.tolist()):
                         c, l = int(s.correct[i].sum()), float(s.loss_sum[i])
                         cands.append(((-c, l, pos, self.orig[n][k]), n, self.orig[n][k], (c, l, s.num_images)))

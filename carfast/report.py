@@ -19,7 +19,6 @@ their flags restored).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime
 import html
 import json
@@ -114,9 +113,9 @@ def _importance(result: PruneResult, layer: str, class_names) -> tuple[ClassImpo
     """The layer's ClassImportance with ORIGINAL filter indices, and a note when it was scored late.
 
     ``result.scores[layer]`` is the layer's first CAR scoring. Normally that is all filters of the intact
-    layer (indices = original). A run resumed from a checkpoint scores first after the replayed removals:
-    in the sequential schedule the scorer keeps original indices (a subset); in the global schedule the
-    layer was already cut, so its indices count the filters then remaining, in original order.
+    layer (indices = original). A sequential run resumed from a checkpoint in the middle of a layer scores
+    it first after the replayed removals: the filters then left, still by original index. (The global
+    schedule records a layer's scores only while the layer is intact.)
     """
     scores = result.scores[layer]
     imp = ClassImportance.from_scores(scores, class_names)
@@ -126,10 +125,6 @@ def _importance(result: PruneResult, layer: str, class_names) -> tuple[ClassImpo
     early = result.removed[layer][:total - len(scores.filters)]
     note = (f"Scored after {len(early)} removals replayed from a checkpoint: these scores cover the "
             f"{len(scores.filters)} filters then left.")
-    if result.settings.get("schedule") == "global":
-        left = [f for f in range(total) if f not in set(early)]
-        imp = dataclasses.replace(imp, filters=torch.tensor([left[int(k)] for k in scores.filters],
-                                                            dtype=torch.int64))
     return imp, note
 
 
@@ -473,7 +468,6 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
     data["figures"] = list(page.figures)
     data["history"] = result.history
     write_json_atomic(os.path.join(out_dir, "summary.json"), _plain(data))
-    figures.readable(os.path.join(out_dir, "summary.json"))
     index = os.path.join(out_dir, "index.html")
     doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(page.parts)
@@ -481,7 +475,6 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
     with atomic_path(index, ".html") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(doc)
-        figures.readable(tmp)
     return index
 
 

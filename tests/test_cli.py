@@ -1,9 +1,16 @@
 """The ``carfast`` command."""
 import json
+import os
+import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
+import carfast
 from carfast.cli import main
+from carfast.data import cifar10_test
 
 
 def test_score_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -32,15 +39,6 @@ def test_version_lists_backends():
 
 
 # ---- prune / report / demo ---------------------------------------------------------------------------------
-import os  # noqa: E402
-import re  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import carfast  # noqa: E402
-from carfast.data import cifar10_test  # noqa: E402
-
 SECTIONS = ("<h2>Run settings</h2>", "<h2>Summary</h2>", "<h2>Accuracy while pruning</h2>",
             "<h2>Class-wise CAR: layer1.0.conv1</h2>", "<h3>Per-filter interpretation</h3>", "<h2>Removal history</h2>")
 
@@ -146,3 +144,16 @@ def test_demo_quick_writes_a_new_folder(tmp_path, monkeypatch, capsys):
     assert f"report: {folder / 'index.html'}" in out
     # the saved result reports again, with the demo's held-out split recorded
     assert carfast.load_pruned(folder / "result.pt").settings["cli_model"]["n"] == 20
+
+
+def test_threads_follow_the_idle_cores(monkeypatch):
+    from carfast.cli import _set_threads
+    torch.set_num_threads(2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert _set_threads(None) is None and torch.get_num_threads() == 2          # idle: torch's default
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.1, 3.0, 3.0))
+    note = _set_threads(None)
+    assert torch.get_num_threads() == 1 and "using 1 torch thread instead of 2" in note and "--threads" in note
+    torch.set_num_threads(2)
+    assert _set_threads(1) is None and torch.get_num_threads() == 1             # --threads wins
