@@ -21,6 +21,7 @@ batch 1 and batch 256 (``carfast.measure.latency``), the two models timed altern
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -76,23 +77,29 @@ def bench_surgery(model, x) -> dict:
                 for n in layers}
     pruned = carfast.remove_filters(model, removals, example=x[:1])
     out = {"removed": "half of every block's conv1 (smallest L1)", "layers": len(layers)}
-    models = {"original": model, "pruned": pruned}
-    for name, m in models.items():
+    cl = torch.channels_last
+    models = {"original": (model, None), "pruned": (pruned, None),
+              "original_cl": (copy.deepcopy(model).to(memory_format=cl), cl),
+              "pruned_cl": (copy.deepcopy(pruned).to(memory_format=cl), cl)}
+    for name, (m, _) in models.items():
         out[name] = {"params": count_params(m), "macs": count_macs(m, x[:1])}
-    # latency: the two models alternate, one timed forward each per round, so a change of machine load
-    # between them (this machine is shared) affects both alike; medians over the rounds
+    # latency: the models alternate, one timed forward each per round, so a change of machine load
+    # between them (this machine is shared) affects all alike; medians over the rounds. "_cl": the model
+    # and input in channels_last, the layout oneDNN is fastest in on CPU
     for key, batch, rounds in (("latency_b1_s", x[:1], 60), ("latency_b256_s", x[:256], 9)):
-        for m in models.values():
-            latency(m, batch, repeats=1, warmup=2)
+        inputs = {fmt: batch if fmt is None else batch.contiguous(memory_format=fmt) for fmt in (None, cl)}
+        for m, fmt in models.values():
+            latency(m, inputs[fmt], repeats=1, warmup=2)
         times = {name: [] for name in models}
         for _ in range(rounds):
-            for name, m in models.items():
-                times[name].append(latency(m, batch, repeats=1, warmup=0))
+            for name, (m, fmt) in models.items():
+                times[name].append(latency(m, inputs[fmt], repeats=1, warmup=0))
         for name in models:
             out[name][key] = statistics.median(times[name])
             out[name][key.replace("_s", "_times_s")] = times[name]
     for key in ("params", "macs", "latency_b1_s", "latency_b256_s"):
         out[f"{key}_ratio"] = out["original"][key] / out["pruned"][key]
+        out[f"{key}_ratio_cl"] = out["original_cl"][key] / out["pruned_cl"][key]
     return out   # that the pruned network computes what the masked one does is tested in tests/test_surgery.py
 
 
@@ -105,8 +112,11 @@ def main(argv=None) -> int:
     p.add_argument("--naive-candidates", type=int, default=4)
     p.add_argument("--skip-greedy", action="store_true")
     p.add_argument("--skip-surgery", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--out", default=None, help="JSON results file")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = environment("cpu")
     print(describe_environment(env))
     model = carfast.models.cifar_resnet(56)
@@ -126,10 +136,12 @@ def main(argv=None) -> int:
     if not args.skip_surgery:
         s = bench_surgery(model, x)
         results["surgery"] = s
-        print(f"surgery ({s['removed']}): params {s['params_ratio']:.2f}x fewer, MACs {s['macs_ratio']:.2f}x fewer, "
-              f"latency b1 {s['original']['latency_b1_s'] * 1e3:.2f} -> {s['pruned']['latency_b1_s'] * 1e3:.2f} ms "
-              f"({s['latency_b1_s_ratio']:.2f}x), b256 {s['original']['latency_b256_s'] * 1e3:.0f} -> "
-              f"{s['pruned']['latency_b256_s'] * 1e3:.0f} ms ({s['latency_b256_s_ratio']:.2f}x)")
+        print(f"surgery ({s['removed']}): params {s['params_ratio']:.2f}x fewer, MACs {s['macs_ratio']:.2f}x fewer")
+        for suffix, label in (("", "NCHW"), ("_cl", "channels_last")):
+            o, q = s["original" + suffix], s["pruned" + suffix]
+            print(f"  latency {label:>13}: batch 1 {o['latency_b1_s'] * 1e3:.2f} -> {q['latency_b1_s'] * 1e3:.2f} ms "
+                  f"({s['latency_b1_s_ratio' + suffix]:.2f}x), batch 256 {o['latency_b256_s'] * 1e3:.0f} -> "
+                  f"{q['latency_b256_s'] * 1e3:.0f} ms ({s['latency_b256_s_ratio' + suffix]:.2f}x)")
     if args.out:
         write_json_atomic(args.out, results)
         print(f"wrote {args.out}")
