@@ -19,5 +19,5 @@ from .surgery import remove_filters
 
 __version__ = "0.2.0"
 __all__ = ["score_layer", "LayerScorer", "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned",
-           "remove_filters", "write_report", "evaluate", "ClassImportance", "criteria", "finetune", "train_data", "backends", "models", "data",
-           "__version__"]
+           "remove_filters", "write_report", "evaluate", "ClassImportance", "criteria", "finetune", "train_data",
+           "backends", "models", "data", "__version__"]

@@ -233,7 +233,9 @@ class _Run:
             self.first_scores.setdefault(layer, s)
             order = s.ranking().tolist()
             return order, {order[0]: s}
-        now = remove_filters(self.model, {layer: list(scorer.removed)}, example=self.example) if scorer.removed else self.model
+        now = self.model
+        if scorer.removed:     # the criterion sees the model as it is now
+            now = remove_filters(self.model, {layer: list(scorer.removed)}, example=self.example)
         imp = _importance(self.criterion, now, layer, self.data, len(scorer.remaining))
         rem = scorer.remaining
         return sorted(rem, key=lambda j: (float(imp[rem.index(j)]), start[j])), {}

@@ -18,18 +18,16 @@ their flags restored).
 """
 from __future__ import annotations
 
-import base64
 import datetime
-import html
 import json
 import math
 import os
-import re
 
 import torch
 from torch import nn
 
 from . import figures
+from .html_page import CSS, Page, count, e, pct, plain, ratio, safe_name, table
 from .atomic import atomic_path, write_json_atomic
 from .classwise import ClassImportance
 from .evaluate import evaluate
@@ -41,53 +39,6 @@ __all__ = ["write_report", "history_curves"]
 
 _FN = "write_report"
 _FORMAT = "carfast-report/1"
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
-       padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em;
-margin-top: 2em; } h3 { margin-top: 1.5em; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.removed td { color: #a02818; } .note { color: #555; font-size: 0.92em; }
-figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-figcaption { color: #555; font-size: 0.9em; } code { background: #f4f4f4; padding: 0 0.2em; }
-details summary { cursor: pointer; color: #1f6fb2; }
-"""
-
-
-# ---- helpers -------------------------------------------------------------------------------------------
-def _e(text) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "layer"
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100.0 * v:.2f} %"
-
-
-def _int(v) -> str:
-    return "-" if v is None else f"{int(v):,}"
-
-
-def _ratio(after, before) -> str:
-    return f"{after / before:.2f}x" if (after is not None and before) else "-"
-
-
-def _table(header: list, rows: list, row_classes: list | None = None, num_cols=()) -> str:
-    out = ["<table>", "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
-    for i, row in enumerate(rows):
-        cls = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        cells = "".join(f'<td class="num">{_e(c)}</td>' if j in num_cols else f"<td>{_e(c)}</td>"
-                        for j, c in enumerate(row))
-        out.append(f"<tr{cls}>{cells}</tr>")
-    out.append("</table>")
-    return "\n".join(out)
-
 
 def _first_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
@@ -175,51 +126,23 @@ def _rgb_layers(result: PruneResult) -> list[str]:
 
 
 # ---- sections ------------------------------------------------------------------------------------------
-class _Page:
-    """The page being built: HTML parts in order, and the figures (each written as a PNG file in
-    ``out_dir`` when added, then embedded)."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir, self.parts, self.figures = out_dir, [], []
-
-    def add(self, markup: str) -> None:
-        """Append HTML (callers escape any text in it with ``_e``)."""
-        self.parts.append(markup)
-
-    def note(self, text: str) -> None:
-        """Append a paragraph of plain text (escaped here)."""
-        self.parts.append(f'<p class="note">{_e(text)}</p>')
-
-    def heading(self, level: int, text: str) -> None:
-        self.parts.append(f"<h{level}>{_e(text)}</h{level}>")
-
-    def figure(self, draw, filename: str, caption: str, **kw) -> None:
-        path = os.path.join(self.out_dir, filename)
-        draw(path=path, **kw)
-        with open(path, "rb") as f:
-            data = base64.b64encode(f.read()).decode("ascii")
-        self.figures.append(filename)
-        self.add(f'<figure><img src="data:image/png;base64,{data}" alt="{_e(caption)}">'
-                 f"<figcaption>{_e(caption)} ({_e(filename)})</figcaption></figure>")
-
-
 def _summary_section(page, result, original, heldout, example) -> dict:
     s = result.summary()
     data = {"summary": s.to_dict(), "heldout": None, "latency_s": None}
-    rows = [("parameters", _int(s.params_before), _int(s.params_after), _ratio(s.params_after, s.params_before)),
-            ("MACs per image", _int(s.macs_before), _int(s.macs_after), _ratio(s.macs_after, s.macs_before)),
-            (f"top-1 on the scoring data ({result.base['num_images']:,} images)", _pct(s.accuracy_before),
-             _pct(s.accuracy_after), f"{100 * (s.accuracy_after - s.accuracy_before):+.2f} pts")]
+    rows = [("parameters", count(s.params_before), count(s.params_after), ratio(s.params_after, s.params_before)),
+            ("MACs per image", count(s.macs_before), count(s.macs_after), ratio(s.macs_after, s.macs_before)),
+            (f"top-1 on the scoring data ({result.base['num_images']:,} images)", pct(s.accuracy_before),
+             pct(s.accuracy_after), f"{100 * (s.accuracy_after - s.accuracy_before):+.2f} pts")]
     if s.accuracy_finetuned is not None:
-        rows.append(("top-1 on the scoring data after fine-tuning", "", _pct(s.accuracy_finetuned),
+        rows.append(("top-1 on the scoring data after fine-tuning", "", pct(s.accuracy_finetuned),
                      f"{100 * (s.accuracy_finetuned - s.accuracy_before):+.2f} pts"))
     if heldout is not None:
         after = evaluate(result.model, heldout).accuracy
         before = evaluate(original, heldout).accuracy if original is not None else None
         data["heldout"] = {"num_images": int(heldout[1].shape[0]), "accuracy_before": before,
                            "accuracy_after": after}
-        rows.append((f"top-1 held out ({heldout[1].shape[0]:,} images not used for scoring)", _pct(before),
-                     _pct(after), "-" if before is None else f"{100 * (after - before):+.2f} pts"))
+        rows.append((f"top-1 held out ({heldout[1].shape[0]:,} images not used for scoring)", pct(before),
+                     pct(after), "-" if before is None else f"{100 * (after - before):+.2f} pts"))
     bars_before = {"params": s.params_before, "macs": s.macs_before}
     bars_after = {"params": s.params_after, "macs": s.macs_after}
     if original is not None:
@@ -228,13 +151,13 @@ def _summary_section(page, result, original, heldout, example) -> dict:
         data["latency_s"] = {"before": lat_before, "after": lat_after, "device": str(example.device),
                              "batch": 1}
         rows.append((f"latency, 1 image ({example.device.type}, median of 20)", f"{1e3 * lat_before:.2f} ms",
-                     f"{1e3 * lat_after:.2f} ms", _ratio(lat_after, lat_before)))
+                     f"{1e3 * lat_after:.2f} ms", ratio(lat_after, lat_before)))
         bars_before["latency_s"], bars_after["latency_s"] = lat_before, lat_after
     for layer, before in s.filters_before.items():
         rows.append((f"filters of {layer}", str(before), str(s.filters_after[layer]),
-                     _ratio(s.filters_after[layer], before)))
+                     ratio(s.filters_after[layer], before)))
     page.heading(2, "Summary")
-    page.add(_table(["", "before", "after", "after / before"], rows, num_cols=(1, 2, 3)))
+    page.add(table(["", "before", "after", "after / before"], rows, num_cols=(1, 2, 3)))
     notes = []
     if heldout is None:
         notes.append("No held-out data was given: accuracy is on the images the filters were chosen on, which "
@@ -287,7 +210,7 @@ def _classwise_section(page, result, layer, class_names) -> tuple[dict, ClassImp
              "removal order.")
     if note:
         page.note(note)
-    page.figure(figures.classwise_heatmap, f"classwise_{_safe(layer)}.png",
+    page.figure(figures.classwise_heatmap, f"classwise_{safe_name(layer)}.png",
                 f"Class-wise CAR of {layer} (% points)", importance=imp, removed=removed)
     sel = imp.selectivity().tolist()
     per = imp.per_filter(3)
@@ -306,7 +229,7 @@ def _classwise_section(page, result, layer, class_names) -> tuple[dict, ClassImp
     page.note('CAR: accuracy lost without the filter (% points); loss +: mean cross-entropy '
              "increase; class selectivity: 1 = its removal hurts a single class, 0 = all classes alike (or none); "
              "then the classes that lose most and those that gain (% points).")
-    page.add(_table(["filter", "status", "CAR %", "loss +", "class selectivity", "classes that lose most",
+    page.add(table(["filter", "status", "CAR %", "loss +", "class selectivity", "classes that lose most",
                      "classes that gain"], rows, classes, num_cols=(0, 2, 3, 4)))
     return {"classwise": imp.to_dict(3), "note": note or None}, imp
 
@@ -336,13 +259,13 @@ def _filters_section(page, result, layer, original, imp, input_std) -> dict:
         page.note('The kept filters are shown after fine-tuning.')
     kept_w = orig_w[kept] if orig_w is not None else pruned_w
     removed_w = orig_w[removed] if orig_w is not None and removed else None
-    page.figure(figures.filter_images, f"filters_{_safe(layer)}.png",
+    page.figure(figures.filter_images, f"filters_{safe_name(layer)}.png",
                 f"{layer}: removed filters in removal order and kept filters", kept_weight=kept_w, kept=kept,
                 removed_weight=removed_w, removed=removed, input_std=input_std)
     if imp is not None:
         ids = kept + removed if removed_w is not None else kept
         w = torch.cat([kept_w, removed_w]) if removed_w is not None else kept_w
-        page.figure(figures.filter_class_panel, f"filter_classes_{_safe(layer)}.png",
+        page.figure(figures.filter_class_panel, f"filter_classes_{safe_name(layer)}.png",
                     f"{layer}: each filter beside the classes that lose most and least without it", weight=w,
                     filters=ids, importance=imp, removed=removed, input_std=input_std)
     else:
@@ -366,14 +289,14 @@ def _filters_section(page, result, layer, original, imp, input_std) -> dict:
         median_all = _median(cs_removed + cs_kept)
         above = sum(v > median_all for v in cs_removed)
         data["colour_selectivity"]["removed_above_layer_median"] = above
-        page.add(_table(["filters", "count", "mean index", "median index"], rows, num_cols=(1, 2, 3)))
+        page.add(table(["filters", "count", "mean index", "median index"], rows, num_cols=(1, 2, 3)))
         page.note(f'Removed filters with an index above the median of all the layer\'s filters '
                  f"({median_all:.3f}): {above} of {len(cs_removed)} (about half by chance).")
-        page.figure(figures.colour_selectivity_plot, f"colour_{_safe(layer)}.png",
+        page.figure(figures.colour_selectivity_plot, f"colour_{safe_name(layer)}.png",
                     f"{layer}: colour-selectivity index by removal order, and of the kept filters",
                     removed_index=cs_removed, kept_index=cs_kept)
     else:
-        page.add(_table(["filters", "count", "mean index", "median index"], rows, num_cols=(1, 2, 3)))
+        page.add(table(["filters", "count", "mean index", "median index"], rows, num_cols=(1, 2, 3)))
     return data
 
 
@@ -396,7 +319,7 @@ def _settings_section(page, result, title) -> None:
     rows.append(("removals", str(len(result.history))))
     rows.append(("pruning time", f"{sum(r.get('seconds', 0.0) for r in result.history):.1f} s"))
     page.heading(2, "Run settings")
-    page.add(_table(["setting", "value"], rows))
+    page.add(table(["setting", "value"], rows))
 
 
 def _history_section(page, result) -> None:
@@ -407,7 +330,7 @@ def _history_section(page, result) -> None:
     rows = [(r["step"], r["layer"], r["filter"], f"{100 * r['accuracy']:.2f}", f"{r['loss']:.4f}", r["remaining"],
              f"{r['seconds']:.2f}") for r in result.history]
     page.add(f"<details><summary>{len(rows)} removals, in order</summary>")
-    page.add(_table(["step", "layer", "filter (original index)", "top-1 % after", "loss after", "remaining",
+    page.add(table(["step", "layer", "filter (original index)", "top-1 % after", "loss after", "remaining",
                      "seconds"], rows, num_cols=(0, 2, 3, 4, 5, 6)))
     page.add("</details>")
 
@@ -439,7 +362,7 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
     os.makedirs(out_dir, exist_ok=True)
     layers = list(result.kept)
     title = title or f"carfast pruning report: {', '.join(layers)}"
-    page = _Page(out_dir)
+    page = Page(out_dir)
     example = _example(result, heldout, _first_device(result.model))
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     page.heading(1, title)
@@ -467,27 +390,12 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
     _history_section(page, result)
     data["figures"] = list(page.figures)
     data["history"] = result.history
-    write_json_atomic(os.path.join(out_dir, "summary.json"), _plain(data))
+    write_json_atomic(os.path.join(out_dir, "summary.json"), plain(data))
     index = os.path.join(out_dir, "index.html")
     doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-           f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n" + "\n".join(page.parts)
+           f"<title>{e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(page.parts)
            + "\n</body>\n</html>\n")
     with atomic_path(index, ".html") as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(doc)
     return index
-
-
-def _plain(obj):
-    """JSON-safe copy: NaN/inf -> None, tuples -> lists, tensors -> lists."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _plain(obj.tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    return str(obj)
