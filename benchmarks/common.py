@@ -19,7 +19,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ if str(REPO) not in sys.path:          # run as `python benchmarks/xxx.py` from 
 import torch  # noqa: E402
 
 import carfast  # noqa: E402
+from carfast.atomic import atomic_path  # noqa: E402
 
 #: the full CIFAR-10 test set shared beside the repository (10,000 images)
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"
@@ -137,26 +137,14 @@ def describe_environment(env: dict) -> str:
 # ---- results -----------------------------------------------------------------------------------
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as JSON to ``path`` atomically: a temp file in the same folder, then ``os.replace``."""
+    """Write ``obj`` as JSON to ``path`` atomically (``carfast.atomic``), tensors and paths as plain data."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    with atomic_path(path, ".json") as tmp:
+        with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=_json_default)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)                # mkstemp makes it 0600; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -10,7 +11,14 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["eval_mode", "iter_chunks", "default_memory_budget", "Progress", "check_labels", "check_finite"]
+__all__ = ["model_device", "eval_mode", "iter_chunks", "default_memory_budget", "Progress", "check_labels",
+           "check_finite"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: the device of its first parameter or buffer (CPU when it has neither)."""
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import check_finite, check_labels, eval_mode, iter_chunks
+from .batching import check_finite, check_labels, eval_mode, iter_chunks, model_device
 from .dynamic_graph import discover_consumers
 from .errors import resolve_layer
 from .graph import TraceError, analyze, target_num_filters
@@ -67,11 +67,6 @@ def l1_norm(model: nn.Module, layer, data=None) -> torch.Tensor:
 
 
 # ---- activations at the consumers ---------------------------------------------------------------------
-def _home(model: nn.Module) -> torch.device:
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _check_batch_size(batch_size, fn: str) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{fn}: batch_size must be a positive int, got {batch_size!r}")
@@ -79,17 +74,12 @@ def _check_batch_size(batch_size, fn: str) -> None:
 
 def _consumers(model: nn.Module, name: str, example: torch.Tensor, fn: str) -> list[tuple[nn.Module, int]]:
     """(module, width) of each consumer of ``name``: fx analysis, or one recorded forward pass when fx
-    cannot trace the model. The graph modules' messages name ``score_layer``; they are renamed to ``fn``."""
+    cannot trace the model; their errors name ``fn``."""
     try:
-        try:
-            with torch.no_grad():
-                return [(c.module, c.width) for c in analyze(model, name, example).consumers]
-        except TraceError:
-            return [(c.module, c.width) for c in discover_consumers(model, name, example)]
-    except ValueError as err:
-        msg = str(err)
-        raise ValueError(msg.replace("score_layer:", f"{fn}:", 1) if msg.startswith("score_layer:")
-                         else f"{fn}: {msg}") from err
+        with torch.no_grad():
+            return [(c.module, c.width) for c in analyze(model, name, example, fn).consumers]
+    except TraceError:
+        return [(c.module, c.width) for c in discover_consumers(model, name, example, fn)]
 
 
 def _owned(x: torch.Tensor, num: int, width: int, fn: str) -> torch.Tensor:
@@ -113,7 +103,7 @@ def _consumer_stats(model, layer, data, batch_size: int, fn: str):
     _check_batch_size(batch_size, fn)
     name, _, num = _resolve(model, layer, fn)
     with eval_mode(model), torch.no_grad():
-        (x0, _), chunks = _chunks(data, batch_size, _home(model), fn)
+        (x0, _), chunks = _chunks(data, batch_size, model_device(model), fn)
         consumers = _consumers(model, name, x0[:1], fn)
         sums = [torch.zeros(num, dtype=torch.float64) for _ in consumers]
         zeros = [torch.zeros(num, dtype=torch.int64) for _ in consumers]
@@ -182,7 +172,7 @@ def taylor(model: nn.Module, layer, data, *, batch_size: int = 256) -> torch.Ten
     _check_batch_size(batch_size, fn)
     name, _, num = _resolve(model, layer, fn)
     work = copy.deepcopy(model).eval().requires_grad_(False)   # no graph through the prefix, no .grad
-    (x0, _), chunks = _chunks(data, batch_size, _home(model), fn)
+    (x0, _), chunks = _chunks(data, batch_size, model_device(model), fn)
     consumers = _consumers(work, name, x0[:1], fn)
     total = torch.zeros(num, dtype=torch.float64)
     images, captured = 0, []

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from .ops_catalog import classify_function, classify_module
 
-__all__ = ["DynamicConsumer", "discover_consumers", "record_forward"]
+__all__ = ["DynamicConsumer", "discover_consumers", "recorded_consumers", "record_forward"]
 
 
 @dataclass
@@ -89,16 +89,21 @@ def record_forward(model: nn.Module, example: torch.Tensor):
     return rec.events, out
 
 
-def discover_consumers(model: nn.Module, name: str, example: torch.Tensor) -> list[DynamicConsumer]:
+def discover_consumers(model: nn.Module, name: str, example: torch.Tensor,
+                       fn: str = "score_layer") -> list[DynamicConsumer]:
     """The consumers of layer ``name`` and the width each filter owns in their inputs.
 
     Raises ValueError, as the fx analysis does, when the channels are coupled (residual add, concat),
-    reach an unsupported op, or reach the output without a consumer.
+    reach an unsupported op, or reach the output without a consumer; ``fn`` names the caller in them.
     """
-    events, out = record_forward(model, example)
+    return recorded_consumers(*record_forward(model, example), name, fn)
+
+
+def recorded_consumers(events, out, name: str, fn: str = "score_layer") -> list[DynamicConsumer]:
+    """``discover_consumers`` on a forward pass already recorded by ``record_forward`` (events, output)."""
     calls = [i for i, e in enumerate(events) if e.kind == "module" and e.name == name]
     if len(calls) != 1:
-        raise ValueError(f"score_layer: layer {name!r} is called {len(calls)} times in forward; it must run "
+        raise ValueError(f"{fn}: layer {name!r} is called {len(calls)} times in forward; it must run "
                          "exactly once")
     start = calls[0]
     frontier = [(events[start].outputs[0], 1, start)]
@@ -107,7 +112,7 @@ def discover_consumers(model: nn.Module, name: str, example: torch.Tensor) -> li
     while frontier:
         tensor, width, after = frontier.pop()
         if id(tensor) in model_outputs:
-            raise ValueError(f"score_layer: layer {name!r} has no consumer on the path to the output; score a "
+            raise ValueError(f"{fn}: layer {name!r} has no consumer on the path to the output; score a "
                              "layer that feeds a Conv2d or Linear")
         for i in range(after + 1, len(events)):
             e = events[i]
@@ -124,19 +129,19 @@ def discover_consumers(model: nn.Module, name: str, example: torch.Tensor) -> li
             if kind == "shape":
                 continue
             if kind == "coupled":
-                raise ValueError(f"score_layer: layer {name!r} cannot be scored on its own: its channels enter "
+                raise ValueError(f"{fn}: layer {name!r} cannot be scored on its own: its channels enter "
                                  f"{info!r}, a residual add / concat that couples them with another layer's "
                                  "channels; score a layer whose output feeds only convolutions or linears")
             if kind == "unsupported":
-                raise ValueError(f"score_layer: layer {name!r}: its channels reach {e.name!r}, {info}")
+                raise ValueError(f"{fn}: layer {name!r}: its channels reach {e.name!r}, {info}")
             if e.inputs[0] is not tensor or sum(t is tensor for t in e.inputs) > 1:
-                raise ValueError(f"score_layer: layer {name!r}: its channels reach {e.name!r} as other than "
+                raise ValueError(f"{fn}: layer {name!r}: its channels reach {e.name!r} as other than "
                                  "its only input")
             if kind == "consumer":
                 consumers.append(DynamicConsumer(e.name, e.module, width))
             else:
                 frontier.append((e.outputs[0], width * info, i))
     if not consumers:
-        raise ValueError(f"score_layer: layer {name!r} has no consumer (Conv2d or Linear module) on the path "
+        raise ValueError(f"{fn}: layer {name!r} has no consumer (Conv2d or Linear module) on the path "
                          "to the output; score a layer that feeds one")
     return consumers

@@ -32,7 +32,7 @@ from torch import nn
 
 from . import _ext
 from .batching import (Progress, _as_batches, _check_batch, check_finite, check_labels, default_memory_budget,
-                       eval_mode, iter_chunks)
+                       eval_mode, iter_chunks, model_device)
 from .closed_form import find_closed_form
 from .dynamic_graph import discover_consumers
 from .errors import resolve_layer
@@ -103,8 +103,7 @@ def _pick_backend(backend: str, device: torch.device) -> str:
 
 
 def _work_model(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    home = p.device if p is not None else torch.device("cpu")
+    home = model_device(model)
     if device is None or torch.device(device) == home:
         return model, home
     return copy.deepcopy(model).to(device), torch.device(device)  # never move the user's model

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batching import eval_mode, iter_chunks
+from .batching import eval_mode, iter_chunks, model_device
 from .ops.score_reduce import score_reduce_ref
 
 __all__ = ["Evaluation", "evaluate"]
@@ -34,9 +34,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None) -> E
     The model runs in eval mode under ``torch.no_grad`` and its train/eval flags are restored. Uses the
     scoring reduction of the engine (``ops/score_reduce.py``), so the figures match ``LayerScores``.
     """
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+    device = model_device(model) if device is None else device
     correct, loss, n = 0, 0.0, 0
     with eval_mode(model), torch.no_grad():
         for x, y in iter_chunks(data, batch_size, device, "evaluate"):

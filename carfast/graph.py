@@ -79,8 +79,10 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     return gm
 
 
-def walk_chain(gm: fx.GraphModule, target: fx.Node, name: str):
-    """Follow the target's channels to their consumers. Returns (chain nodes, consumers)."""
+def walk_chain(gm: fx.GraphModule, target: fx.Node, name: str, fn: str = "score_layer"):
+    """Follow the target's channels to their consumers. Returns (chain nodes, consumers).
+
+    ``fn`` names the calling function in error messages."""
     modules = dict(gm.named_modules())
     chain, consumers = [target], []
     frontier = [(target, 1)]
@@ -89,7 +91,7 @@ def walk_chain(gm: fx.GraphModule, target: fx.Node, name: str):
         node, width = frontier.pop()
         for user in node.users:
             if user.op == "output":
-                raise ValueError(f"score_layer: layer {name!r} has no consumer on the path to the output: its "
+                raise ValueError(f"{fn}: layer {name!r} has no consumer on the path to the output: its "
                                  f"channels reach the model's output through {node.name!r} without passing a "
                                  "Conv2d or Linear; score a layer that feeds one")
             if user.op == "call_module":
@@ -102,22 +104,22 @@ def walk_chain(gm: fx.GraphModule, target: fx.Node, name: str):
                 continue
             if kind == "coupled":
                 raise ValueError(
-                    f"score_layer: layer {name!r} cannot be scored on its own: its channels enter "
+                    f"{fn}: layer {name!r} cannot be scored on its own: its channels enter "
                     f"{info!r} ({label}), a residual add / concat that couples them with another layer's "
                     "channels (removing one means removing it from every member of the coupling group). "
                     "Score a layer whose output feeds only convolutions or linears, such as a ResNet block's "
                     "first conv (e.g. 'layer1.0.conv1')")
             if kind == "unsupported":
-                raise ValueError(f"score_layer: layer {name!r}: its channels reach {label!r}, {info}; carfast "
+                raise ValueError(f"{fn}: layer {name!r}: its channels reach {label!r}, {info}; carfast "
                                  "follows BN, activations, pooling, dropout, depthwise convs and flatten into "
                                  "Conv2d/Linear consumers")
             if user.args[:1] != (node,) or node in user.args[1:] or node in user.kwargs.values():
-                raise ValueError(f"score_layer: layer {name!r}: its channels reach {label!r} as other than its "
+                raise ValueError(f"{fn}: layer {name!r}: its channels reach {label!r} as other than its "
                                  "only input; carfast follows chains of per-channel ops into Conv2d/Linear")
             if kind == "consumer":
                 mod = modules[user.target]
                 if any(c.node is user for c in consumers):
-                    raise ValueError(f"score_layer: layer {name!r} reaches consumer {label!r} twice")
+                    raise ValueError(f"{fn}: layer {name!r} reaches consumer {label!r} twice")
                 consumers.append(Consumer(user.target, mod, user, width))
                 continue
             if user not in seen:
@@ -141,25 +143,26 @@ def _is_shape_value(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and fn_name(node) in ("size", "getattr", "getitem", "dim")
 
 
-def analyze(model: nn.Module, name: str, example: torch.Tensor) -> LayerGraph:
-    """Trace ``model`` and split it at the consumers of layer ``name``; ``example`` is [1, ...] input."""
+def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str = "score_layer") -> LayerGraph:
+    """Trace ``model`` and split it at the consumers of layer ``name``; ``example`` is [1, ...] input;
+    ``fn`` names the calling function in error messages."""
     gm = trace(model, example)
     targets = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
     if not targets:
-        raise ValueError(f"score_layer: layer {name!r} is never called in the model's forward; score a layer "
+        raise ValueError(f"{fn}: layer {name!r} is never called in the model's forward; score a layer "
                          "that runs")
     if len(targets) > 1:
-        raise ValueError(f"score_layer: layer {name!r} is called {len(targets)} times in forward (shared "
+        raise ValueError(f"{fn}: layer {name!r} is called {len(targets)} times in forward (shared "
                          "weights); its filters cannot be removed at one place")
     target = targets[0]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     if not isinstance(out_node.args[0], fx.Node) or _shape(out_node.args[0]) is None \
             or len(_shape(out_node.args[0])) != 2:
-        raise ValueError("score_layer: the model must return one tensor of logits [N, classes]; wrap it so "
+        raise ValueError(f"{fn}: the model must return one tensor of logits [N, classes]; wrap it so "
                          "forward returns that tensor")
-    chain, consumers = walk_chain(gm, target, name)
+    chain, consumers = walk_chain(gm, target, name, fn)
     if not consumers:
-        raise ValueError(f"score_layer: layer {name!r} has no consumer (Conv2d or Linear) on the path to the "
+        raise ValueError(f"{fn}: layer {name!r} has no consumer (Conv2d or Linear) on the path to the "
                          "output; score a layer that feeds one")
     chain_set = set(chain)
     changed = _descendants([c.node for c in consumers])
@@ -177,7 +180,7 @@ def analyze(model: nn.Module, name: str, example: torch.Tensor) -> LayerGraph:
             stack.extend(x for x in a.all_input_nodes if x not in changed)
             continue
         if a in chain_set:
-            raise ValueError(f"score_layer: layer {name!r}: the network after the consumers reads {a.name!r}, "
+            raise ValueError(f"{fn}: layer {name!r}: the network after the consumers reads {a.name!r}, "
                              "a value on the target's chain, other than through the consumers; not supported")
         boundary.append(a)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

@@ -32,13 +32,14 @@ import torch
 from torch import nn
 
 from .atomic import write_json_atomic
-from .batching import Progress, _as_batches, _check_batch
+from .batching import Progress, _as_batches, _check_batch, model_device
 from .criteria import get_criterion
 from .engine import LayerScorer
 from .errors import resolve_layer
 from .evaluate import evaluate
 from .graph import target_num_filters
-from .prune_result import PruneResult, model_stats
+from .measure import ModelStats
+from .prune_result import PruneResult
 from .surgery import remove_filters
 
 __all__ = ["prune"]
@@ -389,8 +390,9 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
                example, prebuilt)
     run.sequential() if schedule == "sequential" else run.global_()
     bar.close()
-    example = example.to(next(run.model.parameters()).device)
-    stats = {"before": model_stats(model, example), "after": model_stats(run.model, example)}
+    example = example.to(model_device(run.model))
+    sizes = {"before": ModelStats.of(model, example), "after": ModelStats.of(run.model, example)}
+    stats = {when: {"params": st.params, "macs": st.macs} for when, st in sizes.items()}
     removed = {n: [r["filter"] for r in run.history if r["layer"] == n] for n in names}
     result = PruneResult(run.model, removed, {n: sorted(run.orig[n]) for n in names}, run.history,
                          {"accuracy": base.accuracy, "loss": base.loss, "num_images": base.num_images}, settings,

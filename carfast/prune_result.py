@@ -8,10 +8,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
-from .measure import count_macs, count_params
 from .pruned_io import load_pruned_model, save_pruned
 from .scores import LayerScores
 
@@ -111,11 +109,6 @@ class PruneResult:
     def __repr__(self) -> str:
         layers = ", ".join(f"{k}: {len(v)} kept" for k, v in self.kept.items())
         return f"PruneResult({layers}; {len(self.history)} removals)\n{self.summary()}"
-
-
-def model_stats(model: nn.Module, example: torch.Tensor) -> dict:
-    """{"params", "macs"} of ``model`` on one input like ``example`` [1, ...]."""
-    return {"params": count_params(model), "macs": count_macs(model, example)}
 
 
 def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> PruneResult:

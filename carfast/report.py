@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import figures
+from .batching import model_device
 from .html_page import CSS, Page, count, e, pct, plain, ratio, safe_name, table
 from .atomic import atomic_path, write_json_atomic
 from .classwise import ClassImportance
@@ -39,11 +40,6 @@ __all__ = ["write_report", "history_curves"]
 
 _FN = "write_report"
 _FORMAT = "carfast-report/1"
-
-def _first_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
 
 def history_curves(result: PruneResult) -> dict:
     """{layer: [(filters remaining, accuracy), ...]} from ``result.history``: each layer's curve starts at
@@ -146,8 +142,8 @@ def _summary_section(page, result, original, heldout, example) -> dict:
     bars_before = {"params": s.params_before, "macs": s.macs_before}
     bars_after = {"params": s.params_after, "macs": s.macs_after}
     if original is not None:
-        lat_before = latency(original, example.to(_first_device(original)))
-        lat_after = latency(result.model, example.to(_first_device(result.model)))
+        lat_before = latency(original, example.to(model_device(original)))
+        lat_after = latency(result.model, example.to(model_device(result.model)))
         data["latency_s"] = {"before": lat_before, "after": lat_after, "device": str(example.device),
                              "batch": 1}
         rows.append((f"latency, 1 image ({example.device.type}, median of 20)", f"{1e3 * lat_before:.2f} ms",
@@ -363,7 +359,7 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
     layers = list(result.kept)
     title = title or f"carfast pruning report: {', '.join(layers)}"
     page = Page(out_dir)
-    example = _example(result, heldout, _first_device(result.model))
+    example = _example(result, heldout, model_device(result.model))
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     page.heading(1, title)
     page.note(f"Written {stamp} by carfast. Criterion {_criterion_name(result)}, schedule "

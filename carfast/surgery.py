@@ -155,10 +155,6 @@ def _example(model: nn.Module, example) -> tuple[torch.Tensor, list]:
                      f"{[(1, *s) for s in shapes]}); pass example=, one input [1, ...] such as x[:1]")
 
 
-def _rephrase(err: ValueError) -> ValueError:
-    return ValueError(f"{_FN}: {str(err).removeprefix('score_layer: ')}")
-
-
 def _expand(filters, factor: int) -> set[int]:
     """Filter k owns channels [k*factor, (k+1)*factor) of a tensor downstream."""
     return {k * factor + j for k in filters for j in range(factor)}
@@ -213,10 +209,7 @@ def _paths(work: nn.Module, names: list[str], ex: torch.Tensor):
         if len(nodes) != 1:
             raise ValueError(f"{_FN}: layer {name!r} is called {len(nodes)} times in forward; its filters can be "
                              "removed only from a layer that runs exactly once (not shared)")
-        try:
-            chain, consumers = graph.walk_chain(gm, nodes[0], name)
-        except ValueError as err:
-            raise _rephrase(err) from None
+        chain, consumers = graph.walk_chain(gm, nodes[0], name, _FN)
         steps = []
         for node in chain[1:]:
             if node.op == "call_module":
@@ -235,14 +228,11 @@ def _channels(node) -> int:
 
 def _paths_recorded(work: nn.Module, names: list[str], ex: torch.Tensor):
     """Same as ``_paths`` for models fx cannot trace, from one recorded forward pass."""
-    events, _ = dynamic_graph.record_forward(work, ex)
+    events, out = dynamic_graph.record_forward(work, ex)
     calls = Counter(e.name for e in events if e.kind == "module")
     paths = {}
     for name in names:
-        try:
-            consumers = dynamic_graph.discover_consumers(work, name, ex)
-        except ValueError as err:
-            raise _rephrase(err) from None
+        consumers = dynamic_graph.recorded_consumers(events, out, name, _FN)
         consumer_names = {c.name for c in consumers}
         start = next(i for i, e in enumerate(events) if e.kind == "module" and e.name == name)
         frontier, seen, steps = [(events[start].outputs[0], start)], {start}, []
