@@ -78,13 +78,19 @@ def _probe_triton() -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
-        where = f"triton is not importable ({type(exc).__name__}: {exc}); install it with `pip install triton`"
-    else:
-        if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-            where = "triton imports and has a device"
-        else:
-            where = "triton imports but there is no GPU (TRITON_INTERPRET=1 runs it on the CPU)"
-    return False, f"no Triton kernels yet (issue 4); {where}"
+        return False, (f"triton is not importable ({type(exc).__name__}: {exc}); install it with "
+                       "`pip install carfast[triton]` (Linux)")
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (torch.cuda.is_available() or interpret):
+        return False, ("triton imports but there is no GPU (set TRITON_INTERPRET=1 before importing triton to "
+                       "run its kernels on the CPU, slowly: for tests)")
+    try:
+        importlib.import_module("carfast.ops.triton")
+    except Exception as exc:
+        return False, f"carfast's Triton kernels do not load ({type(exc).__name__}: {exc})"
+    where = "the CPU, in Triton's interpreter (TRITON_INTERPRET=1)" if interpret and not torch.cuda.is_available() \
+        else "the GPU"
+    return True, f"Triton kernels in carfast.ops.triton, on {where}"
 
 
 def _probe_cuda() -> Tuple[bool, str]:
@@ -100,8 +106,7 @@ def _probe_cuda() -> Tuple[bool, str]:
     else:
         loaded, reason = _import("carfast._C_cuda")
         if not loaded:
-            why.append("no CUDA sources yet (csrc/cuda is empty), so carfast._C_cuda is not built"
-                       if reason.endswith(f"not built; {REBUILD}") else reason)
+            why.append(reason)
     if why:
         return False, "; ".join(why)
     return True, "CUDA kernels in carfast._C_cuda"

@@ -40,7 +40,7 @@ from .graph import TraceError, analyze, target_num_filters
 from .ops.closed_form_linear import closed_form_linear_ref
 from .ops.closed_form_logits import closed_form_logits
 from .ops.consumer_delta import consumer_delta, owned_weight
-from .ops.score_reduce import score_reduce_ref
+from .ops.score_reduce import pair_results
 from .pairs import Accumulator, active_pairs, suffix_base_logits, suffix_logits, zeroing_hook
 from .scores import LayerScores
 from .suffix_opt import optimized_suffix
@@ -253,7 +253,7 @@ class LayerScorer:
             logits = outs[-1]
             check_finite(logits, _FN)
             check_labels(y, logits.shape[1], _FN)
-            entry = (y, outs, *score_reduce_ref(logits, y))
+            entry = (y, outs, *pair_results(logits, y))
             if self._cache is not None:
                 used += y.numel() * self.cache_bytes_per_image
                 if used <= self.cache_budget:
@@ -319,7 +319,7 @@ class LayerScorer:
             if self.cf is None:
                 outs[-1] = suffix_base_logits(self.suffix, Z, outs[2 * u:-1], self.pair_batch, self.channels_last)
         check_finite(outs[-1], _FN, f"the model's output with filters {self.removed} removed")
-        return (y, tuple(outs), *score_reduce_ref(outs[-1], y))
+        return (y, tuple(outs), *pair_results(outs[-1], y))
 
     def _run_removed(self, x, ks) -> torch.Tensor:
         """Logits [n, classes] of the whole model with filters ``ks`` zeroed at every consumer."""
@@ -384,7 +384,7 @@ class LayerScorer:
         abl = self._ablated_closed_form(outs, filt)
         abl = abl.reshape(-1, abl.shape[-1])                                   # [F * n, classes]
         check_finite(abl, _FN, "the model's output with a filter removed")
-        c, l = score_reduce_ref(abl, y.repeat(len(filt)))
+        c, l = pair_results(abl, y.repeat(len(filt)))
         n_active = int(active_pairs(A, self.lg.consumers, filt).sum())
         stats[0] += n_active
         stats[1] += len(filt) * y.numel() - n_active
@@ -399,7 +399,7 @@ class LayerScorer:
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
             abl = suffix_logits(self.suffix, consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last)
             check_finite(abl, _FN, "the model's output with a filter removed")
-            img_correct[f_b, n_b], img_loss[f_b, n_b] = score_reduce_ref(abl, y[n_b])
+            img_correct[f_b, n_b], img_loss[f_b, n_b] = pair_results(abl, y[n_b])
             bar.update(f_b.numel())
         total = len(filt) * y.numel()
         stats[0] += fi.numel()
@@ -410,7 +410,7 @@ class LayerScorer:
         for f, k in enumerate(filt.tolist()):
             abl = self._run_removed(x, self.removed + [k])
             check_finite(abl, _FN, "the model's output with a filter removed")
-            img_correct[f], img_loss[f] = score_reduce_ref(abl, y)
+            img_correct[f], img_loss[f] = pair_results(abl, y)
             bar.update(x.shape[0])
         stats[0] += x.shape[0] * len(filt)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .batching import eval_mode, iter_chunks, model_device
-from .ops.score_reduce import score_reduce_ref
+from .ops.score_reduce import pair_results
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -38,7 +38,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None) -> E
     correct, loss, n = 0, 0.0, 0
     with eval_mode(model), torch.no_grad():
         for x, y in iter_chunks(data, batch_size, device, "evaluate"):
-            c, l = score_reduce_ref(model(x), y)
+            c, l = pair_results(model(x), y)
             correct += int(c.sum())
             loss += float(l.sum())
             n += y.numel()
