@@ -14,6 +14,7 @@ conv2) and each provider, on the same images in one run:
           (batches of ``--captum-batch``), the time extrapolated linearly to all images.
 * torch / cpu   ``carfast.score_layer(model, layer, (x, y), backend=...)`` for all filters, end to end
           (cold); and warm: ``LayerScorer(...).prepare()`` caches the prefix, then ``score()`` is timed.
+* cpu-bf16      the same with ``precision="bf16"`` (suffix in bf16, small-margin pairs re-run in fp32).
 
 ``t_forward`` (one plain forward of the model over the data, batches of 128) is the prefix-cost floor.
 The scoring-only column is carfast's warm ``score()`` (measured) and, for naive and Captum, their time
@@ -193,22 +194,26 @@ def run_captum(case: ScoreLayerCase, n_images: int, batch: int, ppe: int) -> Run
     return run
 
 
-def run_carfast(case: ScoreLayerCase, backend: str, repeat: int, budget_s: float) -> Run:
+def run_carfast(case: ScoreLayerCase, provider: str, repeat: int, budget_s: float) -> Run:
+    backend, precision = common.carfast_provider(provider)
+
     def call(x, y):
-        return carfast.score_layer(case.model, case.layer, (x, y), backend=backend, progress=False,
-                                   per_image=True)
+        return carfast.score_layer(case.model, case.layer, (x, y), backend=backend, precision=precision,
+                                   progress=False, per_image=True)
 
     t = common.time_call(lambda: call(case.x, case.y), warmup=lambda: call(case.x[:64], case.y[:64]),
                          repeat=repeat, budget_s=budget_s)
     res = t.result
     drop = res.base_image_correct.to(torch.int8).unsqueeze(0) - res.image_correct.to(torch.int8)
-    run = Run(backend, seconds=t.median, filters=res.filters.tolist(), n_images=res.num_images, drop=drop,
+    run = Run(provider, seconds=t.median, filters=res.filters.tolist(), n_images=res.num_images, drop=drop,
               timing=t.to_dict(),
               info={"method": res.method, "backend": res.backend, "pairs_evaluated": res.pairs_evaluated,
                     "pairs_skipped": getattr(res, "pairs_skipped", None),
-                    "base_accuracy": res.base_accuracy})
+                    "base_accuracy": res.base_accuracy, "precision": res.precision,
+                    "pairs_rechecked": res.pairs_rechecked, "margin_threshold": res.margin_threshold})
     # warm: the layer prepared once (prefix cached), then only the ablations are scored, as in greedy pruning
-    scorer = carfast.LayerScorer(case.model, case.layer, (case.x, case.y), backend=backend, progress=False)
+    scorer = carfast.LayerScorer(case.model, case.layer, (case.x, case.y), backend=backend, precision=precision,
+                                 progress=False)
     t_prep = time.perf_counter()
     scorer.prepare()
     t_prep = time.perf_counter() - t_prep
@@ -216,7 +221,8 @@ def run_carfast(case: ScoreLayerCase, backend: str, repeat: int, budget_s: float
     if not torch.equal(w.result.correct, res.correct):
         log(f"MISMATCH: {case.layer} {backend}: cached scores differ from score_layer's")
     run.info.update({"warm_seconds": w.median, "prepare_seconds": t_prep, "cached": scorer.cached})
-    run.note = (f"median of {len(t.times)} run(s), {res.method}/{res.backend}; warm: prefix "
+    rerun = f", {res.pairs_rechecked} pairs re-run in fp32" if res.precision != "fp32" else ""
+    run.note = (f"median of {len(t.times)} run(s), {res.method}/{res.backend}/{res.precision}{rerun}; warm: prefix "
                 f"{'cached' if scorer.cached else 'NOT cached (budget)'}, prepare {t_prep:.2f} s")
     return run
 

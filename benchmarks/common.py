@@ -36,9 +36,16 @@ from carfast.atomic import atomic_path  # noqa: E402
 #: the full CIFAR-10 test set shared beside the repository (10,000 images)
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"
 
-#: every provider a benchmark may name, in display order
-PROVIDERS = ("naive", "captum", "torch", "cpu")
-CARFAST_PROVIDERS = ("torch", "cpu")
+#: every provider a benchmark may name, in display order; "<backend>-<precision>" runs carfast's
+#: backend with a low-precision suffix (exact float32 re-run of small-margin pairs)
+PROVIDERS = ("naive", "captum", "torch", "cpu", "cpu-bf16")
+CARFAST_PROVIDERS = ("torch", "cpu", "cpu-bf16")
+
+
+def carfast_provider(name: str) -> tuple[str, str]:
+    """(backend, precision) of a carfast provider name such as "cpu" or "cpu-bf16"."""
+    backend, _, precision = name.partition("-")
+    return backend, precision or "fp32"
 
 GIB = 1 << 30
 
@@ -189,7 +196,7 @@ def provider_status(name: str) -> tuple[bool, str]:
         return True, f"captum {captum.__version__} LayerFeatureAblation"
     if name in CARFAST_PROVIDERS:
         for b in carfast._ext.backends():
-            if b["name"] == name:
+            if b["name"] == carfast_provider(name)[0]:
                 return bool(b["available"]), f"carfast backend {name!r}: {b['reason']}"
         return False, f"carfast does not list a backend {name!r}"
     raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")

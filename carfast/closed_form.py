@@ -20,7 +20,7 @@ from torch import fx, nn
 from .graph import LayerGraph, fn_name, subgraph
 from .ops.closed_form_logits import ACTIVATIONS
 
-__all__ = ["ClosedForm", "find_closed_form"]
+__all__ = ["ClosedForm", "find_closed_form", "consumer_epilogue"]
 
 _AFFINE_MODULES = (nn.Linear, nn.Flatten, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 _AFFINE_FUNCTIONS = frozenset({"flatten", "view", "reshape", "adaptive_avg_pool2d", "avg_pool2d", "contiguous",
@@ -61,7 +61,7 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm):
     return scale, (b - bn.running_mean * scale).detach()
 
 
-def _epilogue(lg: LayerGraph, modules: dict):
+def consumer_epilogue(lg: LayerGraph, modules: dict):
     """Walk ``BN? -> add(residual)? -> act?`` after the consumer. Returns (last node, parts, used nodes)."""
     cur = lg.consumers[0].node
     m = lg.consumers[0].module
@@ -143,7 +143,7 @@ def find_closed_form(lg: LayerGraph) -> ClosedForm | None:
     elif not isinstance(m, nn.Linear):
         return None
     modules = dict(lg.gm.named_modules())
-    y, (scale, shift, residual, act), used = _epilogue(lg, modules)
+    y, (scale, shift, residual, act), used = consumer_epilogue(lg, modules)
     tail_nodes = [n for n in lg.changed if n not in used and n.op != "output"]
     if not _tail_is_affine(lg, y, tail_nodes, modules):
         return None

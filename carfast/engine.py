@@ -6,13 +6,18 @@ memory budget it is kept, so later ``score`` calls (greedy pruning re-scores) sk
 scored filter, the ablated logits come from one of three methods:
 
 - ``closed_form``: the consumer is followed by an elementwise epilogue and an affine tail
-  (``closed_form.py``); one fused op computes all pairs (``ops/closed_form_logits.py``).
+  (``closed_form.py``); one fused op computes all pairs and reduces them to counts
+  (``ops/closed_form_score.py``).
 - ``suffix``: Z - U_k(A_k) (``ops/consumer_delta.py``) runs through the rest of the network, many pairs
-  per call, on an optimised copy of the suffix (``suffix_opt.optimized_suffix``).
+  per call, on an optimised copy of the suffix (``suffix_opt.optimized_suffix``); on the GPU backends
+  one op gives the consumer's output after its epilogue for all pairs of a batch
+  (``ops/ablated_consumer.py``, ``fused_suffix.py``). The suffix may run in bf16/fp16 with an exact
+  float32 re-run of the pairs whose top-1 margin is too small to trust (``precision.py``).
 - ``full_network``: for models torch.fx cannot trace, the whole network reruns with the owned input
   slice of each consumer zeroed by a hook (the naive method, exact by construction).
 
-Pairs whose filter is all zero on an image equal the intact result and are not evaluated (3.5).
+Pairs whose filter is all zero on an image equal the intact result and are not evaluated (3.5). Each
+batch of ablated logits reduces to per-(filter, class) counts and loss sums (``ops/score_reduce.py``).
 
 Greedy pruning removes filters one at a time with ``remove(k)``: the cached state is updated in place
 (design.md 3.7: A_k <- 0, Z <- Z - U_k(A_k), logits and base results recomputed from the new Z) instead
@@ -37,11 +42,16 @@ from .closed_form import find_closed_form
 from .dynamic_graph import discover_consumers
 from .errors import resolve_layer
 from .graph import TraceError, analyze, target_num_filters
+from .fused_suffix import find_fused_consumer
+from .ops.ablated_consumer import ablated_consumer
 from .ops.closed_form_linear import closed_form_linear_ref
 from .ops.closed_form_logits import closed_form_logits
+from .ops.closed_form_score import closed_form_score
 from .ops.consumer_delta import consumer_delta, owned_weight
-from .ops.score_reduce import pair_results
-from .pairs import Accumulator, active_pairs, suffix_base_logits, suffix_logits, zeroing_hook
+from .ops.score_reduce import pair_results, score_reduce
+from .pairs import (Accumulator, active_pairs, intact_counts, run_suffix, suffix_base_logits, suffix_logits,
+                    zeroing_hook)
+from .precision import CALIBRATION_PAIRS, check_precision, margin_threshold, top1_margin
 from .scores import LayerScores
 from .suffix_opt import optimized_suffix
 
@@ -62,12 +72,17 @@ class ScoreOptions:
     prefix_batch: images per prefix call inside a chunk (default 128 on CPU: faster than huge batches).
     cache: keep the prefix of the whole data set when it fits the budget (``score_layer``, which scores
         once, does not).
+    fused_consumer: evaluate the consumer and its epilogue with the ``ablated_consumer`` op and run only
+        the network after it (default: with the triton and cuda backends, where the op is a fused kernel;
+        True also on the others, where it runs the op's reference; it applies where ``fused_suffix.py``
+        finds a single Conv2d consumer).
     """
     fold_bn: bool = True
     channels_last: bool | None = None
     chunk_images: int | None = None
     prefix_batch: int | None = None
     cache: bool = True
+    fused_consumer: bool | None = None
 
 
 def _check_filters(filters, num: int, name: str) -> torch.Tensor:
@@ -93,12 +108,17 @@ def _pick_backend(backend: str, device: torch.device) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"{_FN}: backend {backend!r} unknown; choose one of {', '.join(_BACKENDS)}")
     if backend == "auto":
+        if device.type == "cuda":
+            return next((b for b in ("cuda", "triton") if _ext.has_backend(b)), "torch")
         return "cpu" if device.type == "cpu" and _ext.has_backend("cpu") else "torch"
     if backend != "torch":
         _ext.require_backend(backend)
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"{_FN}: backend 'cpu' runs on the CPU but the model is on {device}; pass device='cpu' "
                          "or backend='auto'")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"{_FN}: backend 'cuda' runs on a CUDA device but the model is on {device}; pass "
+                         "device='cuda' or backend='auto'")
     return backend
 
 
@@ -147,9 +167,11 @@ class LayerScorer:
     """
 
     def __init__(self, model: nn.Module, layer, data, *, device=None, batch_size: int | None = None,
-                 memory_budget: int | None = None, backend: str = "auto", progress=None,
+                 memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
                  options: ScoreOptions | None = None):
         self.options = options or ScoreOptions()
+        self.dtype = check_precision(precision, _FN)
+        self.precision = precision
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_FN}: model must be a torch.nn.Module, got {type(model).__name__}")
         self.name, module = resolve_layer(model, layer, _FN)
@@ -188,10 +210,12 @@ class LayerScorer:
         self._cache: list | None = [] if self.options.cache else None
         self._cache_complete = False
         self.removed: list[int] = []
+        self.threshold: float | None = None    # low-precision re-run margin, calibrated on the first score
 
     # ---- planning -------------------------------------------------------------------------------------
     def _plan(self, example, batch_size, cpu):
         opt = self.options
+        self.fused = None
         if self.lg is None:
             self.method, self.kernel, self.cf = "full_network", "torch", None
             per_image = 8 * _nbytes(example.shape)     # inputs and logits are cached; activations transient
@@ -202,11 +226,17 @@ class LayerScorer:
             lg = self.lg
             self.cf = find_closed_form(lg)
             self.method = "closed_form" if self.cf is not None else "suffix"
-            if self.cf is None or self.cf.kind == "linear":
-                self.kernel = "torch"  # no compiled kernel for a general suffix or a Linear consumer
+            if self.kernel == "cpu" and (self.cf is None or self.cf.kind == "linear"):
+                self.kernel = "torch"  # no C++ kernel for a general suffix or a Linear consumer
             self.channels_last = opt.channels_last if opt.channels_last is not None else cpu
             self.suffix = optimized_suffix(lg.suffix, self.channels_last) \
                 if opt.fold_bn and self.cf is None else lg.suffix
+            fuse = opt.fused_consumer if opt.fused_consumer is not None else self.kernel in ("triton", "cuda")
+            if self.cf is None and fuse:
+                self.fused = find_fused_consumer(lg)
+                if self.fused is not None and opt.fold_bn:
+                    self.fused.post = optimized_suffix(self.fused.post, self.channels_last)
+            self._low = {}   # low-precision copies of the suffix (or of fused.post), made on first use
             cached = [c.node.args[0] for c in lg.consumers] + [c.node for c in lg.consumers] + lg.boundary
             widest = max(_meta_bytes(lg.gm.graph.nodes))
             self.cache_bytes_per_image = sum(_meta_bytes(cached))
@@ -311,7 +341,7 @@ class LayerScorer:
             u = len(self.lg.consumers)
             A, Z = outs[:u], outs[u:2 * u]
             if self.cf is not None:   # the closed form of removing k is the new base (before Z changes)
-                outs[-1] = self._ablated_closed_form(outs, torch.tensor([k], device=self.device))[0]
+                outs[-1] = self._ablated_closed_form(outs, torch.tensor([k]))[0]
             for a, z, c in zip(A, Z, self.lg.consumers):
                 owned = a[:, k * c.width:(k + 1) * c.width]
                 z.sub_(consumer_delta(c.module, owned, owned_weight(c.module, k * c.width, c.width)))
@@ -343,33 +373,35 @@ class LayerScorer:
         acc = Accumulator(len(filt), per_image)
         total = len(filt) * self.num_images_hint if self.num_images_hint else None
         bar = Progress(self.progress, total, f"scoring {self.name}")
-        stats = [0, 0]                                   # pairs evaluated, pairs skipped (free zeros)
+        stats = [0, 0, 0]                    # pairs evaluated, skipped (free zeros), re-run in float32
         weights = None
         if self.method == "suffix":   # each consumer's weight restricted to each filter's inputs, [u][f]
             weights = [[owned_weight(c.module, int(k) * c.width, c.width).detach() for k in filt]
                        for c in self.lg.consumers]
         with eval_mode(self.model), torch.no_grad():
             for y, outs, base_correct, base_loss in self._chunks():
+                C = outs[-1].shape[1]
                 if self.cf is not None:
-                    img_correct, img_loss = self._closed_form(outs, y, filt, stats, bar)
-                else:   # start from the intact result; evaluated pairs overwrite theirs
-                    img_correct = base_correct.expand(len(filt), -1).clone()
-                    img_loss = base_loss.expand(len(filt), -1).clone()
-                    if self.lg is None:
-                        self._full_network(outs[0], y, filt, img_correct, img_loss, stats, bar)
-                    else:
-                        self._suffix(outs, y, filt, weights, img_correct, img_loss, stats, bar)
-                acc.add(y, base_correct, base_loss, img_correct, img_loss, outs[-1].shape[1])
+                    res = self._closed_form(outs, y, filt, stats, bar)
+                elif self.lg is None:
+                    res = self._full_network(outs[0], y, filt, C, stats, bar)
+                else:
+                    res = self._suffix(outs, y, base_correct, base_loss, filt, weights, per_image, stats, bar)
+                correct, loss_sum, img_correct = res
+                acc.add(y, base_correct, base_loss, correct, loss_sum, img_correct, C)
         bar.close()
+        low = self.method == "suffix" and self.dtype != torch.float32
         return acc.result(self.name, filt, method=self.method, backend=self.kernel, pairs_evaluated=stats[0],
-                          pairs_skipped=stats[1], seconds=time.perf_counter() - t0)
+                          pairs_skipped=stats[1], seconds=time.perf_counter() - t0,
+                          precision=self.precision if low else "fp32", pairs_rechecked=stats[2],
+                          margin_threshold=float(self.threshold or 0.0) if low else 0.0)
 
     def _split(self, outs):
         u = len(self.lg.consumers)
         return outs[:u], outs[u:2 * u], outs[2 * u:-1], outs[-1]
 
     def _ablated_closed_form(self, outs, filt) -> torch.Tensor:
-        """[F, n, classes] ablated logits of ``filt`` by the closed form."""
+        """[F, n, classes] ablated logits of ``filt`` by the closed form (the torch / cpu kernels)."""
         A, Z, B, logits = self._split(outs)
         cf = self.cf
         R = B[cf.residual_index] if cf.residual_index is not None else None
@@ -377,47 +409,119 @@ class LayerScorer:
             return closed_form_linear_ref(A[0], cf.weight, cf.width, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
                                           logits, filt.to(self.device))
         return closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
-                                  filt.to(self.device), cf.stride, cf.padding, cf.dilation, backend=self.kernel)
+                                  filt.to(self.device), cf.stride, cf.padding, cf.dilation,
+                                  backend="cpu" if self.kernel == "cpu" else "torch")
 
     def _closed_form(self, outs, y, filt, stats, bar):
-        A = self._split(outs)[0]
-        abl = self._ablated_closed_form(outs, filt)
-        abl = abl.reshape(-1, abl.shape[-1])                                   # [F * n, classes]
-        check_finite(abl, _FN, "the model's output with a filter removed")
-        c, l = pair_results(abl, y.repeat(len(filt)))
+        """(counts [F, C], loss sums [F], correct [F, n]) by the closed form, fused with the reduction."""
+        A, Z, B, logits = self._split(outs)
+        cf = self.cf
+        F_, n = len(filt), y.numel()
+        if cf.kind == "conv":
+            R = B[cf.residual_index] if cf.residual_index is not None else None
+            counts, loss, correct = closed_form_score(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
+                                                      logits, filt.to(self.device), y, cf.stride, cf.padding,
+                                                      cf.dilation, backend=self.kernel)
+            if not bool(torch.isfinite(loss).all()):   # a non-finite logit makes its loss non-finite
+                check_finite(self._ablated_closed_form(outs, filt), _FN, "the model's output with a filter removed")
+        else:
+            abl = self._ablated_closed_form(outs, filt).reshape(F_ * n, -1)          # [F * n, classes]
+            check_finite(abl, _FN, "the model's output with a filter removed")
+            slots = torch.arange(F_, device=abl.device).repeat_interleave(n)
+            counts, loss, correct = score_reduce(abl, y.repeat(F_), slots, F_, backend=self.kernel)
         n_active = int(active_pairs(A, self.lg.consumers, filt).sum())
         stats[0] += n_active
-        stats[1] += len(filt) * y.numel() - n_active
-        bar.update(len(filt) * y.numel())
-        return c.view(len(filt), -1), l.view(len(filt), -1)
+        stats[1] += F_ * n - n_active
+        bar.update(F_ * n)
+        return counts, loss.sum(1), correct.view(F_, n)
 
-    def _suffix(self, outs, y, filt, weights, img_correct, img_loss, stats, bar):
-        A, Z, B, _ = self._split(outs)
-        consumers = self.lg.consumers
-        fi, ni = active_pairs(A, consumers, filt).nonzero(as_tuple=True)
+    # ---- the suffix: many pairs per call, optionally in low precision ---------------------------------------
+    def _low_copy(self, module):
+        """``module`` in ``self.dtype`` (made once)."""
+        key = id(module)
+        if key not in self._low:
+            self._low[key] = copy.deepcopy(module).to(self.dtype)
+        return self._low[key]
+
+    def _pair_logits(self, A, Z, B, filt, weights, f_b, n_b, dtype) -> torch.Tensor:
+        """Ablated logits [P, classes] of pairs (filt[f_b], n_b), the suffix in ``dtype``."""
+        fc = self.fused
+        if fc is None:
+            suffix = self.suffix if dtype == torch.float32 else self._low_copy(self.suffix)
+            return suffix_logits(suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last,
+                                 dtype)
+        R = B[fc.residual_index] if fc.residual_index is not None else None
+        y_abl = ablated_consumer(A[0], fc.weight, Z[0], fc.scale, fc.shift, R, fc.act, filt.to(self.device)[f_b],
+                                 n_b, fc.stride, fc.padding, fc.dilation, out_dtype=dtype, backend=self.kernel)
+        post = fc.post if dtype == torch.float32 else self._low_copy(fc.post)
+        return run_suffix(post, [y_abl], [b[n_b] for b in B], self.channels_last, dtype)
+
+    def _exact_logits(self, A, Z, B, filt, weights, f_b, n_b) -> torch.Tensor:
+        """Float32 logits of pairs by the plain suffix path (the low-precision fallback and its calibration)."""
+        return suffix_logits(self.suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last)
+
+    def _calibrate(self, A, Z, B, filt, weights, fi, ni) -> None:
+        """Set the re-run margin from CALIBRATION_PAIRS random pairs evaluated both ways (``precision.py``)."""
+        g = torch.Generator().manual_seed(0)
+        pick = torch.randperm(fi.numel(), generator=g)[:CALIBRATION_PAIRS].sort().values.to(fi.device)
+        f_b, n_b = fi[pick], ni[pick]
+        low = self._pair_logits(A, Z, B, filt, weights, f_b, n_b, self.dtype)
+        self.threshold = margin_threshold(low, self._exact_logits(A, Z, B, filt, weights, f_b, n_b))
+
+    def _suffix(self, outs, y, base_correct, base_loss, filt, weights, per_image, stats, bar):
+        """(counts [F, C], loss sums [F], correct [F, n] or None) through the suffix, active pairs only."""
+        A, Z, B, logits = self._split(outs)
+        F_, C = len(filt), logits.shape[1]
+        active = active_pairs(A, self.lg.consumers, filt)
+        fi, ni = active.nonzero(as_tuple=True)
+        low = self.dtype != torch.float32
+        if low and self.threshold is None and fi.numel():
+            self._calibrate(A, Z, B, filt, weights, fi, ni)
+        counts = torch.zeros(F_, C, dtype=torch.long, device=y.device)
+        loss = torch.zeros(F_, dtype=torch.float64, device=y.device)
+        img_correct = base_correct.expand(F_, -1).clone() if per_image else None
         for s in range(0, fi.numel(), self.pair_batch):
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
-            abl = suffix_logits(self.suffix, consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last)
+            abl = self._pair_logits(A, Z, B, filt, weights, f_b, n_b, self.dtype)
+            if low:
+                redo = (top1_margin(abl) <= self.threshold).nonzero().flatten()
+                abl = abl.float()
+                if redo.numel():
+                    abl[redo] = self._exact_logits(A, Z, B, filt, weights, f_b[redo], n_b[redo])
+                stats[2] += redo.numel()
             check_finite(abl, _FN, "the model's output with a filter removed")
-            img_correct[f_b, n_b], img_loss[f_b, n_b] = pair_results(abl, y[n_b])
+            c, l, corr = score_reduce(abl, y[n_b], f_b, F_, backend=self.kernel)
+            counts += c
+            loss += l.sum(1)
+            if per_image:
+                img_correct[f_b, n_b] = corr
             bar.update(f_b.numel())
-        total = len(filt) * y.numel()
+        c, l = intact_counts(~active, base_correct, base_loss, y, C)
+        total = F_ * y.numel()
         stats[0] += fi.numel()
         stats[1] += total - fi.numel()
         bar.update(total - fi.numel())
+        return counts + c, loss + l, img_correct
 
-    def _full_network(self, x, y, filt, img_correct, img_loss, stats, bar):
+    def _full_network(self, x, y, filt, C, stats, bar):
+        """(counts [F, C], loss sums [F], correct [F, n]): the whole network per filter."""
+        counts = torch.zeros(len(filt), C, dtype=torch.long, device=y.device)
+        loss = torch.zeros(len(filt), dtype=torch.float64, device=y.device)
+        correct = torch.zeros(len(filt), y.numel(), dtype=torch.bool, device=y.device)
+        slots = torch.zeros_like(y)
         for f, k in enumerate(filt.tolist()):
             abl = self._run_removed(x, self.removed + [k])
             check_finite(abl, _FN, "the model's output with a filter removed")
-            img_correct[f], img_loss[f] = pair_results(abl, y)
+            c, l, correct[f] = score_reduce(abl, y, slots, 1, backend=self.kernel)
+            counts[f], loss[f] = c[0], l.sum()
             bar.update(x.shape[0])
         stats[0] += x.shape[0] * len(filt)
+        return counts, loss, correct
 
 
 def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
-                memory_budget: int | None = None, backend: str = "auto", progress=None, per_image: bool = False,
-                options: ScoreOptions | None = None) -> LayerScores:
+                memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
+                per_image: bool = False, options: ScoreOptions | None = None) -> LayerScores:
     """Score each filter of ``layer`` by CAR: the accuracy the model loses when that filter is removed.
 
     Removing filter k means what design.md section 2 says: the channel disappears from every consumer
@@ -438,7 +542,12 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
             4096 on GPU, reduced to fit the memory budget).
         memory_budget: bytes the engine may use for cached activations and work (default: a quarter of
             free host memory up to 8 GiB, or half of free GPU memory); it works in chunks of images.
-        backend: "auto", "torch" (plain PyTorch), "cpu" (the compiled C++ kernels), "triton", "cuda".
+        backend: "auto", "torch" (plain PyTorch), "cpu" (the compiled C++ kernels), "triton", "cuda" (the GPU
+            kernels); "auto" picks cuda, then triton, on a GPU and cpu on the CPU, where available.
+        precision: "fp32" (default), "bf16" or "fp16": the suffix's arithmetic. Low precision re-runs in
+            float32 every pair whose top-1 margin is below a calibrated threshold (``carfast.precision``), so
+            accuracies equal float32's; ``pairs_rechecked`` says how many. Applies to the suffix method; the
+            closed form and the full-network method always compute in float32.
         progress: None (a bar on stderr when it is a terminal), True, False, or ``callable(done, total)``.
         per_image: also return ``image_correct`` [F, N] bool and ``base_image_correct`` [N] bool.
         options: ``ScoreOptions`` engine settings.
@@ -452,5 +561,5 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
         _check_filters(filters, target_num_filters(module), name)
     options = dataclasses.replace(options or ScoreOptions(), cache=False)   # one score: nothing to keep
     scorer = LayerScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                         backend=backend, progress=progress, options=options)
+                         backend=backend, precision=precision, progress=progress, options=options)
     return scorer.score(filters, per_image=per_image)

@@ -6,7 +6,8 @@ import torch
 from .ops.consumer_delta import consumer_delta
 from .scores import LayerScores
 
-__all__ = ["Accumulator", "active_pairs", "suffix_logits", "suffix_base_logits", "zeroing_hook"]
+__all__ = ["Accumulator", "active_pairs", "intact_counts", "suffix_logits", "suffix_base_logits", "run_suffix",
+           "zeroing_hook"]
 
 
 class Accumulator:
@@ -18,8 +19,9 @@ class Accumulator:
         self.n = 0
         self.image_correct, self.base_image_correct = [], []
 
-    def add(self, y, base_correct, base_loss, img_correct, img_loss, num_classes: int):
-        """y [n]; base_correct [n] bool; base_loss [n] f64; img_correct [F, n] bool; img_loss [F, n] f64."""
+    def add(self, y, base_correct, base_loss, correct, loss_sum, img_correct, num_classes: int):
+        """One chunk: y [n]; base_correct [n] bool; base_loss [n] f64; correct [F, C] int64 (per filter and
+        label class); loss_sum [F] f64; img_correct [F, n] bool (or None unless per_image)."""
         if self.C is None:
             dev, self.C = y.device, num_classes
             self.class_totals = torch.zeros(num_classes, dtype=torch.long, device=dev)
@@ -30,9 +32,9 @@ class Accumulator:
         self.n += y.numel()
         self.class_totals += torch.bincount(y, minlength=self.C)
         self.base_correct.index_add_(0, y, base_correct.long())
-        self.correct.index_add_(1, y, img_correct.long())
+        self.correct += correct
         self.base_loss_sum += base_loss.sum()
-        self.loss_sum += img_loss.sum(1)
+        self.loss_sum += loss_sum
         if self.per_image:
             self.image_correct.append(img_correct.cpu())
             self.base_image_correct.append(base_correct.cpu())
@@ -60,11 +62,25 @@ def active_pairs(A, consumers, filt) -> torch.Tensor:
     return active
 
 
-def suffix_logits(suffix, consumers, weights, filt, A, Z, B, f_b, n_b, channels_last: bool) -> torch.Tensor:
+def intact_counts(inactive, base_correct, base_loss, y, num_classes: int):
+    """Counts [F, C] int64 and loss sums [F] float64 of the pairs that take the intact result.
+
+    inactive [F, n] bool (the filter is all zero on the image); base_correct [n] bool; base_loss [n]
+    float64; y [n]. Exact: 0/1 products summed in float64 (integers below 2**53).
+    """
+    onehot = torch.nn.functional.one_hot(y, num_classes).double()                   # [n, C]
+    m = inactive.double()
+    counts = (m * base_correct.double()) @ onehot
+    return counts.round().long(), m @ base_loss
+
+
+def suffix_logits(suffix, consumers, weights, filt, A, Z, B, f_b, n_b, channels_last: bool,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Ablated logits [P, classes] for the pairs (filter ``filt[f_b[p]]``, image ``n_b[p]``); f_b sorted.
 
     A, Z: each consumer's cached input [n, K*w, ...] and output [n, O, ...]; B: boundary values [n, ...];
-    weights[u][f]: consumer u's weight restricted to filter f's owned inputs.
+    weights[u][f]: consumer u's weight restricted to filter f's owned inputs. The consumer deltas are
+    float32; the suffix (whose parameters must be in ``dtype``) runs on inputs cast to ``dtype``.
     """
     runs, counts = torch.unique_consecutive(f_b, return_counts=True)
     zs = []
@@ -77,22 +93,25 @@ def suffix_logits(suffix, consumers, weights, filt, A, Z, B, f_b, n_b, channels_
             zp[off:off + cnt] -= consumer_delta(c.module, owned, weights[ui][f])
             off += cnt
         zs.append(zp)
-    return _run_suffix(suffix, zs, [b[n_b] for b in B], channels_last)
+    return run_suffix(suffix, zs, [b[n_b] for b in B], channels_last, dtype)
 
 
 def suffix_base_logits(suffix, Z, B, batch: int, channels_last: bool) -> torch.Tensor:
     """Logits [n, classes] of the suffix on the consumers' outputs Z and boundary values B as they are
     (after a filter removal has updated Z), ``batch`` images per call."""
     n = Z[0].shape[0]
-    return torch.cat([_run_suffix(suffix, [z[s:s + batch] for z in Z], [b[s:s + batch] for b in B], channels_last)
+    return torch.cat([run_suffix(suffix, [z[s:s + batch] for z in Z], [b[s:s + batch] for b in B], channels_last)
                       for s in range(0, n, batch)])
 
 
-def _run_suffix(suffix, zs, bs, channels_last: bool) -> torch.Tensor:
+def run_suffix(suffix, zs, bs, channels_last: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``suffix(*zs, *bs)`` with the inputs in the suffix's layout and, when floating, in ``dtype``."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    zs = [z.contiguous(memory_format=fmt) if z.dim() == 4 else z for z in zs]
-    bs = [b.contiguous(memory_format=fmt) if b.dim() == 4 else b for b in bs]
-    return suffix(*zs, *bs)
+
+    def prep(t):
+        t = t.to(dtype) if t.is_floating_point() else t
+        return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
+    return suffix(*[prep(z) for z in zs], *[prep(b) for b in bs])
 
 
 def zeroing_hook(filters, width: int):

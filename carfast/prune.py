@@ -45,7 +45,7 @@ from .surgery import remove_filters
 __all__ = ["prune"]
 
 _FN = "prune"
-_SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "options")
+_SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "options")
 _CHECKPOINT_FORMAT = "carfast-prune-checkpoint/1"
 
 
@@ -332,8 +332,10 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
             (training data) to fine-tune the pruned model (``carfast.finetune``).
         checkpoint: a JSON path written after every removal; an existing one is resumed.
         progress: None (a bar when stderr is a terminal), True, False, or ``callable(done, total)``.
-        **score_options: ``device``, ``batch_size``, ``memory_budget``, ``backend``, ``options`` of
-            ``score_layer``.
+        **score_options: ``device``, ``batch_size``, ``memory_budget``, ``backend``, ``precision``, ``options``
+            of ``score_layer``. With ``precision="bf16"``/``"fp16"`` accuracies are float32's, but ties in
+            accuracy are broken by loss sums carrying the low precision's rounding, so the removal order
+            can differ from float32's where two filters tie in accuracy.
     Returns:
         ``PruneResult`` (model, removed, kept, history, summary(), save()).
     """
@@ -378,7 +380,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     threshold = None if max_accuracy_drop is None else base.accuracy - max_accuracy_drop
     settings = {"layers": names, "keep": targets, "step": step, "schedule": schedule, "criterion": crit_name,
                 "max_accuracy_drop": max_accuracy_drop, "num_images": base.num_images,
-                "input_shape": list(example.shape), "backend": score_options.get("backend", "auto")}
+                "input_shape": list(example.shape), "backend": score_options.get("backend", "auto"),
+                "precision": score_options.get("precision", "fp32")}
     replay = []
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)

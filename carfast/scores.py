@@ -47,6 +47,9 @@ class LayerScores:
     pairs_evaluated: int = 0
     pairs_skipped: int = 0
     seconds: float = 0.0
+    precision: str = "fp32"
+    pairs_rechecked: int = 0
+    margin_threshold: float = 0.0
     image_correct: torch.Tensor | None = field(default=None, repr=False)
     base_image_correct: torch.Tensor | None = field(default=None, repr=False)
 
@@ -109,7 +112,8 @@ class LayerScores:
             "loss_increase": self.loss_increase.tolist(), "ranking": self.ranking().tolist(),
             "coupled": self.coupled, "method": self.method, "backend": self.backend,
             "pairs_evaluated": self.pairs_evaluated, "pairs_skipped": self.pairs_skipped,
-            "seconds": self.seconds,
+            "seconds": self.seconds, "precision": self.precision, "pairs_rechecked": self.pairs_rechecked,
+            "margin_threshold": self.margin_threshold,
         }
         return d
 
@@ -122,7 +126,8 @@ class LayerScores:
                    t(d["correct"], dtype=torch.long).view(len(d["filters"]), len(d["class_totals"])),
                    float(d["base_loss_sum"]), t(d["loss_sum"], dtype=torch.float64), d.get("coupled", False),
                    d.get("method", ""), d.get("backend", ""), d.get("pairs_evaluated", 0), d.get("pairs_skipped", 0),
-                   d.get("seconds", 0.0))
+                   d.get("seconds", 0.0), d.get("precision", "fp32"), d.get("pairs_rechecked", 0),
+                   d.get("margin_threshold", 0.0))
 
     def table(self, top: int | None = None) -> str:
         """A readable table, filters in ranking order (least important first)."""
@@ -130,7 +135,7 @@ class LayerScores:
         pos = {int(f): i for i, f in enumerate(self.filters.tolist())}
         acc, car, dloss = self.accuracy, self.car, self.loss_increase
         lines = [f"CAR scores of {self.layer!r}: {len(order)} filters on {self.num_images} images, "
-                 f"base accuracy {100 * self.base_accuracy:.2f} %  ({self.method}, {self.backend})",
+                 f"base accuracy {100 * self.base_accuracy:.2f} %  ({self.method}, {self.backend}, {self.precision})",
                  f"{'rank':>4}  {'filter':>6}  {'accuracy %':>10}  {'CAR %':>7}  {'loss +':>9}"]
         shown = order if top is None or top >= len(order) else order[:top]
         for r, f in enumerate(shown):

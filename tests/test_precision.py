@@ -1,0 +1,102 @@
+"""precision="bf16"/"fp16": the suffix in low precision with an exact float32 re-run of small-margin pairs.
+
+The accuracy counts must equal float32's exactly; without the re-run they do not (the test shows the
+fallback is needed); the threshold's derivation is checked on its own.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import carfast
+from carfast import data, models
+from carfast import engine as engine_mod
+from carfast.precision import check_precision, margin_threshold, top1_margin
+from nets import NETS, SCORABLE, make_data
+
+
+@pytest.fixture(scope="module")
+def resnet20_data():
+    x, y = data.cifar10_test(600)
+    return models.cifar_resnet(20), (x, y)
+
+
+def _score(model, layer, d, filters=None, **kw):
+    opts = kw.pop("options", None)
+    scorer = carfast.LayerScorer(model, layer, d, progress=False, options=opts, **kw)
+    return scorer.score(None if filters is None else list(filters), per_image=True)
+
+
+def test_bf16_counts_equal_fp32_on_resnet20(resnet20_data):
+    model, d = resnet20_data
+    ref = _score(model, "layer1.0.conv1", d)
+    low = _score(model, "layer1.0.conv1", d, precision="bf16")
+    assert low.method == "suffix" and low.precision == "bf16" and ref.precision == "fp32"
+    assert 0 < low.pairs_rechecked < low.pairs_evaluated
+    assert low.margin_threshold > 0
+    assert torch.equal(low.correct, ref.correct)
+    assert torch.equal(low.image_correct, ref.image_correct)
+    assert torch.allclose(low.loss_sum, ref.loss_sum, rtol=2e-2)
+
+
+def test_without_the_rerun_bf16_differs(resnet20_data, monkeypatch):
+    """The same scoring with the re-run disabled flips some pairs: the fallback is what makes it exact."""
+    model, d = resnet20_data
+    ref = _score(model, "layer1.0.conv1", d)
+    monkeypatch.setattr(engine_mod, "top1_margin", lambda logits: torch.full((logits.shape[0],), float("inf")))
+    low = _score(model, "layer1.0.conv1", d, precision="bf16")
+    assert low.pairs_rechecked == 0
+    assert not torch.equal(low.image_correct, ref.image_correct)
+
+
+def test_fused_consumer_path_equals_plain_suffix(resnet20_data):
+    """ScoreOptions(fused_consumer=True): the ablated_consumer op + the network after the epilogue."""
+    model, (x, y) = resnet20_data
+    d = (x[:150], y[:150])
+    fused_opt = carfast.ScoreOptions(fused_consumer=True)
+    refs = {}
+    for layer in ("layer1.0.conv1", "layer2.1.conv1"):
+        refs[layer] = ref = _score(model, layer, d, filters=range(8))
+        fused = _score(model, layer, d, filters=range(8), options=fused_opt)
+        assert torch.equal(fused.image_correct, ref.image_correct), layer
+        assert torch.allclose(fused.loss_sum, ref.loss_sum, rtol=1e-5)
+    low = _score(model, "layer1.0.conv1", d, filters=range(8), precision="bf16", options=fused_opt)
+    assert low.pairs_rechecked > 0
+    assert torch.equal(low.image_correct, refs["layer1.0.conv1"].image_correct)
+
+
+@pytest.mark.parametrize("net", [n for n in SCORABLE if n != "untraceable"])
+def test_fp16_and_fused_on_synthetic_nets(net):
+    case = NETS[net]()
+    model, layer = case.model, case.layer
+    x, y = make_data(case, 48)
+    ref = _score(model, layer, (x, y))
+    for prec in ("fp16", "bf16"):
+        for fused in (False, True):
+            r = _score(model, layer, (x, y), precision=prec, options=carfast.ScoreOptions(fused_consumer=fused))
+            assert torch.equal(r.image_correct, ref.image_correct), (net, prec, fused)
+
+
+def test_threshold_derivation():
+    exact = torch.tensor([[3.0, 1.0, 0.0], [2.0, 1.9, -1.0]])
+    low = exact + torch.tensor([[0.05, -0.05, 0.0], [0.0, 0.1, 0.0]])
+    thr = margin_threshold(low, exact)
+    assert thr == pytest.approx(2 * 4.0 * 0.1)
+    m = top1_margin(low)
+    assert m.tolist() == pytest.approx([2.1, 0.0], abs=1e-6)
+    assert margin_threshold(exact, exact) > 0          # ties are always re-run
+    assert top1_margin(torch.zeros(4, 1)).isinf().all()
+
+
+def test_precision_is_checked(resnet20_data):
+    model, d = resnet20_data
+    with pytest.raises(ValueError, match="precision 'half' unknown; choose one of fp32, bf16, fp16"):
+        carfast.score_layer(model, "layer1.0.conv1", d, precision="half")
+    assert check_precision("bf16", "x") == torch.bfloat16
+
+
+def test_closed_form_ignores_precision_and_says_so(resnet20_data):
+    model, d = resnet20_data
+    r = _score(model, "layer3.2.conv1", d, precision="bf16")
+    assert r.method == "closed_form" and r.precision == "fp32" and r.pairs_rechecked == 0
+    assert carfast.LayerScores.from_dict(r.to_dict()).precision == "fp32"
