@@ -38,6 +38,8 @@ __all__ = ["main"]
 _MODELS = ("resnet20", "resnet56", "alexnet")
 _DEMO_LAYERS = {"layer1.2.conv1": 12, "layer2.2.conv1": 24, "layer3.2.conv1": 32}
 _QUICK_LAYERS = {"layer3.2.conv1": 60}
+_PRECISION_HELP = ("arithmetic of the network after the consumer: fp32 (default), or bf16/fp16 with an exact "
+                   "float32 re-run of the image/filter pairs whose top-1 margin is too small to trust")
 _THREADS_HELP = "torch threads (default: torch's default, fewer when other processes keep the cores busy)"
 
 
@@ -160,10 +162,15 @@ def _cmd_score(args) -> int:
     results = []
     for layer in args.layer or ["layer1.0.conv1"]:
         res = carfast.score_layer(model, layer, (x, y), backend=args.backend, filters=args.filters,
-                                  memory_budget=args.memory_budget, progress=None)
+                                  memory_budget=args.memory_budget, progress=None, precision=args.precision,
+                                  device=args.device)
         print(res.table(top=args.top))
         print(f"  {res.pairs_evaluated:,} (filter, image) pairs evaluated, {res.pairs_skipped:,} skipped "
-              f"(filter all zero), {res.seconds:.1f} s\n")
+              f"(filter all zero), {res.seconds:.1f} s")
+        if res.precision != "fp32":
+            print(f"  {res.precision}: {res.pairs_rechecked:,} pairs re-run in float32 (top-1 margin at most "
+                  f"{res.margin_threshold:.3g})")
+        print()
         results.append(res.to_dict())
     if args.json:
         write_json_atomic(args.json, {"model": args.model, "num_images": len(y), "layers": results})
@@ -186,7 +193,8 @@ def _cmd_prune(args) -> int:
     x, y = cifar10_test(n=args.n, path=data, normalization=norm)
     result = carfast.prune(model, args.layer, (x, y), keep=args.keep, step=args.step, schedule=args.schedule,
                            criterion=args.criterion, max_accuracy_drop=args.max_accuracy_drop,
-                           checkpoint=args.checkpoint, progress=None, backend=args.backend)
+                           checkpoint=args.checkpoint, progress=None, backend=args.backend,
+                           precision=args.precision, device=args.device)
     result.settings["cli_model"] = {"model": args.model, "weights": weights, "data": data, "n": int(len(y)),
                                     "normalization": _plain_norm(norm)}
     print(result.summary())
@@ -333,6 +341,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None, help="CIFAR-10 test.npz (default: the bundled 2,000-image slice)")
     s.add_argument("--filters", type=int, nargs="+", default=None, help="score only these filters")
     s.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton", "cuda"))
+    s.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help=_PRECISION_HELP)
+    s.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: cpu)")
     s.add_argument("--memory-budget", type=float, default=None, help="bytes for cached activations and work")
     s.add_argument("--top", type=int, default=None, help="print only the first TOP rows of each table")
     s.add_argument("--json", default=None, help="also write the scores to this JSON file")
@@ -358,6 +368,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="stop before accuracy falls more than this below the original (fraction: 0.02 = 2 points)")
     r.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton", "cuda"))
+    r.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help=_PRECISION_HELP)
+    r.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: cpu)")
     r.add_argument("--out", required=True, help="file to save the PruneResult to (e.g. result.pt)")
     r.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
 
