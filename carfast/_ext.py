@@ -8,7 +8,8 @@ Backends:
 * ``triton`` Triton kernels; needs ``import triton`` and a GPU (or ``TRITON_INTERPRET=1``).
 * ``cuda``   CUDA kernels in ``carfast._C_cuda``.
 
-``CARFAST_DISABLE_EXT=1`` keeps the compiled extensions from loading (to test the pure-PyTorch path);
+``CARFAST_DISABLE_EXT=1`` keeps the compiled extensions and the Triton kernels from loading (to test the
+pure-PyTorch path);
 it is read once, when this module is first imported.
 
 ``python -c "import carfast._ext as e; print(e.backends())"`` prints the table.
@@ -75,6 +76,8 @@ def _probe_cpu() -> Tuple[bool, str]:
 
 
 def _probe_triton() -> Tuple[bool, str]:
+    if _DISABLED:
+        return False, _DISABLED_REASON
     try:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
