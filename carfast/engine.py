@@ -67,7 +67,8 @@ class ScoreOptions:
 
     fold_bn: run an optimised copy of the suffix: Conv2d->BatchNorm folded, and on CPU conv->relu and
         conv->add->relu fused into oneDNN convolutions (``suffix_opt.py``; float rounding only; default on).
-    channels_last: run the suffix channels_last (default: on CPU, where oneDNN is faster so).
+    channels_last: run the suffix channels_last (default: on CPU, where oneDNN is faster so, and on GPU
+        with precision bf16/fp16, cuDNN's layout for tensor-core convolutions).
     chunk_images: images per prefix chunk (default: from the memory budget, at most 2048).
     prefix_batch: images per prefix call inside a chunk (default 128 on CPU: faster than huge batches).
     cache: keep the prefix of the whole data set when it fits the budget (``score_layer``, which scores
@@ -228,7 +229,9 @@ class LayerScorer:
             self.method = "closed_form" if self.cf is not None else "suffix"
             if self.kernel == "cpu" and (self.cf is None or self.cf.kind == "linear"):
                 self.kernel = "torch"  # no C++ kernel for a general suffix or a Linear consumer
-            self.channels_last = opt.channels_last if opt.channels_last is not None else cpu
+            # channels_last: oneDNN's fast layout on CPU, and cuDNN's for bf16/fp16 tensor-core convolutions
+            self.channels_last = opt.channels_last if opt.channels_last is not None else \
+                cpu or self.dtype != torch.float32
             self.suffix = optimized_suffix(lg.suffix, self.channels_last) \
                 if opt.fold_bn and self.cf is None else lg.suffix
             fuse = opt.fused_consumer if opt.fused_consumer is not None else self.kernel in ("triton", "cuda")
