@@ -7,8 +7,13 @@ it; pyproject.toml does not list torch as a build requirement on purpose.)
 Compiled extensions, each optional; the package always installs and falls back to pure PyTorch:
 
 * ``carfast._C``      the C++/OpenMP CPU kernels, from csrc/*.cpp and csrc/cpu/*.cpp.
-* ``carfast._C_cuda`` the CUDA kernels, from csrc/cuda/*; built only with a CUDA build of torch, nvcc
-                      and sources present (none exist yet).
+* ``carfast._C_cuda`` the CUDA kernels, from csrc/cuda/*.cu (raw-pointer kernels, nvcc alone compiles
+                      each) and csrc/cuda/bindings.cpp (their torch registration), with csrc/module.cpp
+                      as its module init; built only with a CUDA build of torch and nvcc
+                      (``$CUDA_HOME/bin/nvcc``) present. Compiled with -O3 for the architectures in
+                      ``TORCH_CUDA_ARCH_LIST`` (torch's own variable, e.g. ``9.0`` for H100; unset, the
+                      visible GPUs' or, with none visible, 9.0), on ``MAX_JOBS`` parallel jobs (default:
+                      all cores; ninja, ``pip install ninja``, makes the jobs parallel).
 
 An extension that is skipped, or fails to compile, prints one line ``carfast: skipping ...`` with
 the reason and the fix (pip shows it with ``pip install -v``); at run time
@@ -50,6 +55,49 @@ def _sources(*patterns: str) -> list[str]:
     for pattern in patterns:
         out += sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
     return out
+
+
+def _cuda_extension(torch, cpp_extension):
+    """The carfast._C_cuda extension, or None (after one ``carfast: skipping`` line saying why)."""
+    ext = "carfast._C_cuda"
+    cuda_sources = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
+    if not cuda_sources:
+        _skip(ext, "no CUDA sources under csrc/cuda", "fix: restore csrc/cuda/ from the repository")
+        return None
+    if torch.version.cuda is None:
+        _skip(ext, f"torch {torch.__version__} is a CPU-only build",
+              "fix: install a CUDA build of torch, then rebuild with `pip install --no-build-isolation -e .` "
+              "(the CPU and torch backends work meanwhile)")
+        return None
+    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
+    if nvcc is None or shutil.which(nvcc) is None:
+        _skip(ext, f"nvcc not found (CUDA_HOME={cpp_extension.CUDA_HOME})",
+              f"fix: install the CUDA toolkit matching torch.version.cuda={torch.version.cuda} and set CUDA_HOME "
+              "to it, then rebuild")
+        return None
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # torch would take the visible GPUs' architectures; with none it has nothing to build for
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
+        if not _METADATA_ONLY:
+            print("carfast: TORCH_CUDA_ARCH_LIST is unset and no GPU is visible: building carfast._C_cuda for "
+                  "9.0 (H100); set TORCH_CUDA_ARCH_LIST for other GPUs", flush=True)
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))  # ninja: every core
+    include_dirs = [os.path.join(HERE, "csrc")]
+    # CUDA builds of torch from PyPI ship the CUDA headers its own headers include (cuBLAS, cuSPARSE,
+    # ...) in nvidia/cu<major>/include next to torch; a toolkit without them still builds then
+    site_packages = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    wheel_include = os.path.join(site_packages, "nvidia", f"cu{torch.version.cuda.split('.')[0]}", "include")
+    if os.path.isdir(wheel_include):
+        include_dirs.append(wheel_include)
+    # csrc/cuda registers kernels for ops defined by csrc/ops.cpp in carfast._C; it must not repeat
+    # TORCH_LIBRARY(carfast, ...). carfast/_ext.py imports _C first. csrc/module.cpp is compiled again
+    # here, with TORCH_EXTENSION_NAME=_C_cuda (BuildExtension defines it), as this module's init.
+    return cpp_extension.CUDAExtension(
+        ext,
+        cuda_sources + _sources("csrc/module.cpp"),
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+    )
 
 
 def _extensions():
@@ -103,27 +151,9 @@ def _extensions():
         )
     ]
 
-    cuda_sources = _sources("csrc/cuda/*.cu", "csrc/cuda/*.cpp")
-    if not cuda_sources:
-        _skip("carfast._C_cuda", "no CUDA sources under csrc/cuda yet",
-              "nothing to do: the CPU and torch backends are used")
-    elif torch.version.cuda is None:
-        _skip("carfast._C_cuda", f"torch {torch.__version__} is a CPU-only build",
-              "fix: install a CUDA build of torch, then rebuild with `pip install --no-build-isolation -e .`")
-    elif cpp_extension.CUDA_HOME is None or shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")) is None:
-        _skip("carfast._C_cuda", "nvcc not found (set CUDA_HOME)",
-              "fix: install the CUDA toolkit matching torch.version.cuda, then rebuild")
-    else:
-        # csrc/cuda registers kernels for ops defined by csrc/ops.cpp in carfast._C; it must not
-        # repeat TORCH_LIBRARY(carfast, ...). carfast/_ext.py imports _C first.
-        ext_modules.append(
-            cpp_extension.CUDAExtension(
-                "carfast._C_cuda",
-                cuda_sources + _sources("csrc/module.cpp"),
-                include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-            )
-        )
+    cuda_ext = _cuda_extension(torch, cpp_extension)
+    if cuda_ext is not None:
+        ext_modules.append(cuda_ext)
     return ext_modules, {"build_ext": BuildExtension}
 
 

@@ -2,39 +2,60 @@
 //
 // Every message names the op, the argument, what was expected, what came and how to fix it, e.g.
 //   carfast::closed_form_logits: `a` must be float32, got Double; fix: pass `a.float()`
-// `op` is a string literal such as "carfast::closed_form_logits"; `x` is the argument itself, so its
-// name is spelled exactly as in the schema.
+// `op` is the op's name, such as "carfast::closed_form_logits" (a string literal, or a `const char*`
+// where one check serves several ops); `x` is the argument itself, so its name is spelled exactly as in
+// the schema.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#define CHECK_CPU(op, x)                                                                          \
-  TORCH_CHECK((x).device().is_cpu(), op ": `" #x "` must be a CPU tensor, got one on ",           \
+#define CHECK_CPU(op, x)                                                                           \
+  TORCH_CHECK((x).device().is_cpu(), op, ": `" #x "` must be a CPU tensor, got one on ",           \
               (x).device(), "; fix: pass `" #x ".cpu()` or choose the backend for that device")
 
-#define CHECK_FLOAT32(op, x)                                                                      \
-  TORCH_CHECK((x).scalar_type() == at::kFloat, op ": `" #x "` must be float32, got ",            \
+#define CHECK_CUDA(op, x)                                                                          \
+  TORCH_CHECK((x).device().is_cuda(), op, ": `" #x "` must be a CUDA tensor, got one on ",         \
+              (x).device(), "; fix: pass `" #x ".cuda()` or choose the backend for that device")
+
+// every tensor argument of an op on one device; `ref` is the one the others follow (e.g. `a`)
+#define CHECK_SAME_DEVICE(op, x, ref)                                                              \
+  TORCH_CHECK((x).device() == (ref).device(), op, ": `" #x "` must be on ", (ref).device(),        \
+              " like `" #ref "`, got ", (x).device(), "; fix: pass `" #x ".to(" #ref ".device)`")
+
+// float32, float16 or bfloat16: the dtypes the CUDA kernels read directly
+#define CHECK_FLOAT_16_32(op, x)                                                                   \
+  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kHalf ||                 \
+                  (x).scalar_type() == at::kBFloat16,                                              \
+              op, ": `" #x "` must be float32, float16 or bfloat16, got ", (x).scalar_type(),      \
+              "; fix: pass `" #x ".float()`")
+
+#define CHECK_FLOATING(op, x)                                                                      \
+  TORCH_CHECK(c10::isFloatingType((x).scalar_type()), op, ": `" #x "` must be a floating-point "   \
+              "tensor, got ", (x).scalar_type(), "; fix: pass `" #x ".float()`")
+
+#define CHECK_FLOAT32(op, x)                                                                       \
+  TORCH_CHECK((x).scalar_type() == at::kFloat, op, ": `" #x "` must be float32, got ",             \
               (x).scalar_type(), "; fix: pass `" #x ".float()`")
 
-#define CHECK_INT64(op, x)                                                                        \
-  TORCH_CHECK((x).scalar_type() == at::kLong, op ": `" #x "` must be int64, got ",               \
+#define CHECK_INT64(op, x)                                                                         \
+  TORCH_CHECK((x).scalar_type() == at::kLong, op, ": `" #x "` must be int64, got ",                \
               (x).scalar_type(), "; fix: pass `" #x ".long()`")
 
-#define CHECK_DIM(op, x, d, layout)                                                               \
-  TORCH_CHECK((x).dim() == (d), op ": `" #x "` must be ", (d), "-D ", layout, ", got shape ",     \
+#define CHECK_DIM(op, x, d, layout)                                                                \
+  TORCH_CHECK((x).dim() == (d), op, ": `" #x "` must be ", (d), "-D ", layout, ", got shape ",     \
               (x).sizes(), "; fix: pass a tensor of that shape")
 
 // `want` is a braced list, e.g. CHECK_SHAPE(op, z, ({N, O, Ho, Wo}), "[N, O, Ho, Wo]", "...")
-#define CHECK_SHAPE(op, x, want, layout, why)                                                     \
-  do {                                                                                            \
-    const std::vector<int64_t> want_ = std::vector<int64_t> want;                                 \
-    TORCH_CHECK((x).sizes() == at::IntArrayRef(want_), op ": `" #x "` must have shape ", layout,  \
-                " = ", at::IntArrayRef(want_), ", got ", (x).sizes(), "; fix: ", why);            \
+#define CHECK_SHAPE(op, x, want, layout, why)                                                      \
+  do {                                                                                             \
+    const std::vector<int64_t> want_ = std::vector<int64_t> want;                                  \
+    TORCH_CHECK((x).sizes() == at::IntArrayRef(want_), op, ": `" #x "` must have shape ", layout,  \
+                " = ", at::IntArrayRef(want_), ", got ", (x).sizes(), "; fix: ", why);             \
   } while (0)
 
-#define CHECK_LEN(op, x, n)                                                                       \
-  TORCH_CHECK((x).size() == static_cast<size_t>(n), op ": `" #x "` must list ", (n),              \
+#define CHECK_LEN(op, x, n)                                                                        \
+  TORCH_CHECK((x).size() == static_cast<size_t>(n), op, ": `" #x "` must list ", (n),              \
               " ints (one per spatial dim), got ", (x).size(), "; fix: pass `(h, w)`")
 
-#define CHECK_ARG(op, cond, ...) TORCH_CHECK((cond), op ": ", __VA_ARGS__)
+#define CHECK_ARG(op, cond, ...) TORCH_CHECK((cond), op, ": ", __VA_ARGS__)
