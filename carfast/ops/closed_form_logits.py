@@ -89,20 +89,27 @@ if _ext.has_op("closed_form_logits"):
         return logits.new_empty((filters.shape[0], logits.shape[0], logits.shape[1]))
 
 
-_BACKENDS = ("torch", "cpu")
+_BACKENDS = ("torch", "cpu", "cuda")
 
 
 def closed_form_logits(a, weight, z, scale, shift, residual, act, tail, logits, filters, stride=(1, 1),
                        padding=(0, 0), dilation=(1, 1), backend: str = "torch") -> torch.Tensor:
     """``closed_form_logits_ref`` on the chosen backend; same contract and shapes.
 
-    backend: "torch" (the plain-PyTorch reference, any device and dtype) or "cpu" (the C++/OpenMP
-    kernel: float32 CPU tensors; raises RuntimeError saying why and how to fix it when the
-    extension is not built, see ``carfast.backends()``).
+    backend: "torch" (the plain-PyTorch reference, any device and dtype), "cpu" (the C++/OpenMP
+    kernel: float32 CPU tensors) or "cuda" (the CUDA kernel: float32 CUDA tensors); a compiled backend
+    that is not built raises RuntimeError saying why and how to fix it (see ``carfast.backends()``).
     """
     if backend == "torch":
         return closed_form_logits_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters,
                                       stride, padding, dilation)
+    if backend == "cuda":   # the CUDA kernel of closed_form_score also serves this op (csrc/cuda/bindings.cpp)
+        _ext.require_backend("cuda")
+        if not isinstance(filters, torch.Tensor):
+            filters = torch.tensor(list(filters), dtype=torch.int64, device=a.device)
+        return torch.ops.carfast.closed_form_logits(a, weight, z, scale, shift, residual, int(act), tail, logits,
+                                                    filters, _pair(stride, "stride"), _pair(padding, "padding"),
+                                                    _pair(dilation, "dilation"))
     if backend == "cpu":
         return _closed_form_logits_cpu(a, weight, z, scale, shift, residual, act, tail, logits, filters,
                                        stride, padding, dilation)
