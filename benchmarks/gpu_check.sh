@@ -12,7 +12,7 @@
 #                 MAX_JOBS=$(nproc) python3 setup.py build_ext --inplace -j $(nproc)   -> build.log
 #                 then `carfast._ext.backends()` must list cpu, triton and cuda as available
 #                 (setup.py only warns when an extension fails to compile)
-#   4. tests      TRITON_INTERPRET=0 python3 -m pytest tests/ops -q                  -> tests.log
+#   4. tests      TRITON_INTERPRET=0 python3 -m pytest tests/ops tests/test_backends.py -q  -> tests.log
 #   5. bench      benchmarks/bench_gpu.py (naive, Captum if present, torch/triton/cuda x fp32/bf16 at
 #                 layer1.0.conv1, layer2.4.conv1, layer3.8.conv1 on the full test set) -> bench.log,
 #                 gpu_bench.json, gpu_bench.txt
@@ -215,7 +215,7 @@ fi
 
 # ---- 4. tests ----------------------------------------------------------------------------------------
 RESERVE=$([ "$SMOKE" = 1 ] && echo 100 || echo 150)
-step tests tests.log 150 "$PYTHON" -m pytest tests/ops -q -p no:cacheprovider
+step tests tests.log 150 "$PYTHON" -m pytest tests/ops tests/test_backends.py -q -p no:cacheprovider
 
 # ---- 5. benchmark ------------------------------------------------------------------------------------
 RESERVE=0

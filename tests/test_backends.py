@@ -1,9 +1,12 @@
 """The engine on each backend present gives the same scores as the plain-PyTorch backend.
 
-Here (no GPU) the triton backend runs in Triton's interpreter on the CPU (tests/conftest.py sets
-TRITON_INTERPRET=1), so the nets are small; the cuda backend needs a GPU and skips without one.
+Without a GPU the triton backend runs in Triton's interpreter on the CPU (tests/conftest.py sets
+TRITON_INTERPRET=1), so the nets are small; with a GPU (and TRITON_INTERPRET=0, as
+benchmarks/gpu_check.sh runs it) the triton and cuda backends run there; cuda skips without one.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -14,6 +17,9 @@ from nets import NETS, make_data
 
 _WHY = {b["name"]: b["reason"] for b in _ext.backends()}
 needs_triton = pytest.mark.skipif(not _ext.has_backend("triton"), reason=f"triton backend: {_WHY['triton']}")
+needs_cuda = pytest.mark.skipif(not _ext.has_backend("cuda"), reason=f"cuda backend: {_WHY['cuda']}")
+#: where the GPU backends run: the GPU, or the CPU in Triton's interpreter
+GPU = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 # one net per engine path: closed form with a conv consumer, closed form with a Linear consumer, the
 # suffix with a fused single conv consumer, the suffix with two consumers, the full network
@@ -21,19 +27,26 @@ _CASES = ["bn_after_act", "classifier_consumer", "conv_bias", "two_consumers", "
 
 
 def _scores(case, x, y, backend, **kw):
-    """Scores of the first three filters (the interpreter is slow)."""
+    """Scores of the first three filters (the interpreter is slow), on the CPU results' device."""
     return carfast.score_layer(case.model, case.layer, (x, y), backend=backend, progress=False, per_image=True,
                                filters=[0, 1, 2], **kw)
 
 
-@needs_triton
+def _gpu(backend, **kw):
+    return dict(backend=backend, device=GPU, **kw)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton),
+                                     pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("net", _CASES)
-def test_triton_backend_equals_torch(net):
+def test_gpu_backend_equals_torch(net, backend):
+    if backend == "cuda" and GPU != "cuda":
+        pytest.skip("the cuda backend needs a CUDA device")
     case = NETS[net]()
     x, y = make_data(case, 16)
     ref = _scores(case, x, y, "torch")
-    got = _scores(case, x, y, "triton")
-    assert got.backend in ("triton", "torch") and got.method == ref.method
+    got = _scores(case, x, y, **_gpu(backend))
+    assert got.backend in (backend, "torch") and got.method == ref.method
     assert torch.equal(got.image_correct, ref.image_correct), net
     assert torch.equal(got.correct, ref.correct)
     assert torch.allclose(got.loss_sum, ref.loss_sum, rtol=1e-5, atol=1e-6)
@@ -45,7 +58,7 @@ def test_triton_fused_consumer_in_fp16():
     case = NETS["conv_bias"]()
     x, y = make_data(case, 16)
     ref = _scores(case, x, y, "torch")
-    got = _scores(case, x, y, "triton", precision="fp16")
+    got = _scores(case, x, y, **_gpu("triton", precision="fp16"))
     assert got.precision == "fp16"
     assert torch.equal(got.image_correct, ref.image_correct)
 
