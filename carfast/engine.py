@@ -9,7 +9,7 @@ scored filter, the ablated logits come from one of three methods:
   (``closed_form.py``); one fused op computes all pairs and reduces them to counts
   (``ops/closed_form_score.py``).
 - ``suffix``: Z - U_k(A_k) (``ops/consumer_delta.py``) runs through the rest of the network, many pairs
-  per call, on an optimised copy of the suffix (``suffix_opt.optimized_suffix``); on the GPU backends
+  per call, on an optimised copy of the suffix (``suffix_opt.py``, ``suffix_eval.py``); on the GPU backends
   one op gives the consumer's output after its epilogue for all pairs of a batch
   (``ops/ablated_consumer.py``, ``fused_suffix.py``). The suffix may run in bf16/fp16 with an exact
   float32 re-run of the pairs whose top-1 margin is too small to trust (``precision.py``).
@@ -43,16 +43,15 @@ from .dynamic_graph import discover_consumers
 from .errors import resolve_layer
 from .graph import TraceError, analyze, target_num_filters
 from .fused_suffix import find_fused_consumer
-from .ops.ablated_consumer import ablated_consumer
 from .ops.closed_form_linear import closed_form_linear_ref
 from .ops.closed_form_logits import closed_form_logits
 from .ops.closed_form_score import closed_form_score
 from .ops.consumer_delta import consumer_delta, owned_weight
 from .ops.score_reduce import pair_results, score_reduce
-from .pairs import (Accumulator, active_pairs, intact_counts, run_suffix, suffix_base_logits, suffix_logits,
-                    zeroing_hook)
-from .precision import CALIBRATION_PAIRS, check_precision, margin_threshold, top1_margin
+from .pairs import Accumulator, active_pairs, suffix_base_logits, zeroing_hook
+from .precision import check_precision
 from .scores import LayerScores
+from .suffix_eval import SuffixEvaluator
 from .suffix_opt import optimized_suffix
 
 __all__ = ["ScoreOptions", "LayerScorer", "score_layer"]
@@ -211,7 +210,6 @@ class LayerScorer:
         self._cache: list | None = [] if self.options.cache else None
         self._cache_complete = False
         self.removed: list[int] = []
-        self.threshold: float | None = None    # low-precision re-run margin, calibrated on the first score
 
     # ---- planning -------------------------------------------------------------------------------------
     def _plan(self, example, batch_size, cpu):
@@ -239,7 +237,6 @@ class LayerScorer:
                 self.fused = find_fused_consumer(lg)
                 if self.fused is not None and opt.fold_bn:
                     self.fused.post = optimized_suffix(self.fused.post, self.channels_last)
-            self._low = {}   # low-precision copies of the suffix (or of fused.post), made on first use
             cached = [c.node.args[0] for c in lg.consumers] + [c.node for c in lg.consumers] + lg.boundary
             widest = max(_meta_bytes(lg.gm.graph.nodes))
             self.cache_bytes_per_image = sum(_meta_bytes(cached))
@@ -249,6 +246,8 @@ class LayerScorer:
                 per_image += 4 * _meta_bytes([lg.consumers[0].node])[0]
             self.pair_batch = batch_size or (128 if cpu else 4096)
             self.pair_batch = max(1, min(self.pair_batch, (self.budget // 2) // per_pair))
+            self.evaluator = SuffixEvaluator(lg, self.suffix, self.fused, self.channels_last, self.dtype, self.kernel,
+                                             self.pair_batch)
         if self.budget < per_image + per_pair:
             raise ValueError(f"{_FN}: memory_budget={self.budget} bytes is too small for one image at layer "
                              f"{self.name!r} (needs at least {per_image + per_pair}); raise memory_budget")
@@ -389,7 +388,9 @@ class LayerScorer:
                 elif self.lg is None:
                     res = self._full_network(outs[0], y, filt, C, stats, bar)
                 else:
-                    res = self._suffix(outs, y, base_correct, base_loss, filt, weights, per_image, stats, bar)
+                    A, Z, B, _ = self._split(outs)
+                    res = self.evaluator.score_chunk(A, Z, B, y, C, base_correct, base_loss, filt, weights, per_image,
+                                                     stats, bar)
                 correct, loss_sum, img_correct = res
                 acc.add(y, base_correct, base_loss, correct, loss_sum, img_correct, C)
         bar.close()
@@ -397,7 +398,7 @@ class LayerScorer:
         return acc.result(self.name, filt, method=self.method, backend=self.kernel, pairs_evaluated=stats[0],
                           pairs_skipped=stats[1], seconds=time.perf_counter() - t0,
                           precision=self.precision if low else "fp32", pairs_rechecked=stats[2],
-                          margin_threshold=float(self.threshold or 0.0) if low else 0.0)
+                          margin_threshold=float(self.evaluator.threshold or 0.0) if low else 0.0)
 
     def _split(self, outs):
         u = len(self.lg.consumers)
@@ -437,74 +438,6 @@ class LayerScorer:
         stats[1] += F_ * n - n_active
         bar.update(F_ * n)
         return counts, loss.sum(1), correct.view(F_, n)
-
-    # ---- the suffix: many pairs per call, optionally in low precision ---------------------------------------
-    def _low_copy(self, module):
-        """``module`` in ``self.dtype`` (made once)."""
-        key = id(module)
-        if key not in self._low:
-            self._low[key] = copy.deepcopy(module).to(self.dtype)
-        return self._low[key]
-
-    def _pair_logits(self, A, Z, B, filt, weights, f_b, n_b, dtype) -> torch.Tensor:
-        """Ablated logits [P, classes] of pairs (filt[f_b], n_b), the suffix in ``dtype``."""
-        fc = self.fused
-        if fc is None:
-            suffix = self.suffix if dtype == torch.float32 else self._low_copy(self.suffix)
-            return suffix_logits(suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last,
-                                 dtype)
-        R = B[fc.residual_index] if fc.residual_index is not None else None
-        y_abl = ablated_consumer(A[0], fc.weight, Z[0], fc.scale, fc.shift, R, fc.act, filt.to(self.device)[f_b],
-                                 n_b, fc.stride, fc.padding, fc.dilation, out_dtype=dtype, backend=self.kernel)
-        post = fc.post if dtype == torch.float32 else self._low_copy(fc.post)
-        return run_suffix(post, [y_abl], [b[n_b] for b in B], self.channels_last, dtype)
-
-    def _exact_logits(self, A, Z, B, filt, weights, f_b, n_b) -> torch.Tensor:
-        """Float32 logits of pairs by the plain suffix path (the low-precision fallback and its calibration)."""
-        return suffix_logits(self.suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last)
-
-    def _calibrate(self, A, Z, B, filt, weights, fi, ni) -> None:
-        """Set the re-run margin from CALIBRATION_PAIRS random pairs evaluated both ways (``precision.py``)."""
-        g = torch.Generator().manual_seed(0)
-        pick = torch.randperm(fi.numel(), generator=g)[:CALIBRATION_PAIRS].sort().values.to(fi.device)
-        f_b, n_b = fi[pick], ni[pick]
-        low = self._pair_logits(A, Z, B, filt, weights, f_b, n_b, self.dtype)
-        self.threshold = margin_threshold(low, self._exact_logits(A, Z, B, filt, weights, f_b, n_b))
-
-    def _suffix(self, outs, y, base_correct, base_loss, filt, weights, per_image, stats, bar):
-        """(counts [F, C], loss sums [F], correct [F, n] or None) through the suffix, active pairs only."""
-        A, Z, B, logits = self._split(outs)
-        F_, C = len(filt), logits.shape[1]
-        active = active_pairs(A, self.lg.consumers, filt)
-        fi, ni = active.nonzero(as_tuple=True)
-        low = self.dtype != torch.float32
-        if low and self.threshold is None and fi.numel():
-            self._calibrate(A, Z, B, filt, weights, fi, ni)
-        counts = torch.zeros(F_, C, dtype=torch.long, device=y.device)
-        loss = torch.zeros(F_, dtype=torch.float64, device=y.device)
-        img_correct = base_correct.expand(F_, -1).clone() if per_image else None
-        for s in range(0, fi.numel(), self.pair_batch):
-            f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
-            abl = self._pair_logits(A, Z, B, filt, weights, f_b, n_b, self.dtype)
-            if low:
-                redo = (top1_margin(abl) <= self.threshold).nonzero().flatten()
-                abl = abl.float()
-                if redo.numel():
-                    abl[redo] = self._exact_logits(A, Z, B, filt, weights, f_b[redo], n_b[redo])
-                stats[2] += redo.numel()
-            check_finite(abl, _FN, "the model's output with a filter removed")
-            c, l, corr = score_reduce(abl, y[n_b], f_b, F_, backend=self.kernel)
-            counts += c
-            loss += l.sum(1)
-            if per_image:
-                img_correct[f_b, n_b] = corr
-            bar.update(f_b.numel())
-        c, l = intact_counts(~active, base_correct, base_loss, y, C)
-        total = F_ * y.numel()
-        stats[0] += fi.numel()
-        stats[1] += total - fi.numel()
-        bar.update(total - fi.numel())
-        return counts + c, loss + l, img_correct
 
     def _full_network(self, x, y, filt, C, stats, bar):
         """(counts [F, C], loss sums [F], correct [F, n]): the whole network per filter."""
