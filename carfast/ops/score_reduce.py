@@ -70,9 +70,12 @@ def check_score_reduce_args(logits, labels, slots, num_slots) -> None:
 
 
 def score_reduce(logits, labels, slots, num_slots: int, backend: str = "torch"):
-    """``score_reduce_ref`` on the chosen backend ("torch", "cpu", "triton" or "cuda"); same contract."""
-    check_score_reduce_args(logits, labels, slots, num_slots)
+    """``score_reduce_ref`` on the chosen backend ("torch", "cpu", "triton" or "cuda"); same contract.
+
+    The triton and cuda kernels check their arguments themselves (one device sync each), so the checks
+    are not repeated here for them."""
     if backend in ("torch", "cpu"):
+        check_score_reduce_args(logits, labels, slots, num_slots)
         return score_reduce_ref(logits, labels, slots, num_slots)
     if backend == "triton":
         _ext.require_backend("triton")
