@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "../check.h"
+#include "../conv_checks.h"
 
 namespace carfast {
 namespace {
@@ -499,54 +500,34 @@ at::Tensor closed_form_logits_cpu(const at::Tensor& a, const at::Tensor& weight,
   CHECK_INT64(OP, filters);
   CHECK_ARG(OP, act >= 0 && act <= 2, "`act` must be 0 (identity), 1 (relu) or 2 (relu6), got ", act,
             "; fix: pass carfast.ops.closed_form_logits.ACTIVATIONS[name]");
-  CHECK_LEN(OP, stride, 2);
-  CHECK_LEN(OP, padding, 2);
-  CHECK_LEN(OP, dilation, 2);
-  CHECK_ARG(OP, stride[0] >= 1 && stride[1] >= 1, "`stride` must be >= 1, got ", stride,
-            "; fix: pass the consumer's stride");
-  CHECK_ARG(OP, padding[0] >= 0 && padding[1] >= 0, "`padding` must be >= 0, got ", padding,
-            "; fix: pass the consumer's (zero) padding");
-  CHECK_ARG(OP, dilation[0] >= 1 && dilation[1] >= 1, "`dilation` must be >= 1, got ", dilation,
-            "; fix: pass the consumer's dilation");
-  CHECK_DIM(OP, a, 4, "[N, K, H, W]");
-  CHECK_DIM(OP, weight, 4, "[O, K, kh, kw]");
-  CHECK_DIM(OP, z, 4, "[N, O, Ho, Wo]");
   CHECK_DIM(OP, tail, 4, "[classes, O, Ho, Wo]");
   CHECK_DIM(OP, logits, 2, "[N, classes]");
   CHECK_DIM(OP, filters, 1, "[J]");
+  // the conv settings, the ranks of a, weight and z, the window and z's shape: checked as the CUDA
+  // binding checks them (csrc/conv_checks.h)
+  const ConvSizes s = check_conv(OP, a, weight, z, stride, padding, dilation);
 
   Geometry g{};
-  g.N = a.size(0);
-  g.K = a.size(1);
-  g.H = a.size(2);
-  g.W = a.size(3);
-  g.O = weight.size(0);
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
+  g.N = s.N;
+  g.K = s.K;
+  g.H = s.H;
+  g.W = s.W;
+  g.O = s.O;
+  g.kh = s.kh;
+  g.kw = s.kw;
   g.C = logits.size(1);
   g.J = filters.size(0);
-  CHECK_ARG(OP, weight.size(1) == g.K, "`weight` must be [O, K, kh, kw] with K = a.size(1) = ", g.K,
-            " (groups=1), got shape ", weight.sizes(),
-            "; fix: pass the consumer's full weight (for grouped convs, carfast.ops.consumer_delta.owned_weight)");
-  const int64_t span_y = g.H + 2 * padding[0] - dilation[0] * (g.kh - 1) - 1;
-  const int64_t span_x = g.W + 2 * padding[1] - dilation[1] * (g.kw - 1) - 1;
-  CHECK_ARG(OP, g.kh >= 1 && g.kw >= 1 && span_y >= 0 && span_x >= 0,
-            "the kernel window ", weight.sizes().slice(2), " with padding ", padding, " and dilation ",
-            dilation, " does not fit the input ", a.sizes().slice(2),
-            "; fix: check the conv settings passed for this consumer");
-  g.sy = stride[0];
-  g.sx = stride[1];
-  g.py = padding[0];
-  g.px = padding[1];
-  g.dy = dilation[0];
-  g.dx = dilation[1];
+  g.sy = s.sy;
+  g.sx = s.sx;
+  g.py = s.py;
+  g.px = s.px;
+  g.dy = s.dy;
+  g.dx = s.dx;
   g.Hp = g.H + 2 * g.py;
   g.Wp = g.W + 2 * g.px;
-  g.Ho = span_y / stride[0] + 1;
-  g.Wo = span_x / stride[1] + 1;
+  g.Ho = s.Ho;
+  g.Wo = s.Wo;
   g.P = g.Ho * g.Wo;
-  CHECK_SHAPE(OP, z, ({g.N, g.O, g.Ho, g.Wo}), "[N, O, Ho, Wo]",
-              "pass the consumer's output for these conv settings");
   CHECK_SHAPE(OP, scale, ({g.O}), "[O]", "one value per output channel of the consumer");
   CHECK_SHAPE(OP, shift, ({g.O}), "[O]", "one value per output channel of the consumer");
   if (res) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../check.h"
+#include "../conv_checks.h"
 #include "kernels.h"
 
 namespace carfast {
@@ -76,46 +77,27 @@ void check_indices(const char* op, const std::vector<IndexRange>& ranges, const 
   }
 }
 
-// The conv settings and sizes, checked as the CPU kernel checks them (csrc/cpu/closed_form_logits.cpp).
+// The conv settings and sizes, checked as the CPU kernel checks them (csrc/conv_checks.h), in the
+// plain struct the launchers take.
 cuda::ConvGeometry conv_geometry(const char* op, const at::Tensor& a, const at::Tensor& weight, const at::Tensor& z,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  CHECK_LEN(op, stride, 2);
-  CHECK_LEN(op, padding, 2);
-  CHECK_LEN(op, dilation, 2);
-  CHECK_ARG(op, stride[0] >= 1 && stride[1] >= 1, "`stride` must be >= 1, got ", stride,
-            "; fix: pass the consumer's stride");
-  CHECK_ARG(op, padding[0] >= 0 && padding[1] >= 0, "`padding` must be >= 0, got ", padding,
-            "; fix: pass the consumer's (zero) padding");
-  CHECK_ARG(op, dilation[0] >= 1 && dilation[1] >= 1, "`dilation` must be >= 1, got ", dilation,
-            "; fix: pass the consumer's dilation");
-  CHECK_DIM(op, a, 4, "[N, K, H, W]");
-  CHECK_DIM(op, weight, 4, "[O, K, kh, kw]");
-  CHECK_DIM(op, z, 4, "[N, O, Ho, Wo]");
+  const ConvSizes s = check_conv(op, a, weight, z, stride, padding, dilation);
   cuda::ConvGeometry g{};
-  g.N = a.size(0);
-  g.K = a.size(1);
-  g.H = a.size(2);
-  g.W = a.size(3);
-  g.O = weight.size(0);
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
-  CHECK_ARG(op, weight.size(1) == g.K, "`weight` must be [O, K, kh, kw] with K = a.size(1) = ", g.K,
-            " (groups=1), got shape ", weight.sizes(),
-            "; fix: pass the consumer's full weight (for grouped convs, carfast.ops.consumer_delta.owned_weight)");
-  const int64_t span_y = g.H + 2 * padding[0] - dilation[0] * (g.kh - 1) - 1;
-  const int64_t span_x = g.W + 2 * padding[1] - dilation[1] * (g.kw - 1) - 1;
-  CHECK_ARG(op, g.kh >= 1 && g.kw >= 1 && span_y >= 0 && span_x >= 0, "the kernel window ", weight.sizes().slice(2),
-            " with padding ", padding, " and dilation ", dilation, " does not fit the input ", a.sizes().slice(2),
-            "; fix: check the conv settings passed for this consumer");
-  g.sy = stride[0];
-  g.sx = stride[1];
-  g.py = padding[0];
-  g.px = padding[1];
-  g.dy = dilation[0];
-  g.dx = dilation[1];
-  g.Ho = span_y / g.sy + 1;
-  g.Wo = span_x / g.sx + 1;
-  CHECK_SHAPE(op, z, ({g.N, g.O, g.Ho, g.Wo}), "[N, O, Ho, Wo]", "pass the consumer's output for these conv settings");
+  g.N = s.N;
+  g.K = s.K;
+  g.H = s.H;
+  g.W = s.W;
+  g.O = s.O;
+  g.kh = s.kh;
+  g.kw = s.kw;
+  g.Ho = s.Ho;
+  g.Wo = s.Wo;
+  g.sy = s.sy;
+  g.sx = s.sx;
+  g.py = s.py;
+  g.px = s.px;
+  g.dy = s.dy;
+  g.dx = s.dx;
   return g;
 }
 
