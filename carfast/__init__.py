@@ -6,7 +6,7 @@ network loses when that filter is removed, equal to re-running the network once 
 ``carfast.criteria``) and returns a physically smaller model; ``remove_filters`` is the surgery;
 ``ClassImportance`` interprets the class-wise CAR of each filter.
 """
-from . import criteria, data, finetune, models, train_data
+from . import criteria, data, finetune, integrations, models, train_data
 from ._ext import backends
 from .classwise import ClassImportance
 from .engine import LayerScorer, ScoreOptions, score_layer
@@ -20,4 +20,4 @@ from .surgery import remove_filters
 __version__ = "0.2.0"
 __all__ = ["score_layer", "LayerScorer", "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned",
            "remove_filters", "write_report", "evaluate", "ClassImportance", "criteria", "finetune", "train_data",
-           "backends", "models", "data", "__version__"]
+           "integrations", "backends", "models", "data", "__version__"]

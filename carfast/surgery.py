@@ -87,34 +87,35 @@ def remove_filters(model: nn.Module, removals: Mapping, *, example: torch.Tensor
     return work
 
 
-def _parse_removals(model: nn.Module, removals: Mapping) -> dict[str, list[int]]:
+def _parse_removals(model: nn.Module, removals: Mapping, fn: str = _FN) -> dict[str, list[int]]:
+    """{layer name: sorted filter indices} from ``removals``, checked; ``fn`` names the caller in errors."""
     out = {}
     for layer, filters in removals.items():
-        name, module = resolve_layer(model, layer, _FN)
+        name, module = resolve_layer(model, layer, fn)
         if name in out:
-            raise ValueError(f"{_FN}: layer {name!r} is given twice (by name and as a module); give it once "
+            raise ValueError(f"{fn}: layer {name!r} is given twice (by name and as a module); give it once "
                              "with all its filters")
         num = graph.target_num_filters(module)
         if isinstance(filters, torch.Tensor):
             if filters.dtype.is_floating_point or filters.dtype == torch.bool or filters.is_complex():
-                raise TypeError(f"{_FN}: filters of {name!r} must be integer indices, got a {filters.dtype} tensor")
+                raise TypeError(f"{fn}: filters of {name!r} must be integer indices, got a {filters.dtype} tensor")
             filters = filters.flatten().tolist()
         if isinstance(filters, (str, bytes)) or not hasattr(filters, "__iter__"):
-            raise TypeError(f"{_FN}: filters of {name!r} must be an iterable of ints, got {type(filters).__name__}")
+            raise TypeError(f"{fn}: filters of {name!r} must be an iterable of ints, got {type(filters).__name__}")
         idx = list(filters)
         for k in idx:
             if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-                raise TypeError(f"{_FN}: filters of {name!r} must be ints, got {k!r} ({type(k).__name__})")
+                raise TypeError(f"{fn}: filters of {name!r} must be ints, got {k!r} ({type(k).__name__})")
         idx = [int(k) for k in idx]
         bad = [k for k in idx if not 0 <= k < num]
         if bad:
-            raise ValueError(f"{_FN}: filter indices {bad[:5]} are out of range for {name!r}, which has {num} "
+            raise ValueError(f"{fn}: filter indices {bad[:5]} are out of range for {name!r}, which has {num} "
                              f"filters (valid: 0..{num - 1})")
         dup = sorted(k for k, c in Counter(idx).items() if c > 1)
         if dup:
-            raise ValueError(f"{_FN}: filter indices {dup[:5]} of {name!r} are listed more than once; list each once")
+            raise ValueError(f"{fn}: filter indices {dup[:5]} of {name!r} are listed more than once; list each once")
         if len(idx) == num:
-            raise ValueError(f"{_FN}: removing all {num} filters of {name!r} would cut the network; keep at least "
+            raise ValueError(f"{fn}: removing all {num} filters of {name!r} would cut the network; keep at least "
                              "one (to drop the layer, change the architecture)")
         out[name] = sorted(idx)
     return out
@@ -125,11 +126,12 @@ def _signature(out) -> list[tuple]:
     return [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-def _example(model: nn.Module, example) -> tuple[torch.Tensor, list]:
-    """(input [1, ...], ``_signature`` of the model's output on it): ``example`` or an inferred input."""
+def _example(model: nn.Module, example, fn: str = _FN) -> tuple[torch.Tensor, list]:
+    """(input [1, ...], ``_signature`` of the model's output on it): ``example`` or an inferred input;
+    ``fn`` names the caller in errors."""
     if example is not None:
         if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 1:
-            raise TypeError(f"{_FN}: example must be an input tensor [1, ...], got "
+            raise TypeError(f"{fn}: example must be an input tensor [1, ...], got "
                             f"{type(example).__name__}{tuple(getattr(example, 'shape', ()))}")
         return example[:1], _signature(model(example[:1]))
     shapes = []
@@ -151,7 +153,7 @@ def _example(model: nn.Module, example) -> tuple[torch.Tensor, list]:
         sig = _signature(out)
         if sig and all(len(s) >= 1 and s[0] == 1 for s in sig):   # batch 1 in, batch 1 out: not folded
             return x, sig
-    raise ValueError(f"{_FN}: cannot infer an input for {type(model).__name__} (tried shapes "
+    raise ValueError(f"{fn}: cannot infer an input for {type(model).__name__} (tried shapes "
                      f"{[(1, *s) for s in shapes]}); pass example=, one input [1, ...] such as x[:1]")
 
 
