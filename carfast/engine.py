@@ -39,6 +39,7 @@ from . import _ext
 from .batching import (Progress, _as_batches, _check_batch, check_finite, check_labels, default_memory_budget,
                        eval_mode, iter_chunks, model_device)
 from .closed_form import find_closed_form
+from .distributed import resolve_group
 from .dynamic_graph import discover_consumers
 from .errors import resolve_layer
 from .graph import TraceError, analyze, target_num_filters
@@ -168,8 +169,9 @@ class LayerScorer:
 
     def __init__(self, model: nn.Module, layer, data, *, device=None, batch_size: int | None = None,
                  memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                 options: ScoreOptions | None = None):
+                 group=None, options: ScoreOptions | None = None):
         self.options = options or ScoreOptions()
+        self.group = resolve_group(group, _FN)
         self.dtype = check_precision(precision, _FN)
         self.precision = precision
         if not isinstance(model, nn.Module):
@@ -394,6 +396,8 @@ class LayerScorer:
                 correct, loss_sum, img_correct = res
                 acc.add(y, base_correct, base_loss, correct, loss_sum, img_correct, C)
         bar.close()
+        if self.group is not None:   # every process scored its shard: add the counts up, exactly
+            stats = acc.all_reduce(self.group, stats, _FN)
         low = self.method == "suffix" and self.dtype != torch.float32
         return acc.result(self.name, filt, method=self.method, backend=self.kernel, pairs_evaluated=stats[0],
                           pairs_skipped=stats[1], seconds=time.perf_counter() - t0,
@@ -457,7 +461,7 @@ class LayerScorer:
 
 def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
                 memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                per_image: bool = False, options: ScoreOptions | None = None) -> LayerScores:
+                per_image: bool = False, group=None, options: ScoreOptions | None = None) -> LayerScores:
     """Score each filter of ``layer`` by CAR: the accuracy the model loses when that filter is removed.
 
     Removing filter k means what design.md section 2 says: the channel disappears from every consumer
@@ -485,7 +489,14 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
             accuracies equal float32's; ``pairs_rechecked`` says how many. Applies to the suffix method; the
             closed form and the full-network method always compute in float32.
         progress: None (a bar on stderr when it is a terminal), True, False, or ``callable(done, total)``.
-        per_image: also return ``image_correct`` [F, N] bool and ``base_image_correct`` [N] bool.
+        per_image: also return ``image_correct`` [F, N] bool and ``base_image_correct`` [N] bool (with
+            several processes: of this process's images).
+        group: several processes (``torch.distributed``), each passing its own shard of the data: the
+            counts are all-reduced, so every process returns the scores of all the shards, equal to one
+            process scoring them all (counts exactly; loss sums up to float rounding). None (default):
+            the default process group when ``torch.distributed`` is initialised, else this process alone;
+            a ``ProcessGroup``; or False for this process alone. A process that fails makes the others
+            raise RuntimeError after the process group's timeout (``carfast.distributed``).
         options: ``ScoreOptions`` engine settings.
     Returns:
         ``LayerScores`` (see ``carfast.scores``).
@@ -497,5 +508,5 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
         _check_filters(filters, target_num_filters(module), name)
     options = dataclasses.replace(options or ScoreOptions(), cache=False)   # one score: nothing to keep
     scorer = LayerScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                         backend=backend, precision=precision, progress=progress, options=options)
+                         backend=backend, precision=precision, progress=progress, group=group, options=options)
     return scorer.score(filters, per_image=per_image)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .distributed import all_reduce_sum
 from .ops.consumer_delta import consumer_delta
 from .scores import LayerScores
 
@@ -38,6 +39,17 @@ class Accumulator:
         if self.per_image:
             self.image_correct.append(img_correct.cpu())
             self.base_image_correct.append(base_correct.cpu())
+
+    def all_reduce(self, group, stats: list[int], fn: str) -> list[int]:
+        """Sum the counts, loss sums and ``stats`` over ``group``'s processes (``distributed.py``), in place;
+        returns the summed stats. Every process must have scored at least one image."""
+        ints = [torch.tensor([self.n] + list(stats), device=self.correct.device), self.class_totals,
+                self.base_correct, self.correct]
+        n_stats, self.class_totals, self.base_correct, self.correct = all_reduce_sum(ints, group, fn)
+        self.n = int(n_stats[0])
+        self.base_loss_sum, self.loss_sum = all_reduce_sum([self.base_loss_sum.reshape(1), self.loss_sum], group, fn)
+        self.base_loss_sum = self.base_loss_sum[0]
+        return [int(v) for v in n_stats[1:]]
 
     def result(self, name, filters, **info) -> LayerScores:
         return LayerScores(

@@ -45,7 +45,7 @@ from .surgery import remove_filters
 __all__ = ["prune"]
 
 _FN = "prune"
-_SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "options")
+_SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "group", "options")
 _CHECKPOINT_FORMAT = "carfast-prune-checkpoint/1"
 
 

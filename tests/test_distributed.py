@@ -1,0 +1,113 @@
+"""Scoring on 2 processes (torch.distributed, gloo, CPU) equals one process on the same images; a failed
+process makes the other raise within the process group's timeout instead of hanging."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import carfast
+from carfast import data, models
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, mode: str, n: int):
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=10))
+        model = models.cifar_resnet(20)
+        x, y = data.cifar10_test(n)
+        if mode == "fail" and rank == 1:
+            raise SystemExit(3)                     # this process dies before scoring
+        shard = (x[rank::world], y[rank::world])    # each process its own images
+        res = {layer: carfast.score_layer(model, layer, shard, progress=False).to_dict()
+               for layer in ("layer1.0.conv1", "layer3.2.conv1")}
+        torch.save({"ok": res}, out % rank)
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001 - report what happened to the parent test
+        torch.save({"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}, out % rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(tmp_path, mode: str, n: int):
+    """Run the two ranks as separate processes (a rank's failure must not terminate the other) and
+    return what each wrote: {"ok": scores} or {"error": message}, or None."""
+    out = str(tmp_path / "rank%d.pt")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, out, mode, n)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a scoring process hung")
+    return [torch.load(out % r, weights_only=False) if os.path.exists(out % r) else None for r in range(2)]
+
+
+def test_two_processes_equal_one(tmp_path):
+    n = 160
+    results = _spawn(tmp_path, "ok", n)
+    assert all(r is not None and "ok" in r for r in results), results
+    model = models.cifar_resnet(20)
+    x, y = data.cifar10_test(n)
+    for layer in ("layer1.0.conv1", "layer3.2.conv1"):
+        one = carfast.score_layer(model, layer, (x, y), progress=False)
+        for r in results:
+            got = carfast.LayerScores.from_dict(r["ok"][layer])
+            assert got.num_images == n
+            assert torch.equal(got.correct, one.correct) and torch.equal(got.base_correct, one.base_correct)
+            assert torch.equal(got.class_totals, one.class_totals)
+            assert torch.allclose(got.loss_sum, one.loss_sum, rtol=1e-9)
+            assert got.ranking().tolist() == one.ranking().tolist()
+            assert got.pairs_evaluated + got.pairs_skipped == n * one.filters.numel()
+        a, b = (carfast.LayerScores.from_dict(r["ok"][layer]) for r in results)
+        assert torch.equal(a.loss_sum, b.loss_sum)   # every process gets the same scores
+
+
+def test_a_failed_process_makes_the_other_raise(tmp_path):
+    """Rank 1 dies before scoring; rank 0 raises a RuntimeError that says why, within the 10 s timeout."""
+    results = _spawn(tmp_path, "fail", 64)
+    assert results[1] is None                                 # rank 1 exited without a result
+    err = results[0]
+    assert err is not None and "error" in err, err
+    assert "score_layer: the all-reduce of the scores over 2 processes failed on rank 0" in err["error"], err
+
+
+def test_group_without_init_is_refused():
+    model = models.cifar_resnet(20)
+    x, y = data.cifar10_test(8)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        carfast.score_layer(model, "layer3.2.conv1", (x, y), group=object(), progress=False)
+
+
+def test_the_readme_torchrun_example_runs(tmp_path):
+    """examples/score_distributed.py under torchrun on 2 CPU processes (the README's command)."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "score_distributed.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+           script, "--images", "100", "--layer", "layer3.8.conv1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes, 100 images" in run.stdout
+    assert "CAR scores of 'layer3.8.conv1': 64 filters on 100 images" in run.stdout
