@@ -45,7 +45,7 @@ from .surgery import remove_filters
 __all__ = ["prune"]
 
 _FN = "prune"
-_SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "group", "options")
+_SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "options")
 _CHECKPOINT_FORMAT = "carfast-prune-checkpoint/1"
 
 
@@ -375,6 +375,9 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     work = copy.deepcopy(model).eval()
     # fail early for a layer that cannot be scored (coupled, untraceable consumers...): no data pass; the
     # scorers are kept for use while the model is still the input model
+    # each process prunes on its own data for now: the accuracy checks (evaluate) are not all-reduced yet,
+    # so the scorers must not all-reduce either (group=False), or processes could fall out of step
+    score_options = {**score_options, "group": False}
     prebuilt = {n: LayerScorer(work, n, data, progress=False, **score_options) for n in names}
     base = evaluate(work, data)
     threshold = None if max_accuracy_drop is None else base.accuracy - max_accuracy_drop
