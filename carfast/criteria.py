@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batching import check_finite, check_labels, eval_mode, iter_chunks, model_device
-from .dynamic_graph import discover_consumers
+from .dynamic_graph import find_consumers
 from .errors import resolve_layer
-from .graph import TraceError, analyze, target_num_filters
+from .graph import target_num_filters
 
 __all__ = ["random_scores", "l1_norm", "mean_activation", "apoz", "taylor", "CRITERIA", "get_criterion"]
 
@@ -73,13 +73,8 @@ def _check_batch_size(batch_size, fn: str) -> None:
 
 
 def _consumers(model: nn.Module, name: str, example: torch.Tensor, fn: str) -> list[tuple[nn.Module, int]]:
-    """(module, width) of each consumer of ``name``: fx analysis, or one recorded forward pass when fx
-    cannot trace the model; their errors name ``fn``."""
-    try:
-        with torch.no_grad():
-            return [(c.module, c.width) for c in analyze(model, name, example, fn).consumers]
-    except TraceError:
-        return [(c.module, c.width) for c in discover_consumers(model, name, example, fn)]
+    """(module, width) of each consumer of ``name`` (``dynamic_graph.find_consumers``)."""
+    return [(c.module, c.width) for c in find_consumers(model, name, example, fn)]
 
 
 def _owned(x: torch.Tensor, num: int, width: int, fn: str) -> torch.Tensor:

@@ -15,9 +15,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .graph import TraceError, analyze
 from .ops_catalog import classify_function, classify_module
 
-__all__ = ["DynamicConsumer", "discover_consumers", "recorded_consumers", "record_forward"]
+__all__ = ["find_consumers", "DynamicConsumer", "discover_consumers", "recorded_consumers", "record_forward"]
 
 
 @dataclass
@@ -87,6 +88,17 @@ def record_forward(model: nn.Module, example: torch.Tensor):
         for h in handles:
             h.remove()
     return rec.events, out
+
+
+def find_consumers(model: nn.Module, name: str, example: torch.Tensor, fn: str) -> list:
+    """The consumers of layer ``name`` (objects with ``name``, ``module``, ``width``): from the torch.fx
+    analysis (``graph.analyze``), or one recorded forward pass when fx cannot trace the model; their
+    errors name ``fn``. ``example`` is one input [1, ...]."""
+    try:
+        with torch.no_grad():
+            return analyze(model, name, example, fn).consumers
+    except TraceError:
+        return discover_consumers(model, name, example, fn)
 
 
 def discover_consumers(model: nn.Module, name: str, example: torch.Tensor,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .. import dynamic_graph, graph
+from ..dynamic_graph import find_consumers
 from ..batching import eval_mode
 from ..surgery import _example, _parse_removals
 
@@ -41,16 +41,6 @@ def _removals_of(result_or_removals) -> Mapping:
         return result_or_removals
     raise TypeError(f"{_FN}: pass a carfast.PruneResult or a dict {{layer: filters}}, got "
                     f"{type(result_or_removals).__name__}")
-
-
-def _consumers(model: nn.Module, name: str, example: torch.Tensor) -> list:
-    """Each consumer of layer ``name``: objects with ``module`` and ``width`` (fx, else a recorded pass)."""
-    try:
-        gm = graph.trace(model, example)
-    except graph.TraceError:
-        return dynamic_graph.discover_consumers(model, name, example, _FN)
-    target = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
-    return graph.walk_chain(gm, target, name, _FN)[1]
 
 
 def _input_mask(consumer: nn.Module, filters: list[int], width: int) -> torch.Tensor:
@@ -100,7 +90,7 @@ def to_masks(model: nn.Module, result_or_removals, *, example: torch.Tensor | No
     modules = dict(work.named_modules())
     with eval_mode(work), torch.no_grad():
         ex, _ = _example(work, example, _FN)
-        plan = {name: _consumers(work, name, ex) for name in targets}   # found before any mask changes the graph
+        plan = {name: find_consumers(work, name, ex, _FN) for name in targets}   # found before any mask changes the graph
     for name, filters in targets.items():
         layer = modules[name]
         rows = torch.ones_like(layer.weight)
