@@ -86,22 +86,23 @@ class ScoreOptions:
     fused_consumer: bool | None = None
 
 
-def _check_filters(filters, num: int, name: str) -> torch.Tensor:
+def _check_filters(filters, num: int, name: str, fn: str = _FN) -> torch.Tensor:
+    """[F] int64 filter indices from ``filters`` (None: all ``num``), checked; ``fn`` names the caller."""
     if filters is None:
         return torch.arange(num)
     f = torch.as_tensor(filters)
     if f.numel() == 0:
-        raise ValueError(f"{_FN}: filters is empty; pass None to score all {num} filters")
+        raise ValueError(f"{fn}: filters is empty; pass None to score all {num} filters")
     if f.dim() != 1 or f.dtype.is_floating_point or f.dtype == torch.bool:
-        raise TypeError(f"{_FN}: filters must be a 1-D list of int filter indices, got {filters!r}")
+        raise TypeError(f"{fn}: filters must be a 1-D list of int filter indices, got {filters!r}")
     f = f.long()
     bad = f[(f < 0) | (f >= num)]
     if bad.numel():
-        raise ValueError(f"{_FN}: filter {int(bad[0])} is out of range: layer {name!r} has {num} filters "
+        raise ValueError(f"{fn}: filter {int(bad[0])} is out of range: layer {name!r} has {num} filters "
                          f"(0..{num - 1})")
     if f.unique().numel() != f.numel():
         dup = [int(v) for v in f.unique() if int((f == v).sum()) > 1]
-        raise ValueError(f"{_FN}: filters repeat {dup[:5]}; list each filter once")
+        raise ValueError(f"{fn}: filters repeat {dup[:5]}; list each filter once")
     return f
 
 

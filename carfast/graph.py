@@ -21,9 +21,10 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .ops_catalog import classify_function, classify_module
+from .ops_catalog import classify_function, classify_module, is_channel_map
 
-__all__ = ["TraceError", "Consumer", "LayerGraph", "analyze", "trace", "walk_chain", "fn_name", "subgraph"]
+__all__ = ["TraceError", "Consumer", "LayerGraph", "analyze", "trace", "walk_chain", "fn_name", "subgraph",
+           "suffix_inputs", "descendants", "build_prefix"]
 
 
 class TraceError(RuntimeError):
@@ -65,10 +66,18 @@ def _shape(node) -> tuple | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping channel-map shortcuts (modules with ``carfast_channel_map()``, such as
+    ``models.OptionAShortcut``) as one call each, so the graph code can read their channel map."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_channel_map(m) or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """Symbolically trace ``model`` and propagate shapes of ``example`` [1, ...]; ``TraceError`` if fx cannot."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: use the full-network path
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}") from err
     try:
@@ -129,7 +138,7 @@ def walk_chain(gm: fx.GraphModule, target: fx.Node, name: str, fn: str = "score_
     return chain, consumers
 
 
-def _descendants(roots) -> set:
+def descendants(roots) -> set:
     out, stack = set(roots), list(roots)
     while stack:
         for u in stack.pop().users:
@@ -165,12 +174,28 @@ def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str = "score
         raise ValueError(f"{fn}: layer {name!r} has no consumer (Conv2d or Linear) on the path to the "
                          "output; score a layer that feeds one")
     chain_set = set(chain)
-    changed = _descendants([c.node for c in consumers])
-    # Values the suffix reads from before the cut. Shape queries are recomputed inside the suffix
-    # (their batch size differs there), tensors become suffix inputs.
+    changed = descendants([c.node for c in consumers])
+    boundary, recompute = suffix_inputs(gm, changed, [c.node for c in consumers])
+    bad = next((a for a in boundary if a in chain_set), None)
+    if bad is not None:
+        raise ValueError(f"{fn}: layer {name!r}: the network after the consumers reads {bad.name!r}, "
+                         "a value on the target's chain, other than through the consumers; not supported")
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    suffix_nodes = sorted(changed | recompute, key=order.__getitem__)
+    consumer_nodes = [c.node for c in consumers]
+    suffix = _build_suffix(gm, consumer_nodes, boundary, suffix_nodes)
+    prefix = build_prefix(gm, [c.node.args[0] for c in consumers] + consumer_nodes + boundary)
+    num = target_num_filters(gm.get_submodule(name))
+    return LayerGraph(name, gm.get_submodule(name), num, consumers, gm, prefix, suffix, boundary,
+                      [n for n in suffix_nodes if n not in consumer_nodes])
+
+
+def suffix_inputs(gm: fx.GraphModule, changed: set, entries) -> tuple[list[fx.Node], set]:
+    """What a suffix made of the nodes ``changed`` reads from before the cut: (boundary tensors in graph
+    order, shape queries to recompute inside the suffix, whose batch size differs there). ``entries``
+    (nodes of ``changed``) become suffix inputs themselves, so their own inputs are not read."""
     boundary, recompute = [], set()
-    stack = [a for n in changed if not any(n is c.node for c in consumers) for a in n.all_input_nodes
-             if a not in changed]
+    stack = [a for n in changed if not any(n is e for e in entries) for a in n.all_input_nodes if a not in changed]
     while stack:
         a = stack.pop()
         if a in recompute or a in boundary or a.op == "get_attr":
@@ -179,19 +204,10 @@ def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str = "score
             recompute.add(a)
             stack.extend(x for x in a.all_input_nodes if x not in changed)
             continue
-        if a in chain_set:
-            raise ValueError(f"{fn}: layer {name!r}: the network after the consumers reads {a.name!r}, "
-                             "a value on the target's chain, other than through the consumers; not supported")
         boundary.append(a)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     boundary.sort(key=order.__getitem__)
-    suffix_nodes = sorted(changed | recompute, key=order.__getitem__)
-    consumer_nodes = [c.node for c in consumers]
-    suffix = _build_suffix(gm, consumer_nodes, boundary, suffix_nodes)
-    prefix = _build_prefix(gm, [c.node.args[0] for c in consumers] + consumer_nodes + boundary)
-    num = target_num_filters(gm.get_submodule(name))
-    return LayerGraph(name, gm.get_submodule(name), num, consumers, gm, prefix, suffix, boundary,
-                      [n for n in suffix_nodes if n not in consumer_nodes])
+    return boundary, recompute
 
 
 def target_num_filters(m: nn.Module) -> int:
@@ -219,7 +235,7 @@ def _build_suffix(gm, consumer_nodes, boundary, suffix_nodes) -> fx.GraphModule:
     return subgraph(gm, inputs, suffix_nodes)
 
 
-def _build_prefix(gm, capture) -> fx.GraphModule:
+def build_prefix(gm, capture) -> fx.GraphModule:
     """The whole network, also returning a clone of each node in ``capture`` taken when it is made."""
     g = fx.Graph()
     env, clones = {}, {}

@@ -37,14 +37,43 @@ def bundled_resnet_depths() -> tuple[int, ...]:
 
 
 class OptionAShortcut(nn.Module):
-    """Parameter-free shortcut: every second pixel, channels zero-padded by ``pad`` on each side."""
+    """Parameter-free shortcut: every second pixel, channels zero-padded by ``pad`` on each side.
 
-    def __init__(self, pad: int):
+    Input channel c lands at output channel c + pad. After surgery (``carfast.remove_groups``) the map
+    is general: input channel ``src[i]`` lands at output channel ``dst[i]``, the other outputs are zero.
+    ``carfast_channel_map()`` reports the map; carfast's graph code treats any module with that method
+    as one parameter-free step from one residual stream into another (``carfast.groups``).
+    """
+
+    def __init__(self, pad: int, in_channels: int | None = None):
         super().__init__()
         self.pad = pad
+        self.in_channels = in_channels
+        self.out_channels = None if in_channels is None else in_channels + 2 * pad
+        self.src: list[int] | None = None
+        self.dst: list[int] | None = None
+
+    def carfast_channel_map(self) -> tuple[int, int, list[int], list[int]]:
+        """(input channels, output channels, src, dst): input channel src[i] becomes output channel dst[i]."""
+        if self.in_channels is None:
+            raise ValueError("OptionAShortcut: in_channels is unknown; build it with OptionAShortcut(pad, in_channels)")
+        if self.src is None:
+            return self.in_channels, self.out_channels, list(range(self.in_channels)), \
+                [c + self.pad for c in range(self.in_channels)]
+        return self.in_channels, self.out_channels, list(self.src), list(self.dst)
+
+    def set_channel_map(self, in_channels: int, out_channels: int, src: list[int], dst: list[int]) -> None:
+        """Make input channel src[i] land at output channel dst[i] (the surgery's edit)."""
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.src, self.dst = [int(c) for c in src], [int(c) for c in dst]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, C + 2 pad, H/2, W/2]
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        x = x[:, :, ::2, ::2]
+        if self.src is None:
+            return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
+        out = x.new_zeros((x.shape[0], self.out_channels) + tuple(x.shape[2:]))
+        out[:, self.dst] = x[:, self.src]
+        return out
 
 
 class BasicBlock(nn.Module):
@@ -57,7 +86,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         if stride != 1 or in_planes != planes:
-            self.shortcut = OptionAShortcut((planes - in_planes) // 2)
+            self.shortcut = OptionAShortcut((planes - in_planes) // 2, in_planes)
         else:
             self.shortcut = nn.Identity()
 

@@ -16,7 +16,7 @@ import math
 from torch import nn
 
 __all__ = ["CHAIN_MODULES", "CHAIN_FUNCTIONS", "SHAPE_QUERIES", "COUPLING_FUNCTIONS", "FLATTEN_FUNCTIONS",
-           "is_depthwise", "classify_module", "classify_function", "describe_target"]
+           "is_depthwise", "is_channel_map", "classify_module", "classify_function", "describe_target"]
 
 #: module types that act on each channel separately (channel count preserved)
 CHAIN_MODULES = (
@@ -50,6 +50,12 @@ def is_depthwise(m: nn.Module) -> bool:
             and m.out_channels % m.in_channels == 0)
 
 
+def is_channel_map(m: nn.Module) -> bool:
+    """A parameter-free shortcut that moves channels from one residual stream to another (it has
+    ``carfast_channel_map() -> (in_channels, out_channels, src, dst)``, e.g. ``models.OptionAShortcut``)."""
+    return callable(getattr(m, "carfast_channel_map", None))
+
+
 def describe_target(m: nn.Module) -> str:
     return type(m).__name__
 
@@ -62,6 +68,8 @@ def classify_module(m: nn.Module, in_shape, out_shape):
     """
     if isinstance(m, CHAIN_MODULES):
         return "chain", 1
+    if is_channel_map(m):
+        return "coupled", f"{type(m).__name__} (a channel-padding shortcut into the next stage's residual stream)"
     if is_depthwise(m):
         return "chain", m.out_channels // m.in_channels
     if isinstance(m, nn.Flatten):

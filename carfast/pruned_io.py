@@ -9,7 +9,8 @@ load into a fresh instance. ``save_pruned`` writes, with ``torch.save``, a dict 
      "modules": {name: {"type": "Conv2d", "in_channels": 8, "out_channels": 5, "groups": 1}, ...},
      "state_dict": {...}, "extra": {...}}
 
-recording the sizes of every Conv, Linear and BatchNorm module. ``load_pruned_model`` builds the
+recording the sizes of every Conv, Linear and BatchNorm module (and the channel map of every
+channel-map shortcut, ``models.OptionAShortcut``). ``load_pruned_model`` builds the
 unpruned network (from ``arch`` through an allow-list of carfast builders, or a deep copy of the
 ``model=`` the caller passes), gives each recorded module its recorded sizes and parameters of the
 saved shapes, and loads the state dict strictly.
@@ -24,6 +25,7 @@ from torch import nn
 
 from . import models
 from .atomic import atomic_path
+from .ops_catalog import is_channel_map
 
 __all__ = ["save_pruned", "load_pruned_model"]
 
@@ -60,6 +62,9 @@ def _sizes(m: nn.Module) -> dict | None:
     for types, attrs in _SIZES:
         if isinstance(m, types):
             return {"type": type(m).__name__, **{a: int(getattr(m, a)) for a in attrs}}
+    if is_channel_map(m) and callable(getattr(m, "set_channel_map", None)):   # e.g. models.OptionAShortcut
+        n_in, n_out, src, dst = m.carfast_channel_map()
+        return {"type": type(m).__name__, "channel_map": [n_in, n_out, list(src), list(dst)]}
     return None
 
 
@@ -115,7 +120,9 @@ def _reshape(model: nn.Module, sizes: dict, state: dict, path) -> None:
             raise ValueError(f"{fn}: {path} records a {rec.get('type')} at {name!r}, the model has {found}; pass "
                              "model=, an unpruned instance of the architecture that was saved")
         for attr, value in rec.items():
-            if attr != "type":
+            if attr == "channel_map":
+                m.set_channel_map(*value)
+            elif attr != "type":
                 setattr(m, attr, value)
         for attr, old in [*m._parameters.items(), *m._buffers.items()]:
             saved = state.get(f"{name}.{attr}" if name else attr)

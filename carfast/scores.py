@@ -24,7 +24,9 @@ class LayerScores:
     Derived: ``base_accuracy``, ``accuracy`` [F], ``car`` [F], ``class_car`` [F, C], ``loss_increase`` [F].
 
     Provenance: ``coupled`` is always False from ``score_layer`` (it refuses layers whose channels are
-    coupled through a residual add); ``method`` says how the ablations were evaluated ("closed_form",
+    coupled through a residual add) and True from ``score_group`` for a real coupling group, whose
+    ``filters`` are then the group's channels and ``members`` (plain dicts: layer, role, channels,
+    width; ``carfast.groups.GroupMember``) its layers and how the channels map onto each; ``method`` says how the ablations were evaluated ("closed_form",
     "suffix" or "full_network"), ``backend`` which kernels ran; ``pairs_skipped`` counts the (filter,
     image) pairs whose result is the intact one because the filter's activation is all zero on that
     image (free zeros: the suffix and the compiled kernels do no work for them; the plain-PyTorch
@@ -50,6 +52,7 @@ class LayerScores:
     precision: str = "fp32"
     pairs_rechecked: int = 0
     margin_threshold: float = 0.0
+    members: list | None = None
     image_correct: torch.Tensor | None = field(default=None, repr=False)
     base_image_correct: torch.Tensor | None = field(default=None, repr=False)
 
@@ -113,7 +116,7 @@ class LayerScores:
             "coupled": self.coupled, "method": self.method, "backend": self.backend,
             "pairs_evaluated": self.pairs_evaluated, "pairs_skipped": self.pairs_skipped,
             "seconds": self.seconds, "precision": self.precision, "pairs_rechecked": self.pairs_rechecked,
-            "margin_threshold": self.margin_threshold,
+            "margin_threshold": self.margin_threshold, "members": self.members,
         }
         return d
 
@@ -127,7 +130,7 @@ class LayerScores:
                    float(d["base_loss_sum"]), t(d["loss_sum"], dtype=torch.float64), d.get("coupled", False),
                    d.get("method", ""), d.get("backend", ""), d.get("pairs_evaluated", 0), d.get("pairs_skipped", 0),
                    d.get("seconds", 0.0), d.get("precision", "fp32"), d.get("pairs_rechecked", 0),
-                   d.get("margin_threshold", 0.0))
+                   d.get("margin_threshold", 0.0), d.get("members"))
 
     def table(self, top: int | None = None) -> str:
         """A readable table, filters in ranking order (least important first)."""

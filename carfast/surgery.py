@@ -28,9 +28,9 @@ from torch.utils._pytree import tree_leaves
 from . import dynamic_graph, graph
 from .batching import eval_mode
 from .errors import resolve_layer
-from .ops_catalog import is_depthwise
+from .ops_catalog import is_channel_map, is_depthwise
 
-__all__ = ["remove_filters"]
+__all__ = ["remove_filters", "apply_edits"]
 
 _FN = "remove_filters"
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -71,20 +71,40 @@ def remove_filters(model: nn.Module, removals: Mapping, *, example: torch.Tensor
     with eval_mode(work), torch.no_grad():
         ex, out_sig = _example(work, example)
         edits, calls = _plan(work, targets, ex)
-        modules = dict(work.named_modules())
-        _check_not_shared(modules, edits, calls)
-        for name, (ins, outs, by) in edits.items():
-            _slice_module(name, modules[name], ins, outs, by)
-        try:
-            new_sig = _signature(work(ex))
-        except Exception as err:  # noqa: BLE001 - report any failure of the pruned forward the same way
-            raise RuntimeError(f"{_FN}: the pruned model does not run ({type(err).__name__}: {err}); its forward "
-                               "probably hard-codes a channel count (e.g. x.view(-1, 256 * 6 * 6)): write it "
-                               "with x.flatten(1) or x.view(x.size(0), -1)") from err
-        if new_sig != out_sig:
-            raise RuntimeError(f"{_FN}: the pruned model's output shapes are {new_sig}, the original's {out_sig}; its "
-                               "forward probably hard-codes a channel count: write it with x.flatten(1)")
+        apply_edits(work, edits, calls, ex, out_sig)
     return work
+
+
+def apply_edits(work: nn.Module, edits: dict, calls: Counter, ex: torch.Tensor, out_sig: list, fn: str = _FN) -> None:
+    """Slice every module of ``edits`` ({name: (input indices, output indices, [by])}; Conv2d, Linear,
+    BatchNorm, and channel-map shortcuts, see ``models.OptionAShortcut``) in place, then check that the
+    pruned ``work`` still runs on ``ex`` with output shapes ``out_sig``."""
+    modules = dict(work.named_modules())
+    _check_not_shared(modules, edits, calls)
+    for name, (ins, outs, by) in edits.items():
+        if is_channel_map(modules[name]):
+            _remap_shortcut(modules[name], ins, outs)
+        else:
+            _slice_module(name, modules[name], ins, outs, by)
+    try:
+        new_sig = _signature(work(ex))
+    except Exception as err:  # noqa: BLE001 - report any failure of the pruned forward the same way
+        raise RuntimeError(f"{fn}: the pruned model does not run ({type(err).__name__}: {err}); its forward "
+                           "probably hard-codes a channel count (e.g. x.view(-1, 256 * 6 * 6)): write it "
+                           "with x.flatten(1) or x.view(x.size(0), -1)") from err
+    if new_sig != out_sig:
+        raise RuntimeError(f"{fn}: the pruned model's output shapes are {new_sig}, the original's {out_sig}; its "
+                           "forward probably hard-codes a channel count: write it with x.flatten(1)")
+
+
+def _remap_shortcut(m: nn.Module, ins: set, outs: set) -> None:
+    """Drop input channels ``ins`` and output channels ``outs`` of a channel-map shortcut: input src[i]
+    still lands at output dst[i] where both stay, renumbered over what is kept."""
+    n_in, n_out, src, dst = m.carfast_channel_map()
+    new_in = {c: i for i, c in enumerate(c for c in range(n_in) if c not in ins)}
+    new_out = {c: i for i, c in enumerate(c for c in range(n_out) if c not in outs)}
+    pairs = [(new_in[s], new_out[d]) for s, d in zip(src, dst) if s in new_in and d in new_out]
+    m.set_channel_map(len(new_in), len(new_out), [s for s, _ in pairs], [d for _, d in pairs])
 
 
 def _parse_removals(model: nn.Module, removals: Mapping, fn: str = _FN) -> dict[str, list[int]]:

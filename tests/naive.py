@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NaiveResult", "naive_scores", "naive_logits", "naive_greedy", "per_class_counts", "near_tie",
+__all__ = ["NaiveResult", "naive_scores", "naive_stream_scores", "naive_logits", "naive_greedy", "per_class_counts", "near_tie",
            "margin_of"]
 
 
@@ -136,6 +136,45 @@ def naive_scores(model: nn.Module, consumers: dict[str, int], data_x: torch.Tens
         all_logits.append(naive_logits(model, consumers, data_x, k, batch_size))
     logits = torch.stack(all_logits, dim=0) if all_logits else base_logits.new_zeros((0,) + base_logits.shape)
 
+    return _result(filters, data_y, base_logits, logits)
+
+
+def naive_stream_scores(model: nn.Module, stream: list[str], data_x: torch.Tensor, data_y: torch.Tensor,
+                        channels, batch_size: int = 256) -> NaiveResult:
+    """The naive reference of a coupling group: for each channel in turn, zero that channel of the output
+    of every module in ``stream`` (given by hand: the modules that produce the residual stream, e.g. a
+    ResNet's stem BatchNorm and its blocks), run the whole model in eval mode, record per-image results."""
+    channels = torch.as_tensor(list(channels), dtype=torch.int64)
+    data_y = torch.as_tensor(data_y, dtype=torch.int64)
+    modules = dict(model.named_modules())
+    flags = {name: m.training for name, m in modules.items()}
+
+    def zero_output(k):
+        def hook(_module, _args, out):
+            out = out.clone()
+            out[:, k] = 0
+            return out
+        return hook
+
+    logits = []
+    try:
+        model.eval()
+        with torch.no_grad():
+            base_logits = _run(model, data_x, batch_size)
+            for k in channels.tolist():
+                handles = [modules[name].register_forward_hook(zero_output(k)) for name in stream]
+                try:
+                    logits.append(_run(model, data_x, batch_size))
+                finally:
+                    for h in handles:
+                        h.remove()
+    finally:
+        for name, m in modules.items():
+            m.training = flags[name]
+    return _result(channels, data_y, base_logits, torch.stack(logits))
+
+
+def _result(filters, data_y, base_logits, logits) -> NaiveResult:
     base_pred = base_logits.argmax(dim=1)
     pred = logits.argmax(dim=2)
     base_loss = F.cross_entropy(base_logits.double(), data_y, reduction="none")
