@@ -171,7 +171,10 @@ setup(
     # decodes the JPEG training set for fine-tuning
     install_requires=["torch>=2.4", "numpy", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        # torch-pruning: the Torch-Pruning integration's tests (pip resolves its torch requirement to the
+        # torch already installed)
+        "test": ["pytest", "pytest-benchmark", "torch-pruning==1.6.1"],
+        "torch-pruning": ["torch-pruning>=1.5"],
         "finetune": ["pillow"],
         "captum": ["captum"],
         "triton": ["triton"],

@@ -66,14 +66,17 @@ class OptionAShortcut(nn.Module):
         """Make input channel src[i] land at output channel dst[i] (the surgery's edit)."""
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.src, self.dst = [int(c) for c in src], [int(c) for c in dst]
+        device = self.src_index.device if hasattr(self, "src_index") else None
+        # index buffers (not saved: pruned_io records the map) so the module moves with .to(device)
+        self.register_buffer("src_index", torch.tensor(self.src, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("dst_index", torch.tensor(self.dst, dtype=torch.long, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, C + 2 pad, H/2, W/2]
         x = x[:, :, ::2, ::2]
         if self.src is None:
             return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
-        out = x.new_zeros((x.shape[0], self.out_channels) + tuple(x.shape[2:]))
-        out[:, self.dst] = x[:, self.src]
-        return out
+        out = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
+        return out.index_copy(1, self.dst_index, x.index_select(1, self.src_index))
 
 
 class BasicBlock(nn.Module):

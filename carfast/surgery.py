@@ -30,7 +30,7 @@ from .batching import eval_mode
 from .errors import resolve_layer
 from .ops_catalog import is_channel_map, is_depthwise
 
-__all__ = ["remove_filters", "apply_edits"]
+__all__ = ["remove_filters", "apply_edits", "remap_channel_map"]
 
 _FN = "remove_filters"
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -83,7 +83,7 @@ def apply_edits(work: nn.Module, edits: dict, calls: Counter, ex: torch.Tensor, 
     _check_not_shared(modules, edits, calls)
     for name, (ins, outs, by) in edits.items():
         if is_channel_map(modules[name]):
-            _remap_shortcut(modules[name], ins, outs)
+            remap_channel_map(modules[name], ins, outs)
         else:
             _slice_module(name, modules[name], ins, outs, by)
     try:
@@ -97,7 +97,7 @@ def apply_edits(work: nn.Module, edits: dict, calls: Counter, ex: torch.Tensor, 
                            "forward probably hard-codes a channel count: write it with x.flatten(1)")
 
 
-def _remap_shortcut(m: nn.Module, ins: set, outs: set) -> None:
+def remap_channel_map(m: nn.Module, ins: set, outs: set) -> None:
     """Drop input channels ``ins`` and output channels ``outs`` of a channel-map shortcut: input src[i]
     still lands at output dst[i] where both stay, renumbered over what is kept."""
     n_in, n_out, src, dst = m.carfast_channel_map()
