@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .batching import eval_mode, iter_chunks, model_device
+from .distributed import all_reduce_sum, resolve_group
 from .ops.score_reduce import pair_results
 
 __all__ = ["Evaluation", "evaluate"]
@@ -28,12 +29,15 @@ class Evaluation:
         return self.loss_sum / self.num_images
 
 
-def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None) -> Evaluation:
+def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, group=False) -> Evaluation:
     """Evaluate ``model`` on ``data`` ((inputs [N, ...], labels [N]) or an iterable of such batches).
 
     The model runs in eval mode under ``torch.no_grad`` and its train/eval flags are restored. Uses the
     scoring reduction of the engine (``ops/score_reduce.py``), so the figures match ``LayerScores``.
+    ``group``: False (default) this process's data only; None (the default process group when
+    ``torch.distributed`` is initialised) or a process group: the counts of every process's data, summed.
     """
+    group = resolve_group(group, "evaluate")
     device = model_device(model) if device is None else device
     correct, loss, n = 0, 0.0, 0
     with eval_mode(model), torch.no_grad():
@@ -42,4 +46,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None) -> E
             correct += int(c.sum())
             loss += float(l.sum())
             n += y.numel()
+    if group is not None:
+        counts, losses = all_reduce_sum([torch.tensor([correct, n])], group, "evaluate")[0], \
+            all_reduce_sum([torch.tensor([loss], dtype=torch.float64)], group, "evaluate")[0]
+        correct, n, loss = int(counts[0]), int(counts[1]), float(losses[0])
     return Evaluation(correct, loss, n)

@@ -34,8 +34,11 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str, n: int):
         if mode == "fail" and rank == 1:
             raise SystemExit(3)                     # this process dies before scoring
         shard = (x[rank::world], y[rank::world])    # each process its own images
-        res = {layer: carfast.score_layer(model, layer, shard, progress=False).to_dict()
-               for layer in ("layer1.0.conv1", "layer3.2.conv1")}
+        if mode == "prune":
+            res = _prune_and_group(model, shard)
+        else:
+            res = {layer: carfast.score_layer(model, layer, shard, progress=False).to_dict()
+                   for layer in ("layer1.0.conv1", "layer3.2.conv1")}
         torch.save({"ok": res}, out % rank)
     except SystemExit:
         raise
@@ -44,6 +47,18 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str, n: int):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _prune_and_group(model, data) -> dict:
+    """Greedy pruning (both schedules, CAR and a data-dependent baseline) and a group score, as plain data."""
+    out = {}
+    for key, kw in {"sequential": dict(layers=["layer3.2.conv1"], keep=61),
+                    "global": dict(layers=["layer3.1.conv1", "layer3.2.conv1"], keep=62, schedule="global"),
+                    "apoz": dict(layers=["layer3.2.conv1"], keep=62, criterion="apoz")}.items():
+        r = carfast.prune(model, kw.pop("layers"), data, progress=False, **kw)
+        out[key] = {"removed": r.removed, "history": [(h["layer"], h["filter"], h["correct"]) for h in r.history]}
+    out["group"] = carfast.score_group(model, "layer3.0.conv2", data, filters=[0, 5, 9], progress=False).to_dict()
+    return out
 
 
 def _spawn(tmp_path, mode: str, n: int):
@@ -90,6 +105,21 @@ def test_a_failed_process_makes_the_other_raise(tmp_path):
     err = results[0]
     assert err is not None and "error" in err, err
     assert "score_layer: the all-reduce of the scores over 2 processes failed on rank 0" in err["error"], err
+
+
+def test_two_processes_prune_in_step_and_equal_one(tmp_path):
+    """prune (sequential, global, a baseline) and score_group on 2 processes equal one process on all images."""
+    n = 96
+    results = _spawn(tmp_path, "prune", n)
+    assert all(r is not None and "ok" in r for r in results), results
+    model = models.cifar_resnet(20)
+    x, y = data.cifar10_test(n)
+    one = _prune_and_group(model, (x, y))
+    for r in results:
+        for key in ("sequential", "global", "apoz"):
+            assert r["ok"][key] == one[key], key
+        got, ref = (carfast.LayerScores.from_dict(d) for d in (r["ok"]["group"], one["group"]))
+        assert torch.equal(got.correct, ref.correct) and got.num_images == n
 
 
 def test_group_without_init_is_refused():
