@@ -1,7 +1,8 @@
 """CAR inside Torch-Pruning against Torch-Pruning's MagnitudeImportance, on the pretrained ResNet-56.
 
     python benchmarks/bench_torch_pruning.py [--n-score 500] [--ratio 0.3] [--steps 3] [--global]
-                                            [--precision bf16] [--data test.npz] [--out FILE]
+                                            [--precision bf16] [--variants magnitude,car,car-loss]
+                                            [--data test.npz] [--out FILE]
 
 Both runs prune the same pretrained ResNet-56 with ``tp.pruner.BasePruner`` (``ignored_layers=[linear]``,
 ``customized_pruners=channel_map_pruners(model)`` so the option-A shortcuts are pruned as carfast's
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="iterative_steps (CAR re-scores at each)")
     ap.add_argument("--global", dest="global_pruning", action="store_true", help="global pruning")
     ap.add_argument("--precision", default="fp32", help="CAR's score_layer precision (groups: fp32)")
+    ap.add_argument("--variants", default="magnitude,car", help="comma-separated: magnitude, car, car-loss "
+                    "(CAR ranked by the loss increase alone)")
     ap.add_argument("--data", default=default_data_path(), help="CIFAR-10 test .npz (default: ../shared)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "torch_pruning.json"))
     args = ap.parse_args(argv)
@@ -82,8 +85,13 @@ def main(argv=None) -> int:
     base = carfast.models.cifar_resnet(56)
     rows = [{"importance": "unpruned", "held_out_accuracy": accuracy(base, *held),
              "score_accuracy": accuracy(base, *score), "macs_ratio": 1.0, "params_ratio": 1.0, "seconds": 0.0}]
-    rows.append(run("magnitude (L2)", tp.importance.MagnitudeImportance(p=2), args, score, held))
-    rows.append(run("CAR", CARImportance(score, precision=args.precision), args, score, held))
+    variants = {"magnitude": lambda: ("magnitude (L2)", tp.importance.MagnitudeImportance(p=2)),
+                "car": lambda: ("CAR", CARImportance(score, precision=args.precision)),
+                "car-loss": lambda: ("CAR, loss", CARImportance(score, rank_by="loss", precision=args.precision))}
+    for v in args.variants.split(","):
+        if v not in variants:
+            sys.exit(f"bench_torch_pruning: unknown variant {v!r}; choose from {sorted(variants)}")
+        rows.append(run(*variants[v](), args, score, held))
     print(f"\n{'importance':<16} {'MACs':>7} {'params':>7} {'scoring acc':>11} {'held-out acc':>12} {'time':>8}")
     for r in rows:
         print(f"{r['importance']:<16} {r['macs_ratio']:>6.2f}x {r['params_ratio']:>6.2f}x "

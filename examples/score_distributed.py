@@ -1,5 +1,7 @@
 """CAR scores of one layer on several processes with torch.distributed: each scores its shard of the
-images, the counts are all-reduced, and every process holds the scores of all the images.
+images, the counts are all-reduced, and every process holds the scores of all the images. With
+``--keep K`` the processes then prune the layer greedily to K filters together (``carfast.prune``: the
+same removals on every process).
 
     torchrun --nproc-per-node=2 examples/score_distributed.py --images 1000              # one machine
     torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d \\
@@ -23,6 +25,7 @@ def main() -> None:
     p.add_argument("--layer", default="layer2.4.conv1")
     p.add_argument("--images", type=int, default=None, help="images of the bundled CIFAR-10 slice (default all)")
     p.add_argument("--data", default=None, help="a CIFAR-10 test.npz (default: the bundled 2,000 images)")
+    p.add_argument("--keep", type=int, default=None, help="then prune the layer to this many filters")
     args = p.parse_args()
     gpu = torch.cuda.is_available()
     dist.init_process_group("nccl" if gpu else "gloo")          # torchrun sets RANK, WORLD_SIZE, MASTER_*
@@ -32,11 +35,17 @@ def main() -> None:
         torch.cuda.set_device(device)
     model = carfast.models.cifar_resnet(56)
     x, y = carfast.data.cifar10_test(args.images, path=args.data)
-    scores = carfast.score_layer(model, args.layer, (x[rank::world], y[rank::world]), device=device,
-                                 progress=False)
+    shard = (x[rank::world], y[rank::world])                     # each process its own images
+    scores = carfast.score_layer(model, args.layer, shard, device=device, progress=False)
     if rank == 0:
         print(f"{world} processes, {scores.num_images} images")
         print(scores.table(top=10))
+    if args.keep is not None:
+        result = carfast.prune(model, args.layer, shard, keep=args.keep, device=device, progress=False)
+        if rank == 0:
+            last = result.history[-1]
+            print(f"removed filters {result.removed[args.layer]}: accuracy {100 * last['accuracy']:.2f} % on all "
+                  f"{scores.num_images} images (every process made the same removals)")
     dist.destroy_process_group()
 
 

@@ -135,9 +135,10 @@ def test_the_readme_torchrun_example_runs(tmp_path):
     import sys
     script = os.path.join(os.path.dirname(__file__), "..", "examples", "score_distributed.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-           script, "--images", "100", "--layer", "layer3.8.conv1"]
+           script, "--images", "100", "--layer", "layer3.8.conv1", "--keep", "62"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes, 100 images" in run.stdout
     assert "CAR scores of 'layer3.8.conv1': 64 filters on 100 images" in run.stdout
+    assert "on all 100 images (every process made the same removals)" in run.stdout

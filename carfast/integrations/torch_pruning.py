@@ -45,10 +45,16 @@ _COMMON = {"device", "batch_size", "memory_budget", "backend", "progress", "grou
 _LAYER_ONLY = {"precision", "options"}
 
 
-def car_importance(scores) -> torch.Tensor:
-    """[F] float64 importance of ``LayerScores``: the accuracy drop (``scores.car``) plus a tie-break below
-    one image, 0.5 + atan(loss increase) / pi over N, so higher = more important and an accuracy tie goes
-    to the larger loss increase; comparable across layers scored on the same images."""
+def car_importance(scores, rank_by: str = "accuracy") -> torch.Tensor:
+    """[F] float64 importance of ``LayerScores``, higher = more important, comparable across layers scored
+    on the same images.
+
+    rank_by "accuracy": the accuracy drop (``scores.car``) plus a tie-break below one image,
+    0.5 + atan(loss increase) / pi over N, so an accuracy tie goes to the larger loss increase;
+    "loss": the mean loss increase alone (smoother on few images, see benchmarks/RESULTS.md).
+    """
+    if rank_by == "loss":
+        return scores.loss_increase.double()
     n = scores.num_images
     drop = (scores.base_correct.sum() - scores.correct.sum(1)).double()        # images lost, an integer
     tie = 0.5 + torch.atan(scores.loss_increase) / math.pi                     # in (0, 1)
@@ -60,13 +66,19 @@ class CARImportance(tp.importance.Importance):
 
     Args:
         data: ``(inputs, labels)`` or an iterable of batches, as for ``score_layer``.
+        rank_by: "accuracy" (default: the accuracy drop, ties broken by the loss increase) or "loss"
+            (the loss increase alone); see ``car_importance``.
         **score_options: passed to ``score_layer`` / ``score_group`` (device, batch_size, memory_budget,
             backend, progress, group; precision and options apply to ``score_layer`` only: group scoring
             runs in float32).
     ``last_scores`` holds the ``LayerScores`` of the last group scored (``members`` says what carfast found).
     """
 
-    def __init__(self, data, **score_options):
+    def __init__(self, data, rank_by: str = "accuracy", **score_options):
+        if rank_by not in ("accuracy", "loss"):
+            raise ValueError(f"{_FN}: rank_by must be 'accuracy' (the accuracy drop, ties broken by the loss "
+                             f"increase) or 'loss' (the loss increase), got {rank_by!r}")
+        self.rank_by = rank_by
         unknown = set(score_options) - _COMMON - _LAYER_ONLY
         if unknown:
             raise TypeError(f"{_FN}: unknown score options {sorted(unknown)}; accepted: "
@@ -100,7 +112,7 @@ class CARImportance(tp.importance.Importance):
                                  f"{found}; for channel-padding shortcuts pass customized_pruners="
                                  "channel_map_pruners(model) to the pruner")
         self.last_scores = scores
-        return car_importance(scores)[idxs].float()
+        return car_importance(scores, self.rank_by)[idxs].float()
 
 
 class ChannelMapPruner(tp.pruner.BasePruningFunc):
