@@ -21,7 +21,8 @@ import time
 import torch
 from torch import fx, nn
 
-from .batching import Progress, _as_batches, _check_batch, check_finite, check_labels, eval_mode, iter_chunks
+from .batching import (Progress, _as_batches, _check_batch, check_finite, check_labels, default_memory_budget,
+                       eval_mode, iter_chunks)
 from .distributed import resolve_group
 from .engine import _check_filters, _count_images, _meta_bytes, _pick_backend, _work_model
 from .errors import resolve_layer
@@ -35,8 +36,8 @@ __all__ = ["GroupScorer", "score_group", "masked_suffix"]
 _FN = "score_group"
 
 
-def masked_suffix(cg: CouplingGroup) -> tuple[fx.GraphModule, fx.GraphModule]:
-    """(prefix, suffix) of a coupling group's network.
+def masked_suffix(cg: CouplingGroup) -> tuple[fx.GraphModule, fx.GraphModule, list[fx.Node]]:
+    """(prefix, suffix, the suffix's inputs as nodes of ``cg.gm``) of a coupling group's network.
 
     prefix: x [n, ...] -> (each input of the suffix [n, ...], logits [n, classes]);
     suffix: (mask [P, C] float, the same inputs [P, ...]) -> logits [P, classes], every stream value
@@ -70,7 +71,7 @@ def masked_suffix(cg: CouplingGroup) -> tuple[fx.GraphModule, fx.GraphModule]:
     for n in body:
         copy = g.node_copy(n, lambda a: env[a])
         env[n] = copy if n.op == "output" else masked(n, copy)
-    return build_prefix(gm, inputs), fx.GraphModule(gm, g)
+    return build_prefix(gm, inputs), fx.GraphModule(gm, g), inputs
 
 
 class GroupScorer:
@@ -108,16 +109,19 @@ class GroupScorer:
                 raise ValueError(f"{_FN}: finding a coupling group needs torch.fx, which cannot trace this model "
                                  f"({err}); score_layer scores layers whose channels are not coupled") from err
             self.cg = find_group(gm, self.name, _FN)
-            self.prefix, self.suffix = masked_suffix(self.cg)
+            self.prefix, self.suffix, cut = masked_suffix(self.cg)
         self.num_channels = self.cg.num_channels
+        if memory_budget is not None and (isinstance(memory_budget, bool) or
+                                          not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
+            raise ValueError(f"{_FN}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
         cpu = self.device.type == "cpu"
+        # half the budget for a batch of pairs (a few of the widest activations each), half for a chunk's
+        # cached suffix inputs (and their gathered copies)
         widest = max(_meta_bytes(gm.graph.nodes))
-        self.pair_batch = batch_size or (128 if cpu else 2048)
-        if memory_budget is not None:
-            if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
-                raise ValueError(f"{_FN}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
-            self.pair_batch = max(1, min(self.pair_batch, int(memory_budget) // (4 * widest)))
-        self.chunk = 1024 if cpu else 8192
+        inputs = sum(_meta_bytes(cut))
+        self.pair_batch = max(1, min(batch_size or (128 if cpu else 2048), budget // 2 // (4 * widest + inputs)))
+        self.chunk = max(1, min(1024 if cpu else 8192, budget // 2 // (2 * inputs)))
         self.removed: list[int] = []
 
     @property

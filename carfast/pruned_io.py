@@ -63,7 +63,10 @@ def _sizes(m: nn.Module) -> dict | None:
         if isinstance(m, types):
             return {"type": type(m).__name__, **{a: int(getattr(m, a)) for a in attrs}}
     if is_channel_map(m) and callable(getattr(m, "set_channel_map", None)):   # e.g. models.OptionAShortcut
-        n_in, n_out, src, dst = m.carfast_channel_map()
+        try:
+            n_in, n_out, src, dst = m.carfast_channel_map()
+        except ValueError:        # sizes unknown (built without in_channels): never remapped, nothing to record
+            return None
         return {"type": type(m).__name__, "channel_map": [n_in, n_out, list(src), list(dst)]}
     return None
 

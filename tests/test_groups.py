@@ -249,3 +249,15 @@ def test_unsupported_graph_gets_a_clear_error():
     x, y = torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"score_group: layer 'a': its channels reach .*cat"):
         carfast.score_group(CatNet().eval(), "a", (x, y), progress=False)
+
+
+def test_small_memory_budget_and_batches_give_the_same_scores():
+    """Chunks of a few images and small pair batches (a tight memory_budget) change nothing."""
+    model = resnet20()
+    x, y = data(40)
+    a = carfast.score_group(model, "layer3.1.conv2", (x, y), filters=[0, 7, 63], progress=False)
+    b = carfast.score_group(model, "layer3.1.conv2", [(x[:25], y[:25]), (x[25:], y[25:])], filters=[0, 7, 63],
+                            memory_budget=1 << 20, batch_size=5, progress=False)
+    scorer = carfast.GroupScorer(model, "layer3.1.conv2", (x, y), memory_budget=1 << 20, progress=False)
+    assert scorer.chunk < 40 and scorer.pair_batch < 128
+    assert torch.equal(a.correct, b.correct) and torch.allclose(a.loss_sum, b.loss_sum, rtol=1e-5)
