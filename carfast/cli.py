@@ -1,6 +1,6 @@
 """The ``carfast`` command.
 
-    carfast score  [--model resnet20] [--layer layer1.0.conv1] [--n 2000] [--data test.npz] [--json out.json]
+    carfast score  [--model resnet20] [--layer layer1.0.conv1] [--group] [--n 2000] [--data test.npz] [--json out.json]
     carfast prune  --model {resnet20,resnet56,alexnet} [--weights PATH] --layer L [--layer L2 ...] --keep K
                    [--step S] [--schedule sequential|global] [--criterion car|l1|...] [--n N] [--data test.npz]
                    [--checkpoint run.json] [--max-accuracy-drop 0.02] --out result.pt
@@ -161,10 +161,13 @@ def _cmd_score(args) -> int:
     x, y = cifar10_test(n=args.n, path=data, normalization=norm)
     results = []
     for layer in args.layer or ["layer1.0.conv1"]:
-        res = carfast.score_layer(model, layer, (x, y), backend=args.backend, filters=args.filters,
-                                  memory_budget=args.memory_budget, progress=None, precision=args.precision,
-                                  device=args.device)
+        score = carfast.score_group if args.group else carfast.score_layer
+        res = score(model, layer, (x, y), backend=args.backend, filters=args.filters,
+                    memory_budget=args.memory_budget, progress=None, precision=args.precision, device=args.device)
         print(res.table(top=args.top))
+        if args.group:
+            print(f"  group of {len(res.members)} members: producers "
+                  f"{', '.join(m['layer'] for m in res.members if m['role'] == 'output')}")
         print(f"  {res.pairs_evaluated:,} (filter, image) pairs evaluated, {res.pairs_skipped:,} skipped "
               f"(filter all zero), {res.seconds:.1f} s")
         if res.precision != "fp32":
@@ -346,6 +349,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-budget", type=float, default=None, help="bytes for cached activations and work")
     s.add_argument("--top", type=int, default=None, help="print only the first TOP rows of each table")
     s.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    s.add_argument("--group", action="store_true",
+                   help="score the coupling group of each --layer (its residual stream's channels: score_group)")
 
     r = sub.add_parser("prune", help="greedy CAR (or baseline) pruning of layers; saves the result",
                        description="Remove filters greedily (the least important by CAR, re-scored after each "

@@ -116,8 +116,9 @@ def walk_chain(gm: fx.GraphModule, target: fx.Node, name: str, fn: str = "score_
                     f"{fn}: layer {name!r} cannot be scored on its own: its channels enter "
                     f"{info!r} ({label}), a residual add / concat that couples them with another layer's "
                     "channels (removing one means removing it from every member of the coupling group). "
-                    "Score a layer whose output feeds only convolutions or linears, such as a ResNet block's "
-                    "first conv (e.g. 'layer1.0.conv1')")
+                    "Score the whole group with carfast.score_group (carfast score --group), or a layer whose "
+                    "output feeds only convolutions or linears, such as a ResNet block's first conv (e.g. "
+                    "'layer1.0.conv1')")
             if kind == "unsupported":
                 raise ValueError(f"{fn}: layer {name!r}: its channels reach {label!r}, {info}; carfast "
                                  "follows BN, activations, pooling, dropout, depthwise convs and flatten into "

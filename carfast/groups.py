@@ -181,9 +181,12 @@ class _Walker:
                 where = dict(zip(src, dst))
                 self.add_member(u, "shortcut_in", [where.get(c, -1) for c in range(n_in)])
                 return
+            if is_depthwise(m):
+                self.fail(f"its residual stream passes {u.target!r}, a depthwise conv; the group analysis follows "
+                          "per-channel ops without parameters of their own besides BatchNorm")
             kind, info = classify_module(m, _meta_shape(v), _meta_shape(u))
-            if kind == "chain" and info == 1 and not is_depthwise(m):
-                if isinstance(m, nn.BatchNorm2d) or isinstance(m, nn.BatchNorm1d):
+            if kind == "chain" and info == 1:
+                if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
                     self.add_member(u, "batchnorm", self.ident())
                 self.join(u)
                 return

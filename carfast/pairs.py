@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from .batching import check_finite
 from .distributed import all_reduce_sum
 from .ops.consumer_delta import consumer_delta
+from .ops.score_reduce import score_reduce
 from .scores import LayerScores
 
-__all__ = ["Accumulator", "active_pairs", "intact_counts", "suffix_logits", "suffix_base_logits", "run_suffix",
+__all__ = ["Accumulator", "reduce_pair_batch", "active_pairs", "intact_counts", "suffix_logits", "suffix_base_logits", "run_suffix",
            "zeroing_hook"]
 
 
@@ -58,6 +60,21 @@ class Accumulator:
             base_loss_sum=float(self.base_loss_sum), loss_sum=self.loss_sum.cpu(),
             image_correct=torch.cat(self.image_correct, 1) if self.per_image else None,
             base_image_correct=torch.cat(self.base_image_correct) if self.per_image else None, **info)
+
+
+def reduce_pair_batch(abl, y_b, f_b, n_b, counts, loss, img_correct, kernel: str, fn: str, what: str) -> None:
+    """Add one batch of pairs to the running results, in place.
+
+    abl [P, classes] ablated logits of pairs (slot f_b[p], image n_b[p]); y_b [P] their labels; counts
+    [F, C] int64 and loss [F] float64 running sums; img_correct [F, n] bool or None; ``kernel`` the
+    backend of ``score_reduce``; ``fn`` / ``what`` name the caller and the logits in the non-finite error.
+    """
+    check_finite(abl, fn, what)
+    c, l, corr = score_reduce(abl, y_b, f_b, counts.shape[0], backend=kernel)
+    counts += c
+    loss += l.sum(1)
+    if img_correct is not None:
+        img_correct[f_b, n_b] = corr
 
 
 def active_pairs(A, consumers, filt) -> torch.Tensor:

@@ -13,10 +13,8 @@ import copy
 
 import torch
 
-from .batching import check_finite
 from .ops.ablated_consumer import ablated_consumer
-from .ops.score_reduce import score_reduce
-from .pairs import active_pairs, intact_counts, run_suffix, suffix_logits
+from .pairs import active_pairs, intact_counts, reduce_pair_batch, run_suffix, suffix_logits
 from .precision import CALIBRATION_PAIRS, margin_threshold, top1_margin
 
 __all__ = ["SuffixEvaluator"]
@@ -67,12 +65,8 @@ class SuffixEvaluator:
                 if redo.numel():
                     abl[redo] = self._exact_logits(A, Z, B, filt, weights, f_b[redo], n_b[redo])
                 stats[2] += redo.numel()
-            check_finite(abl, _FN, "the model's output with a filter removed")
-            c, l, corr = score_reduce(abl, y[n_b], f_b, F_, backend=self.kernel)
-            counts += c
-            loss += l.sum(1)
-            if per_image:
-                img_correct[f_b, n_b] = corr
+            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, img_correct, self.kernel, _FN,
+                              "the model's output with a filter removed")
             bar.update(f_b.numel())
         c, l = intact_counts(~active, base_correct, base_loss, y, C)
         total = F_ * y.numel()

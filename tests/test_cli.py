@@ -22,6 +22,17 @@ def test_score_prints_a_table_and_writes_json(tmp_path, capsys):
     assert d["layers"][0]["layer"] == "layer3.2.conv1" and len(d["layers"][0]["car"]) == 64
 
 
+def test_score_group(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert main(["score", "--layer", "layer3.0.conv2", "--group", "--n", "24", "--top", "3", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "producers layer3.0.conv2, layer3.1.conv2, layer3.2.conv2" in text
+    d = json.loads(out.read_text())["layers"][0]
+    assert d["coupled"] and any(m["layer"] == "linear" and m["role"] == "input" for m in d["members"])
+    assert main(["score", "--layer", "conv1", "--n", "10"]) == 2          # without --group: says to use it
+    assert "carfast score --group" in capsys.readouterr().err
+
+
 def test_bad_layer_is_a_plain_error(capsys):
     assert main(["score", "--layer", "layer9.conv1", "--n", "10"]) == 2
     err = capsys.readouterr().err

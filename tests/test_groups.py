@@ -261,3 +261,18 @@ def test_small_memory_budget_and_batches_give_the_same_scores():
     scorer = carfast.GroupScorer(model, "layer3.1.conv2", (x, y), memory_budget=1 << 20, progress=False)
     assert scorer.chunk < 40 and scorer.pair_batch < 128
     assert torch.equal(a.correct, b.correct) and torch.allclose(a.loss_sum, b.loss_sum, rtol=1e-5)
+
+
+def test_bf16_group_scores_equal_float32():
+    """precision="bf16" with the float32 re-run of near ties gives float32's counts; plain float32 without the
+    optimised suffix (fold_bn=False) too."""
+    model = resnet20()
+    x, y = data(64)
+    exact = carfast.score_group(model, "layer2.1.conv2", (x, y), per_image=True, progress=False,
+                                options=carfast.ScoreOptions(fold_bn=False, channels_last=False))
+    fast = carfast.score_group(model, "layer2.1.conv2", (x, y), per_image=True, progress=False)
+    low = carfast.score_group(model, "layer2.1.conv2", (x, y), per_image=True, precision="bf16", progress=False)
+    assert torch.equal(fast.image_correct, exact.image_correct)
+    assert torch.equal(low.image_correct, exact.image_correct) and torch.equal(low.correct, exact.correct)
+    assert low.precision == "bf16" and low.pairs_rechecked > 0 and low.margin_threshold > 0
+    assert torch.allclose(low.loss_sum, exact.loss_sum, rtol=2e-2)

@@ -41,8 +41,7 @@ except ImportError as err:   # the rest of carfast works without it
 __all__ = ["CARImportance", "ChannelMapPruner", "channel_map_pruners", "car_importance"]
 
 _FN = "CARImportance"
-_COMMON = {"device", "batch_size", "memory_budget", "backend", "progress", "group"}
-_LAYER_ONLY = {"precision", "options"}
+_OPTIONS = {"device", "batch_size", "memory_budget", "backend", "precision", "progress", "group", "options"}
 
 
 def car_importance(scores, rank_by: str = "accuracy") -> torch.Tensor:
@@ -69,8 +68,7 @@ class CARImportance(tp.importance.Importance):
         rank_by: "accuracy" (default: the accuracy drop, ties broken by the loss increase) or "loss"
             (the loss increase alone); see ``car_importance``.
         **score_options: passed to ``score_layer`` / ``score_group`` (device, batch_size, memory_budget,
-            backend, progress, group; precision and options apply to ``score_layer`` only: group scoring
-            runs in float32).
+            backend, precision, progress, group, options).
     ``last_scores`` holds the ``LayerScores`` of the last group scored (``members`` says what carfast found).
     """
 
@@ -79,10 +77,9 @@ class CARImportance(tp.importance.Importance):
             raise ValueError(f"{_FN}: rank_by must be 'accuracy' (the accuracy drop, ties broken by the loss "
                              f"increase) or 'loss' (the loss increase), got {rank_by!r}")
         self.rank_by = rank_by
-        unknown = set(score_options) - _COMMON - _LAYER_ONLY
+        unknown = set(score_options) - _OPTIONS
         if unknown:
-            raise TypeError(f"{_FN}: unknown score options {sorted(unknown)}; accepted: "
-                            f"{sorted(_COMMON | _LAYER_ONLY)}")
+            raise TypeError(f"{_FN}: unknown score options {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
         self.data = data
         self.options = {"progress": False, **score_options}
         self.last_scores = None
@@ -101,11 +98,9 @@ class CARImportance(tp.importance.Importance):
                             and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))})
         layer = names[root]
         if len(producers) == 1:
-            common = {k: v for k, v in self.options.items() if k in _COMMON | _LAYER_ONLY}
-            scores = score_layer(model, layer, self.data, **common)
+            scores = score_layer(model, layer, self.data, **self.options)
         else:
-            common = {k: v for k, v in self.options.items() if k in _COMMON}
-            scores = score_group(model, layer, self.data, **common)
+            scores = score_group(model, layer, self.data, **self.options)
             found = sorted(m["layer"] for m in scores.members if m["role"] == "output")
             if found != producers:
                 raise ValueError(f"{_FN}: Torch-Pruning's group of {layer!r} has producers {producers}, carfast's "
