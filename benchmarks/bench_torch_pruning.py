@@ -1,13 +1,14 @@
 """CAR inside Torch-Pruning against Torch-Pruning's MagnitudeImportance, on the pretrained ResNet-56.
 
-    python benchmarks/bench_torch_pruning.py [--n-score 500] [--ratio 0.3] [--steps 3] [--global]
+    python benchmarks/bench_torch_pruning.py [--n-score 500] [--ratio 0.3] [--steps 3] [--global] [--blocks-only]
                                             [--precision bf16] [--variants magnitude,car,car-loss]
                                             [--data test.npz] [--out FILE]
 
 Both runs prune the same pretrained ResNet-56 with ``tp.pruner.BasePruner`` (``ignored_layers=[linear]``,
 ``customized_pruners=channel_map_pruners(model)`` so the option-A shortcuts are pruned as carfast's
 per-stage groups), the same ``pruning_ratio`` and ``iterative_steps``; per-layer pruning (the default)
-gives both the same architecture and MACs, so only which channels go differs. CAR scores on the first
+gives both the same architecture and MACs, so only which channels go differs. ``--blocks-only`` prunes
+only the blocks' first convs (the residual streams keep every channel), as the CAR paper prunes. CAR scores on the first
 ``--n-score`` CIFAR-10 test images; the accuracy that counts is on the other (held-out) test images,
 before any fine-tuning. Prints a table and writes JSON (default ``benchmarks/results/torch_pruning.json``).
 """
@@ -42,8 +43,11 @@ def run(name, importance, args, score, held) -> dict:
     model = carfast.models.cifar_resnet(56)
     example = torch.zeros(1, 3, 32, 32)
     macs0, params0 = tp.utils.count_ops_and_params(model, example)
+    ignored = [model.linear]
+    if args.blocks_only:     # the residual streams stay whole: only each block's conv1 loses channels
+        ignored += [model.conv1] + [m for n, m in model.named_modules() if n.endswith(".conv2")]
     pruner = tp.pruner.BasePruner(model, example, importance, pruning_ratio=args.ratio, iterative_steps=args.steps,
-                                  global_pruning=args.global_pruning, ignored_layers=[model.linear],
+                                  global_pruning=args.global_pruning, ignored_layers=ignored,
                                   customized_pruners=channel_map_pruners(model))
     steps = []
     t0 = time.perf_counter()
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratio", type=float, default=0.3, help="Torch-Pruning pruning_ratio (0.3: about 2x MACs)")
     ap.add_argument("--steps", type=int, default=3, help="iterative_steps (CAR re-scores at each)")
     ap.add_argument("--global", dest="global_pruning", action="store_true", help="global pruning")
+    ap.add_argument("--blocks-only", action="store_true", help="prune only the blocks' first convs (ignore the "
+                    "stem and every conv2, so the residual-stream groups keep their channels)")
     ap.add_argument("--precision", default="fp32", help="CAR's score_layer precision (groups: fp32)")
     ap.add_argument("--variants", default="magnitude,car", help="comma-separated: magnitude, car, car-loss "
                     "(CAR ranked by the loss increase alone)")

@@ -21,6 +21,6 @@ from .scores import LayerScores
 from .surgery import remove_filters
 
 __version__ = "0.2.0"
-__all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned",
-           "remove_filters", "write_report", "evaluate", "ClassImportance", "criteria", "finetune", "train_data",
-           "integrations", "backends", "models", "data", "__version__"]
+__all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "LayerScores", "ScoreOptions",
+           "prune", "PruneResult", "load_pruned", "remove_filters", "write_report", "evaluate", "ClassImportance",
+           "criteria", "finetune", "train_data", "integrations", "backends", "models", "data", "__version__"]

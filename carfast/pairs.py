@@ -9,8 +9,8 @@ from .ops.consumer_delta import consumer_delta
 from .ops.score_reduce import score_reduce
 from .scores import LayerScores
 
-__all__ = ["Accumulator", "reduce_pair_batch", "active_pairs", "intact_counts", "suffix_logits", "suffix_base_logits", "run_suffix",
-           "zeroing_hook"]
+__all__ = ["Accumulator", "reduce_pair_batch", "active_pairs", "intact_counts", "suffix_logits", "suffix_base_logits",
+           "run_suffix", "zeroing_hook"]
 
 
 class Accumulator:

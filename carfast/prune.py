@@ -35,8 +35,8 @@ from .atomic import write_json_atomic
 from .batching import Progress, _as_batches, _check_batch, model_device
 from .criteria import get_criterion
 from .engine import LayerScorer
-from .errors import resolve_layer
 from .distributed import all_reduce_sum, resolve_group
+from .errors import resolve_layer
 from .evaluate import evaluate
 from .graph import target_num_filters
 from .measure import ModelStats

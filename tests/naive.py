@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NaiveResult", "naive_scores", "naive_stream_scores", "naive_logits", "naive_greedy", "per_class_counts", "near_tie",
-           "margin_of"]
+__all__ = ["NaiveResult", "naive_scores", "naive_stream_scores", "naive_logits", "naive_greedy", "per_class_counts",
+           "near_tie", "margin_of"]
 
 
 @dataclass
