@@ -19,6 +19,7 @@ from torch import nn
 from . import graph
 from .batching import eval_mode
 from .groups import find_group
+from .ops_catalog import is_channel_map
 from .surgery import _example, _expand, _parse_removals, _plan, apply_edits
 
 __all__ = ["remove_groups"]
@@ -92,7 +93,7 @@ def _group_edits(cg, channels: list[int], edits: dict) -> None:
             e[2].append(cg.layer)
 
     for m in cg.members:
-        if m.role in ("shortcut_in", "shortcut_out") and m.layer not in modules:
+        if m.role in ("shortcut_in", "shortcut_out") and not is_channel_map(modules.get(m.layer)):
             raise ValueError(f"{_FN}: the group of {cg.layer!r} passes a channel-padding shortcut written as a "
                              f"function ({m.layer!r}: F.pad); surgery needs it as a module with carfast_channel_map()"
                              " and set_channel_map(), such as carfast.models.OptionAShortcut")
