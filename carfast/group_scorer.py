@@ -110,6 +110,9 @@ class GroupScorer:
         if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
                                        or batch_size < 1):
             raise ValueError(f"{_FN}: batch_size must be a positive int, got {batch_size!r}")
+        if memory_budget is not None and (isinstance(memory_budget, bool) or
+                                          not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
+            raise ValueError(f"{_FN}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
         self.model, self.device = _work_model(model, device)
         self.kernel = _pick_backend(backend, self.device)
         if self.kernel == "cpu":
@@ -137,9 +140,6 @@ class GroupScorer:
         self.suffix = optimized_suffix(suffix, self.channels_last) if opt.fold_bn else suffix
         self.low_suffix = None if self.dtype == torch.float32 else copy.deepcopy(self.suffix).to(self.dtype)
         self.threshold: float | None = None     # the low-precision re-run margin, set on the first chunk
-        if memory_budget is not None and (isinstance(memory_budget, bool) or
-                                          not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
-            raise ValueError(f"{_FN}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
         budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
         # half the budget for a batch of pairs (a few of the widest activations each), half for a chunk's
         # cached suffix inputs (and their gathered copies)

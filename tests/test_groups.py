@@ -276,3 +276,13 @@ def test_bf16_group_scores_equal_float32():
     assert torch.equal(low.image_correct, exact.image_correct) and torch.equal(low.correct, exact.correct)
     assert low.precision == "bf16" and low.pairs_rechecked > 0 and low.margin_threshold > 0
     assert torch.allclose(low.loss_sum, exact.loss_sum, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(memory_budget=-1), "memory_budget must be a positive"),
+                                       (dict(batch_size=0), "batch_size must be a positive int"),
+                                       (dict(precision="int8"), "precision 'int8' unknown"),
+                                       (dict(filters=[16]), "filter 16 is out of range")])
+def test_score_group_bad_arguments(kw, match):
+    x, y = data(4)
+    with pytest.raises(ValueError, match=match):
+        carfast.score_group(resnet20(), "conv1", (x, y), progress=False, **kw)
