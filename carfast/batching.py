@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 __all__ = ["model_device", "eval_mode", "iter_chunks", "default_memory_budget", "Progress", "check_labels",
-           "check_finite"]
+           "check_work_sizes", "check_finite"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -43,6 +43,16 @@ def _as_batches(data, fn: str) -> Iterable:
         raise TypeError(f"{fn}: data must be (inputs, labels) or an iterable of (inputs, labels) batches "
                         f"(e.g. a DataLoader), got {type(data).__name__}")
     return data
+
+
+def check_work_sizes(batch_size, memory_budget, fn: str) -> None:
+    """ValueError unless ``batch_size`` is None or a positive int and ``memory_budget`` None or a positive
+    number of bytes."""
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"{fn}: batch_size must be a positive int, got {batch_size!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or
+                                      not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
+        raise ValueError(f"{fn}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
 
 
 def _check_batch(batch, fn: str):

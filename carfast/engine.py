@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from . import _ext
-from .batching import (Progress, _as_batches, _check_batch, check_finite, check_labels, default_memory_budget,
-                       eval_mode, iter_chunks, model_device)
+from .batching import (Progress, _as_batches, _check_batch, check_finite, check_labels, check_work_sizes,
+                       default_memory_budget, eval_mode, iter_chunks, model_device)
 from .closed_form import find_closed_form
 from .distributed import resolve_group
 from .dynamic_graph import discover_consumers
@@ -179,11 +179,7 @@ class LayerScorer:
             raise TypeError(f"{_FN}: model must be a torch.nn.Module, got {type(model).__name__}")
         self.name, module = resolve_layer(model, layer, _FN)
         self.num_filters = target_num_filters(module)
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"{_FN}: batch_size must be a positive int, got {batch_size!r}")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or
-                                          not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
-            raise ValueError(f"{_FN}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        check_work_sizes(batch_size, memory_budget, _FN)
         self.model, self.device = _work_model(model, device)
         self.kernel = _pick_backend(backend, self.device)
         self.budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)

@@ -25,8 +25,8 @@ import time
 import torch
 from torch import fx, nn
 
-from .batching import (Progress, _as_batches, _check_batch, check_finite, check_labels, default_memory_budget,
-                       eval_mode, iter_chunks)
+from .batching import (Progress, _as_batches, _check_batch, check_finite, check_labels, check_work_sizes,
+                       default_memory_budget, eval_mode, iter_chunks)
 from .distributed import resolve_group
 from .engine import ScoreOptions, _check_filters, _count_images, _meta_bytes, _pick_backend, _work_model
 from .errors import resolve_layer
@@ -107,12 +107,7 @@ class GroupScorer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_FN}: model must be a torch.nn.Module, got {type(model).__name__}")
         self.name, _ = resolve_layer(model, layer, _FN)
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                       or batch_size < 1):
-            raise ValueError(f"{_FN}: batch_size must be a positive int, got {batch_size!r}")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or
-                                          not isinstance(memory_budget, (int, float)) or memory_budget <= 0):
-            raise ValueError(f"{_FN}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        check_work_sizes(batch_size, memory_budget, _FN)
         self.model, self.device = _work_model(model, device)
         self.kernel = _pick_backend(backend, self.device)
         if self.kernel == "cpu":
