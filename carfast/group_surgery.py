@@ -60,7 +60,15 @@ def remove_groups(model: nn.Module, removals: Mapping, *, example: torch.Tensor 
         edits: dict[str, tuple[set, set, list]] = {}
         plain, owner = {}, {}
         for name, channels in targets.items():
-            cg = find_group(gm, name, _FN)
+            try:
+                cg = find_group(gm, name, _FN)
+            except ValueError as err:    # e.g. a depthwise conv after the layer: fine if it is not coupled
+                try:
+                    _plan(work, {name: channels}, ex)
+                except ValueError:
+                    raise err from None
+                plain[name] = channels
+                continue
             if not cg.coupled:
                 plain[name] = channels
                 continue

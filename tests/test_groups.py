@@ -286,3 +286,15 @@ def test_score_group_bad_arguments(kw, match):
     x, y = data(4)
     with pytest.raises(ValueError, match=match):
         carfast.score_group(resnet20(), "conv1", (x, y), progress=False, **kw)
+
+
+def test_remove_groups_of_an_uncoupled_layer_equals_remove_filters():
+    """A layer whose channels enter no add (here through a depthwise conv, which the group walk does not
+    follow) is cut as remove_filters cuts it."""
+    import nets
+    case = nets.NETS["mobilenet_chain"]()
+    x, _ = nets.make_data(case, 8)
+    a = carfast.remove_groups(case.model, {case.layer: [0, 2]}, example=x[:1])
+    b = carfast.remove_filters(case.model, {case.layer: [0, 2]}, example=x[:1])
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
