@@ -215,19 +215,28 @@ def target_num_filters(m: nn.Module) -> int:
     return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
 
-def subgraph(gm: fx.GraphModule, inputs, body) -> fx.GraphModule:
+def subgraph(gm: fx.GraphModule, inputs, body, graph: fx.Graph | None = None, wrap=None) -> fx.GraphModule:
     """A GraphModule over ``gm``'s modules: placeholders for ``inputs`` (pairs (node, name)), then copies
     of ``body`` (nodes of ``gm`` in topological order, ending with its output node); the parameters the
-    body reads are fetched as in ``gm``."""
-    g = fx.Graph()
-    env = {n: g.placeholder(name) for n, name in inputs}
+    body reads are fetched as in ``gm``.
+
+    ``graph``: a graph to append to (holding e.g. a placeholder of its own first); ``wrap(node, value)``:
+    the value later nodes read in place of ``node``'s copy (inputs and body, not the output), so a caller
+    can insert ops after chosen nodes."""
+    g = graph if graph is not None else fx.Graph()
+
+    def put(node, value):
+        return value if wrap is None else wrap(node, value)
+
+    env = {n: put(n, g.placeholder(name)) for n, name in inputs}
     body = [n for n in body if n not in env]
     for n in body:
         for a in n.all_input_nodes:
             if a.op == "get_attr" and a not in env:
                 env[a] = g.node_copy(a)
     for n in body:
-        env[n] = g.node_copy(n, lambda a: env[a])
+        copy = g.node_copy(n, lambda a: env[a])
+        env[n] = copy if n.op == "output" else put(n, copy)
     return fx.GraphModule(gm, g)
 
 

@@ -30,7 +30,7 @@ from .batching import (Progress, _as_batches, _check_batch, check_finite, check_
 from .distributed import resolve_group
 from .engine import ScoreOptions, _check_filters, _count_images, _meta_bytes, _pick_backend, _work_model
 from .errors import resolve_layer
-from .graph import TraceError, build_prefix, descendants, fn_name, suffix_inputs, trace
+from .graph import TraceError, build_prefix, descendants, fn_name, subgraph, suffix_inputs, trace
 from .groups import CouplingGroup, find_group
 from .ops_catalog import CHAIN_MODULES
 from .suffix_opt import optimized_suffix
@@ -69,7 +69,7 @@ def masked_suffix(cg: CouplingGroup) -> tuple[fx.GraphModule, fx.GraphModule, li
     body = sorted((changed | recompute) - set(entries), key=order.__getitem__)
     g = fx.Graph()
     mask = g.placeholder("mask")
-    views, env = {}, {}
+    views = {}
 
     def masked(node, value):
         if node not in read_off:
@@ -79,16 +79,8 @@ def masked_suffix(cg: CouplingGroup) -> tuple[fx.GraphModule, fx.GraphModule, li
             views[rank] = g.call_method("view", (mask, -1, cg.num_channels) + (1,) * (rank - 2))
         return g.call_function(operator.mul, (value, views[rank]))
 
-    for i, n in enumerate(inputs):
-        env[n] = masked(n, g.placeholder(f"b{i}"))
-    for n in body:
-        for a in n.all_input_nodes:
-            if a.op == "get_attr" and a not in env:
-                env[a] = g.node_copy(a)
-    for n in body:
-        copy = g.node_copy(n, lambda a: env[a])
-        env[n] = copy if n.op == "output" else masked(n, copy)
-    return build_prefix(gm, inputs), fx.GraphModule(gm, g), inputs
+    suffix = subgraph(gm, [(n, f"b{i}") for i, n in enumerate(inputs)], body, graph=g, wrap=masked)
+    return build_prefix(gm, inputs), suffix, inputs
 
 
 class GroupScorer:

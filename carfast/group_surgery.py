@@ -20,7 +20,7 @@ from . import graph
 from .batching import eval_mode
 from .groups import find_group
 from .ops_catalog import is_channel_map
-from .surgery import _example, _expand, _parse_removals, _plan, apply_edits
+from .surgery import _example, _expand, _parse_removals, _plan, add_edit, apply_edits
 
 __all__ = ["remove_groups"]
 
@@ -79,12 +79,8 @@ def remove_groups(model: nn.Module, removals: Mapping, *, example: torch.Tensor 
                 owner[p] = name
             _group_edits(cg, channels, edits)
         if plain:
-            more, _ = _plan(work, plain, ex)
-            for k, (ins, outs, by) in more.items():
-                e = edits.setdefault(k, (set(), set(), []))
-                e[0].update(ins)
-                e[1].update(outs)
-                e[2].extend(b for b in by if b not in e[2])
+            for k, (ins, outs, by) in _plan(work, plain, ex)[0].items():
+                add_edit(edits, k, ins, outs, by)
         apply_edits(work, edits, calls, ex, out_sig, _FN)
     return work
 
@@ -94,11 +90,7 @@ def _group_edits(cg, channels: list[int], edits: dict) -> None:
     modules = dict(cg.gm.named_modules())
 
     def edit(name, ins=(), outs=()):
-        e = edits.setdefault(name, (set(), set(), []))
-        e[0].update(ins)
-        e[1].update(outs)
-        if cg.layer not in e[2]:
-            e[2].append(cg.layer)
+        add_edit(edits, name, ins, outs, cg.layer)
 
     for m in cg.members:
         if m.role in ("shortcut_in", "shortcut_out") and not is_channel_map(modules.get(m.layer)):

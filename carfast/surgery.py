@@ -30,7 +30,7 @@ from .batching import eval_mode
 from .errors import resolve_layer
 from .ops_catalog import is_channel_map, is_depthwise
 
-__all__ = ["remove_filters", "apply_edits", "remap_channel_map"]
+__all__ = ["remove_filters", "apply_edits", "add_edit", "remap_channel_map"]
 
 _FN = "remove_filters"
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -182,6 +182,15 @@ def _expand(filters, factor: int) -> set[int]:
     return {k * factor + j for k in filters for j in range(factor)}
 
 
+def add_edit(edits: dict, name: str, ins=(), outs=(), by=()) -> None:
+    """Record in ``edits`` ({module name: (input indices, output indices, [target names])}) that ``name``
+    loses inputs ``ins`` and outputs ``outs`` because of the targets ``by`` (a name or names)."""
+    e = edits.setdefault(name, (set(), set(), []))
+    e[0].update(ins)
+    e[1].update(outs)
+    e[2].extend(b for b in ([by] if isinstance(by, str) else by) if b not in e[2])
+
+
 def _plan(work: nn.Module, targets: dict[str, list[int]], ex: torch.Tensor):
     """``({module name: (input indices, output indices, [target names])}, {module name: calls})``."""
     paths, calls = _paths(work, list(targets), ex)
@@ -189,11 +198,7 @@ def _plan(work: nn.Module, targets: dict[str, list[int]], ex: torch.Tensor):
     edits: dict[str, tuple[set, set, list]] = {}
 
     def edit(name, ins=(), outs=(), by=""):
-        e = edits.setdefault(name, (set(), set(), []))
-        e[0].update(ins)
-        e[1].update(outs)
-        if by not in e[2]:
-            e[2].append(by)
+        add_edit(edits, name, ins, outs, by)
 
     for target, filters in targets.items():
         num = graph.target_num_filters(modules[target])
