@@ -5,7 +5,11 @@ touched) with:
 
 1. Conv2d -> BatchNorm pairs folded into one conv (``torch.fx.experimental.optimization.fuse``);
 2. on CPU with oneDNN, ``relu(conv(x))`` and ``relu(conv(x) + other)`` each run as one oneDNN
-   convolution with a fused post-op (``mkldnn._convolution_pointwise``), saving the elementwise passes;
+   convolution with a fused post-op (``mkldnn._convolution_pointwise``), saving the elementwise passes.
+   The graph calls ``conv_relu`` / ``conv_add_relu``, which take the oneDNN kernel where this CPU's
+   oneDNN runs the input's dtype (``onednn_supports``: float32 always; bfloat16 needs AVX-512 BF16 or
+   AMX, float16 AVX-512-FP16 or AVX-NE-CONVERT) and the same arithmetic in plain PyTorch elsewhere, so
+   one suffix serves every precision on every CPU;
 3. weights (and so the preferred activations) in channels_last, faster for oneDNN on CPU.
 
 Results equal the plain suffix up to float rounding (about 1e-6 relative), so accuracy figures differ
@@ -14,14 +18,45 @@ only at near-tie images, as the exactness contract allows; the tests check image
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["optimized_suffix"]
+__all__ = ["optimized_suffix", "onednn_supports", "conv_relu", "conv_add_relu"]
 
 _RELU_FUNCTIONS = ("relu", "relu_")
+
+
+@functools.cache
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether this CPU's oneDNN runs convolutions in ``dtype`` (float16 needs AVX-512-FP16 or
+    AVX-NE-CONVERT, which e.g. AMD Zen 5 lacks; bfloat16 needs AVX-512 BF16 or AMX)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def conv_relu(x, weight, bias, padding, stride, dilation, groups):
+    """relu(conv2d(x)): one oneDNN convolution with a fused ReLU where ``onednn_supports(x.dtype)``."""
+    if onednn_supports(x.dtype):
+        return torch.ops.mkldnn._convolution_pointwise.default(x, weight, bias, padding, stride, dilation, groups,
+                                                               "relu", [], "")
+    return torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+
+
+def conv_add_relu(x, other, weight, bias, padding, stride, dilation, groups):
+    """relu(conv2d(x) + other): one oneDNN convolution with fused add and ReLU where supported."""
+    if onednn_supports(x.dtype):
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, padding, stride, dilation,
+                                                              groups, "add", 1.0, "relu", [], "")
+    return torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + other)
 
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:
@@ -60,8 +95,7 @@ def _fuse_pointwise(gm: fx.GraphModule) -> int:
         if _is_relu(user, modules):
             w, b, pad, stride, dil, groups = _conv_args(gm, node, m)
             with gm.graph.inserting_before(user):
-                new = gm.graph.call_function(torch.ops.mkldnn._convolution_pointwise.default,
-                                             (node.args[0], w, b, pad, stride, dil, groups, "relu", [], ""))
+                new = gm.graph.call_function(conv_relu, (node.args[0], w, b, pad, stride, dil, groups))
             user.replace_all_uses_with(new)
             gm.graph.erase_node(user)
             gm.graph.erase_node(node)
@@ -74,9 +108,7 @@ def _fuse_pointwise(gm: fx.GraphModule) -> int:
             relu = next(iter(user.users))
             w, b, pad, stride, dil, groups = _conv_args(gm, node, m)
             with gm.graph.inserting_before(relu):
-                new = gm.graph.call_function(torch.ops.mkldnn._convolution_pointwise.binary,
-                                             (node.args[0], other, w, b, pad, stride, dil, groups, "add", 1.0,
-                                              "relu", [], ""))
+                new = gm.graph.call_function(conv_add_relu, (node.args[0], other, w, b, pad, stride, dil, groups))
             relu.replace_all_uses_with(new)
             for dead in (relu, user, node):
                 gm.graph.erase_node(dead)

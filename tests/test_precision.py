@@ -10,7 +10,7 @@ import torch
 
 import carfast
 from carfast import data, models
-from carfast import suffix_eval
+from carfast import suffix_eval, suffix_opt
 from carfast.precision import check_precision, margin_threshold, top1_margin
 from nets import NETS, SCORABLE, make_data
 
@@ -100,3 +100,42 @@ def test_closed_form_ignores_precision_and_says_so(resnet20_data):
     r = _score(model, "layer3.2.conv1", d, precision="bf16")
     assert r.method == "closed_form" and r.precision == "fp32" and r.pairs_rechecked == 0
     assert carfast.LayerScores.from_dict(r.to_dict()).precision == "fp32"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("onednn", [True, False])
+def test_fused_conv_ops_on_cpus_with_and_without_onednn_support(dtype, onednn, monkeypatch):
+    """conv_relu / conv_add_relu take oneDNN's fused kernel only where this CPU's oneDNN runs the dtype
+    (fp16 needs AVX-512-FP16 / AVX-NE-CONVERT, which e.g. AMD Zen 5 lacks) and plain PyTorch otherwise;
+    both give relu(conv(x) [+ other]) on every CPU. onednn=False forces the plain path; onednn=True
+    takes whatever this CPU supports (skipped where oneDNN cannot run the dtype here)."""
+    if onednn and not suffix_opt.onednn_supports(dtype):
+        pytest.skip(f"this CPU's oneDNN does not run {dtype} convolutions")
+    if not onednn:
+        monkeypatch.setattr(suffix_opt, "onednn_supports", lambda _dtype: False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 9, 7, generator=g)
+    w, b = torch.randn(6, 5, 3, 3, generator=g), torch.randn(6, generator=g)
+    other = torch.randn(2, 6, 5, 3, generator=g)
+    args = ([1, 0], [2, 2], [1, 1], 1)     # padding, stride, dilation, groups (the oneDNN op's order)
+    pre = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), 2, (1, 0))
+    ref = torch.relu(pre)
+    cl = torch.channels_last
+    lo = [t.to(dtype).contiguous(memory_format=cl) if t.dim() == 4 else t.to(dtype) for t in (x, w, b, other)]
+    got = suffix_opt.conv_relu(lo[0], lo[1], lo[2], *args)
+    got_add = suffix_opt.conv_add_relu(lo[0], lo[3], lo[1], lo[2], *args)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
+    assert got.dtype == dtype and got_add.dtype == dtype
+    assert torch.allclose(got.double(), ref, rtol=tol, atol=tol * ref.abs().max())
+    ref_add = torch.relu(pre + other.to(dtype).double())
+    assert torch.allclose(got_add.double(), ref_add, rtol=tol, atol=tol * ref_add.abs().max())
+
+
+def test_fp16_scores_exact_without_onednn_fp16(resnet20_data, monkeypatch):
+    """The CPU path without oneDNN fp16 (forced here): fp16 counts still equal float32's."""
+    monkeypatch.setattr(suffix_opt, "onednn_supports", lambda dtype: dtype == torch.float32)
+    model, (x, y) = resnet20_data
+    d = (x[:200], y[:200])
+    ref = _score(model, "layer2.1.conv1", d, filters=range(6))
+    low = _score(model, "layer2.1.conv1", d, filters=range(6), precision="fp16")
+    assert low.precision == "fp16" and torch.equal(low.image_correct, ref.image_correct)
