@@ -13,12 +13,11 @@ from .classwise import ClassImportance
 from .engine import LayerScorer, ScoreOptions, score_layer
 from .evaluate import evaluate
 from .group_scorer import GroupScorer, score_group
-from .group_surgery import remove_groups
 from .prune import prune
 from .prune_result import PruneResult, load_pruned
 from .report import write_report
 from .scores import LayerScores
-from .surgery import remove_filters
+from .surgery import remove_filters, remove_groups
 
 __version__ = "0.2.0"
 __all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "LayerScores", "ScoreOptions",

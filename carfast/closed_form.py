@@ -20,7 +20,7 @@ from torch import fx, nn
 from .graph import LayerGraph, fn_name, subgraph
 from .ops.closed_form_logits import ACTIVATIONS
 
-__all__ = ["ClosedForm", "find_closed_form", "consumer_epilogue"]
+__all__ = ["ClosedForm", "find_closed_form", "consumer_epilogue", "gathered_weight"]
 
 _AFFINE_MODULES = (nn.Linear, nn.Flatten, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 _AFFINE_FUNCTIONS = frozenset({"flatten", "view", "reshape", "adaptive_avg_pool2d", "avg_pool2d", "contiguous",
@@ -64,9 +64,9 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm):
 def consumer_epilogue(lg: LayerGraph, modules: dict):
     """Walk ``BN? -> add(residual)? -> act?`` after the consumer. Returns (last node, parts, used nodes)."""
     cur = lg.consumers[0].node
-    m = lg.consumers[0].module
-    out_ch = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-    w = lg.consumers[0].module.weight
+    spec = lg.consumers[0].spec
+    out_ch = spec.out_channels
+    w = spec.weight
     scale, shift = torch.ones(out_ch, dtype=w.dtype, device=w.device), torch.zeros(out_ch, dtype=w.dtype,
                                                                                   device=w.device)
     residual, act, stage, used = None, 0, 0, []
@@ -124,7 +124,7 @@ def _tail_is_affine(lg: LayerGraph, y: fx.Node, tail_nodes, modules) -> bool:
 def _tail_matrix(lg: LayerGraph, y: fx.Node, tail_nodes, y_shape) -> torch.Tensor:
     out = next(n for n in lg.gm.graph.nodes if n.op == "output")
     tail = subgraph(lg.gm, [(y, "y")], list(tail_nodes) + [out])
-    w = lg.consumers[0].module.weight
+    w = lg.consumers[0].spec.weight
     y0 = torch.zeros((1,) + tuple(y_shape[1:]), dtype=w.dtype, device=w.device)
     with torch.enable_grad():
         jac = torch.autograd.functional.jacobian(lambda v: tail(v), y0, vectorize=True)
@@ -133,14 +133,13 @@ def _tail_matrix(lg: LayerGraph, y: fx.Node, tail_nodes, y_shape) -> torch.Tenso
 
 def find_closed_form(lg: LayerGraph) -> ClosedForm | None:
     """The closed-form operands for ``lg``, or None where the closed form does not apply."""
-    if len(lg.consumers) != 1:
+    if len(lg.consumers) != 1 or lg.masked:
         return None
     c = lg.consumers[0]
-    m = c.module
-    if isinstance(m, nn.Conv2d):
-        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) or c.width != 1:
-            return None
-    elif not isinstance(m, nn.Linear):
+    m = c.spec
+    if c.width is None or len(c.index) != c.width * lg.num_filters:
+        return None
+    if m.kind == "conv" and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) or c.width != 1):
         return None
     modules = dict(lg.gm.named_modules())
     y, (scale, shift, residual, act), used = consumer_epilogue(lg, modules)
@@ -148,8 +147,15 @@ def find_closed_form(lg: LayerGraph) -> ClosedForm | None:
     if not _tail_is_affine(lg, y, tail_nodes, modules):
         return None
     tail = _tail_matrix(lg, y, tail_nodes, y.meta["tensor_meta"].shape)
-    if isinstance(m, nn.Linear):
-        return ClosedForm("linear", m.weight.detach().contiguous(), scale.contiguous(), shift.contiguous(), act,
-                          residual, tail, (), (), (), c.width)
-    return ClosedForm("conv", m.weight.detach().contiguous(), scale.contiguous(), shift.contiguous(), act, residual,
-                      tail, tuple(m.stride), tuple(m.padding), tuple(m.dilation))
+    weight = gathered_weight(c)
+    if m.kind == "linear":
+        return ClosedForm("linear", weight, scale.contiguous(), shift.contiguous(), act, residual, tail, (), (), (),
+                          c.width)
+    return ClosedForm("conv", weight, scale.contiguous(), shift.contiguous(), act, residual, tail, tuple(m.stride),
+                      tuple(m.padding), tuple(m.dilation))
+
+
+def gathered_weight(c) -> torch.Tensor:
+    """The consumer's weight over its gathered input (unit by unit, ``graph.Consumer.index``), contiguous."""
+    w = c.spec.weight.detach()
+    return (w if c.identity() else w.index_select(1, c.index.to(w.device))).contiguous()

@@ -7,14 +7,14 @@ Each is deterministic (``random_scores`` given its seed). The model is evaluated
 left exactly as it came: weights, buffers, train/eval flags, hooks, and no ``.grad`` set.
 
 The data-driven criteria measure a filter's activation where the network reads it: at the input of
-each *consumer* (the next Conv2d / Linear, ``graph.analyze``), i.e. after the per-channel chain
-(BatchNorm, activation, pooling, dropout, depthwise conv, flatten) -- the same place where CAR
-removes the filter. At a consumer whose input is ``[N, F * width, ...]`` filter k owns the slice
-``[k * width, (k + 1) * width)`` of dim 1 (a Linear after flatten: ``width`` = H * W features per
-filter); "positions" below are all the entries of that slice of one image. A layer whose channels
-enter a residual add is refused, as ``score_layer`` refuses it (``l1_norm`` and ``random_scores``
-read no activations and accept any Conv2d / Linear). With several consumers the per-consumer values
-are combined as each criterion says.
+each *reader* of its channels (the Conv2d / Linear layers, normalisers and shortcuts the channel-flow
+analysis ``carfast.flow`` finds), i.e. after the per-channel chain (BatchNorm, activation, pooling,
+dropout, depthwise conv, flatten, concatenation...) -- the same place where CAR removes the filter.
+"Positions" below are all the entries of a reader's input that carry the filter on one image (its
+channel, or its block of features after a flatten). A layer whose channels are coupled with other
+layers' (a residual add) is refused, as ``score_layer`` refuses it (``l1_norm`` and ``random_scores``
+read no activations and accept any Conv2d / Linear). With several readers the per-reader values are
+combined as each criterion says.
 
 ``data`` takes the forms ``score_layer`` takes: ``(inputs [N, ...], labels [N] int)`` or an iterable
 of such batches; it is re-chunked into batches of ``batch_size`` images (default 256).
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .batching import check_finite, check_labels, eval_mode, iter_chunks, model_device
-from .dynamic_graph import find_consumers
 from .errors import resolve_layer
+from .flow import analyze, from_recording
+from .flow.apply import intercept, reader_profile
 from .graph import target_num_filters
 
 __all__ = ["random_scores", "l1_norm", "mean_activation", "apoz", "taylor", "CRITERIA", "get_criterion"]
@@ -72,18 +73,25 @@ def _check_batch_size(batch_size, fn: str) -> None:
         raise ValueError(f"{fn}: batch_size must be a positive int, got {batch_size!r}")
 
 
-def _consumers(model: nn.Module, name: str, example: torch.Tensor, fn: str) -> list[tuple[nn.Module, int]]:
-    """(module, width) of each consumer of ``name`` (``dynamic_graph.find_consumers``)."""
-    return [(c.module, c.width) for c in find_consumers(model, name, example, fn)]
+def _flow(model: nn.Module, name: str, example: torch.Tensor, fn: str):
+    """The channel flow of layer ``name`` on a recording of ``model`` (``carfast.flow``): its readers are
+    where the criteria read each filter's activation, and ``flow.apply.intercept`` hooks them."""
+    return analyze(model, name, example, fn, graph=from_recording(model, example))
 
 
-def _owned(x: torch.Tensor, num: int, width: int, fn: str) -> torch.Tensor:
-    """[N, F, P]: consumer input ``x`` [N, F * width, ...] with each filter's P = width * rest entries."""
-    if x.dim() < 2 or x.shape[1] != num * width:
-        raise ValueError(f"{fn}: a consumer's input has shape {tuple(x.shape)}, expected dim 1 of size "
-                         f"{num} filters x {width} = {num * width}; the layer's channels must reach the "
-                         "consumer along dim 1")
-    return x.reshape(x.shape[0], num, -1)
+def _per_unit(v: torch.Tensor, reader, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per image and unit: sum of ``v`` over the unit's positions [N, F] float64, positions per unit [F]).
+
+    ``v`` is shaped like the reader's input [N, ...]; the unit's positions are its indices along the
+    reader's axis (``flow.apply.reader_profile``) times every position of the other axes."""
+    prof, axis = reader_profile(reader)
+    n = v.shape[0]
+    per_c = v.movedim(axis, 1).reshape(n, v.shape[axis], -1)
+    rest = per_c.shape[2]
+    sums = torch.zeros(n, num + 1, dtype=torch.float64, device=v.device)
+    sums.index_add_(1, prof.to(v.device), per_c.sum(2, dtype=torch.float64))
+    counts = torch.bincount(prof, minlength=num + 1)[1:] * rest
+    return sums[:, 1:], counts
 
 
 def _chunks(data, batch_size: int, device, fn: str):
@@ -94,32 +102,31 @@ def _chunks(data, batch_size: int, device, fn: str):
 
 
 def _consumer_stats(model, layer, data, batch_size: int, fn: str):
-    """Per consumer u: (sum of activations [F] float64, zeros [F] int64, entries per filter) over data."""
+    """Per reader u: (sum of activations [F] float64, zeros [F] int64, entries per filter [F]) over data."""
     _check_batch_size(batch_size, fn)
     name, _, num = _resolve(model, layer, fn)
-    with eval_mode(model), torch.no_grad():
-        (x0, _), chunks = _chunks(data, batch_size, model_device(model), fn)
-        consumers = _consumers(model, name, x0[:1], fn)
-        sums = [torch.zeros(num, dtype=torch.float64) for _ in consumers]
-        zeros = [torch.zeros(num, dtype=torch.int64) for _ in consumers]
-        counts = [0] * len(consumers)
+    work = copy.deepcopy(model)                # hooks go on a copy: the caller's model is never touched
+    with eval_mode(work), torch.no_grad():
+        (x0, _), chunks = _chunks(data, batch_size, model_device(work), fn)
+        flow = _flow(work, name, x0[:1], fn)
+        readers = {id(r): i for i, r in enumerate(flow.readers)}
+        sums = [torch.zeros(num, dtype=torch.float64) for _ in readers]
+        zeros = [torch.zeros(num, dtype=torch.float64) for _ in readers]
+        counts = [torch.zeros(num, dtype=torch.long) for _ in readers]
 
-        def hook_for(u: int, width: int):
-            def hook(_module, args):
-                a = _owned(args[0], num, width, fn)
-                sums[u] += a.sum((0, 2), dtype=torch.float64).cpu()
-                zeros[u] += (a == 0).sum((0, 2)).cpu()
-                counts[u] += a.shape[0] * a.shape[2]
-            return hook
+        def before(r, x):
+            u = readers[id(r)]
+            s, c = _per_unit(x, r, num)
+            z, _ = _per_unit((x == 0).to(x.dtype), r, num)
+            sums[u] += s.sum(0).cpu()
+            zeros[u] += z.sum(0).cpu()
+            counts[u] += c.cpu() * x.shape[0]
+            return x
 
-        handles = [m.register_forward_pre_hook(hook_for(u, w)) for u, (m, w) in enumerate(consumers)]
-        try:
+        with intercept(work, flow, before=before):
             for x, _ in chunks:
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
-    return sums, zeros, counts
+                work(x)
+    return sums, [z.round().long() for z in zeros], counts
 
 
 def mean_activation(model: nn.Module, layer, data, *, batch_size: int = 256) -> torch.Tensor:
@@ -131,7 +138,7 @@ def mean_activation(model: nn.Module, layer, data, *, batch_size: int = 256) -> 
     the mean of the per-consumer means (each consumer counts equally whatever its spatial size).
     """
     sums, _, counts = _consumer_stats(model, layer, data, batch_size, "mean_activation")
-    return torch.stack([s / c for s, c in zip(sums, counts)]).mean(0)
+    return torch.stack([s / c.clamp(min=1) for s, c in zip(sums, counts)]).mean(0)
 
 
 def apoz(model: nn.Module, layer, data, *, batch_size: int = 256) -> torch.Tensor:
@@ -144,7 +151,7 @@ def apoz(model: nn.Module, layer, data, *, batch_size: int = 256) -> torch.Tenso
     meant for ReLU networks. With several consumers, the mean of the per-consumer fractions.
     """
     _, zeros, counts = _consumer_stats(model, layer, data, batch_size, "apoz")
-    return 1.0 - torch.stack([z.double() / c for z, c in zip(zeros, counts)]).mean(0)
+    return 1.0 - torch.stack([z.double() / c.clamp(min=1) for z, c in zip(zeros, counts)]).mean(0)
 
 
 def taylor(model: nn.Module, layer, data, *, batch_size: int = 256) -> torch.Tensor:
@@ -168,19 +175,17 @@ def taylor(model: nn.Module, layer, data, *, batch_size: int = 256) -> torch.Ten
     name, _, num = _resolve(model, layer, fn)
     work = copy.deepcopy(model).eval().requires_grad_(False)   # no graph through the prefix, no .grad
     (x0, _), chunks = _chunks(data, batch_size, model_device(model), fn)
-    consumers = _consumers(work, name, x0[:1], fn)
+    with eval_mode(work), torch.no_grad():
+        flow = _flow(work, name, x0[:1], fn)
     total = torch.zeros(num, dtype=torch.float64)
     images, captured = 0, []
 
-    def hook_for(width: int):
-        def hook(_module, args):
-            a = args[0].detach().requires_grad_(True)     # the leaf we differentiate against
-            captured.append((a, width))
-            return (a,) + tuple(args[1:])
-        return hook
+    def before(r, x):
+        a = x.detach().requires_grad_(True)     # the leaf we differentiate against
+        captured.append((a, r))
+        return a
 
-    handles = [m.register_forward_pre_hook(hook_for(w)) for m, w in consumers]
-    try:
+    with intercept(work, flow, before=before):
         for x, y in chunks:
             captured.clear()
             with torch.enable_grad():
@@ -190,15 +195,12 @@ def taylor(model: nn.Module, layer, data, *, batch_size: int = 256) -> torch.Ten
                 loss = F.cross_entropy(logits.float(), y, reduction="sum")
                 grads = torch.autograd.grad(loss, [a for a, _ in captured], allow_unused=True)
             per_image = torch.zeros(x.shape[0], num, dtype=torch.float64, device=x.device)
-            for (a, width), g in zip(captured, grads):
-                if g is not None:   # a consumer whose output the logits do not read contributes 0
-                    prod = _owned(a.detach(), num, width, fn).double() * _owned(g, num, width, fn).double()
-                    per_image += prod.mean(2)
+            for (a, r), g in zip(captured, grads):
+                if g is not None:   # a reader whose output the logits do not read contributes 0
+                    s, c = _per_unit(a.detach().double() * g.double(), r, num)
+                    per_image += s / c.clamp(min=1).to(s.device)
             total += per_image.abs().sum(0).cpu()
             images += x.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
     return total / images
 
 

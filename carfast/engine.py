@@ -40,16 +40,18 @@ from .batching import (Progress, _as_batches, _check_batch, check_finite, check_
                        default_memory_budget, eval_mode, iter_chunks, model_device)
 from .closed_form import find_closed_form
 from .distributed import resolve_group
-from .dynamic_graph import discover_consumers
 from .errors import resolve_layer
+from .flow import analyze as analyze_flow, from_recording
+from .flow.apply import applied
 from .graph import TraceError, analyze, target_num_filters
 from .fused_suffix import find_fused_consumer
+from .masking import keep_mask
 from .ops.closed_form_linear import closed_form_linear_ref
 from .ops.closed_form_logits import closed_form_logits
 from .ops.closed_form_score import closed_form_score
 from .ops.consumer_delta import consumer_delta, owned_weight
 from .ops.score_reduce import pair_results, score_reduce
-from .pairs import Accumulator, active_pairs, suffix_base_logits, zeroing_hook
+from .pairs import Accumulator, active_pairs, suffix_base_logits
 from .precision import check_precision
 from .scores import LayerScores
 from .suffix_eval import SuffixEvaluator
@@ -106,9 +108,9 @@ def _check_filters(filters, num: int, name: str, fn: str = _FN) -> torch.Tensor:
     return f
 
 
-def _pick_backend(backend: str, device: torch.device) -> str:
+def _pick_backend(backend: str, device: torch.device, fn: str = _FN) -> str:
     if backend not in _BACKENDS:
-        raise ValueError(f"{_FN}: backend {backend!r} unknown; choose one of {', '.join(_BACKENDS)}")
+        raise ValueError(f"{fn}: backend {backend!r} unknown; choose one of {', '.join(_BACKENDS)}")
     if backend == "auto":
         if device.type == "cuda":
             return next((b for b in ("cuda", "triton") if _ext.has_backend(b)), "torch")
@@ -116,10 +118,10 @@ def _pick_backend(backend: str, device: torch.device) -> str:
     if backend != "torch":
         _ext.require_backend(backend)
     if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"{_FN}: backend 'cpu' runs on the CPU but the model is on {device}; pass device='cpu' "
+        raise ValueError(f"{fn}: backend 'cpu' runs on the CPU but the model is on {device}; pass device='cpu' "
                          "or backend='auto'")
     if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"{_FN}: backend 'cuda' runs on a CUDA device but the model is on {device}; pass "
+        raise ValueError(f"{fn}: backend 'cuda' runs on a CUDA device but the model is on {device}; pass "
                          "device='cuda' or backend='auto'")
     return backend
 
@@ -168,30 +170,33 @@ class LayerScorer:
     without the removed filters, and score only the filters that remain.
     """
 
+    fn = "score_layer"     # the public function named in messages
+    as_group = False       # score the layer's coupling group (``GroupScorer``)
+
     def __init__(self, model: nn.Module, layer, data, *, device=None, batch_size: int | None = None,
                  memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
                  group=None, options: ScoreOptions | None = None):
         self.options = options or ScoreOptions()
-        self.group = resolve_group(group, _FN)
-        self.dtype = check_precision(precision, _FN)
+        self.group = resolve_group(group, self.fn)
+        self.dtype = check_precision(precision, self.fn)
         self.precision = precision
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{_FN}: model must be a torch.nn.Module, got {type(model).__name__}")
-        self.name, module = resolve_layer(model, layer, _FN)
+            raise TypeError(f"{self.fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+        self.name, module = resolve_layer(model, layer, self.fn)
         self.num_filters = target_num_filters(module)
-        check_work_sizes(batch_size, memory_budget, _FN)
+        check_work_sizes(batch_size, memory_budget, self.fn)
         self.model, self.device = _work_model(model, device)
-        self.kernel = _pick_backend(backend, self.device)
+        self.kernel = _pick_backend(backend, self.device, self.fn)
         self.budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
         self.progress = progress
         self.data = data
-        batches = iter(_as_batches(data, _FN))
+        batches = iter(_as_batches(data, self.fn))
         first = next(batches, None)
         if first is None:
-            raise ValueError(f"{_FN}: data holds no images; pass at least one (inputs, labels) pair")
-        x0, _ = _check_batch(first, _FN)
+            raise ValueError(f"{self.fn}: data holds no images; pass at least one (inputs, labels) pair")
+        x0, _ = _check_batch(first, self.fn)
         if x0.shape[0] == 0:
-            raise ValueError(f"{_FN}: the first batch of data is empty; pass non-empty batches")
+            raise ValueError(f"{self.fn}: the first batch of data is empty; pass non-empty batches")
         self._first_pass = itertools.chain([first], batches)
         self.num_images_hint = _count_images(data)    # for the progress bar; None when unknown
         self._one_shot = isinstance(data, collections.abc.Iterator)   # a generator: can be read once
@@ -201,14 +206,17 @@ class LayerScorer:
         self.trace_error = None
         with eval_mode(self.model), torch.no_grad():
             try:
-                self.lg = analyze(self.model, self.name, example)
+                self.lg = analyze(self.model, self.name, example, fn=self.fn, group=self.as_group)
+                self.flow = self.lg.flow
             except TraceError as err:
                 self.lg, self.trace_error = None, str(err)
-                self.consumers = discover_consumers(self.model, self.name, example)
+                self.flow = analyze_flow(self.model, self.name, example, self.fn, group=self.as_group,
+                                         graph=from_recording(self.model, example))
+            self.num_filters = self.flow.num_units
+            self.removed: list[int] = []
             self._plan(example, batch_size, cpu)
         self._cache: list | None = [] if self.options.cache else None
         self._cache_complete = False
-        self.removed: list[int] = []
 
     # ---- planning -------------------------------------------------------------------------------------
     def _plan(self, example, batch_size, cpu):
@@ -237,7 +245,7 @@ class LayerScorer:
                 if self.fused is not None and opt.fold_bn:
                     self.fused.post = optimized_suffix(self.fused.post, self.channels_last)
             cached = [c.node.args[0] for c in lg.consumers] + [c.node for c in lg.consumers] + lg.boundary
-            widest = max(_meta_bytes(lg.gm.graph.nodes))
+            widest = max(_meta_bytes(n for n in lg.gm.graph.nodes if n.op != "get_attr"))
             self.cache_bytes_per_image = sum(_meta_bytes(cached))
             per_image = 2 * self.cache_bytes_per_image + 3 * widest
             per_pair = 4 * max(_meta_bytes(lg.changed) + [1]) + 2 * sum(_meta_bytes(cached[len(lg.consumers):]))
@@ -246,9 +254,9 @@ class LayerScorer:
             self.pair_batch = batch_size or (128 if cpu else 4096)
             self.pair_batch = max(1, min(self.pair_batch, (self.budget // 2) // per_pair))
             self.evaluator = SuffixEvaluator(lg, self.suffix, self.fused, self.channels_last, self.dtype, self.kernel,
-                                             self.pair_batch)
+                                             self.pair_batch, self.removed)
         if self.budget < per_image + per_pair:
-            raise ValueError(f"{_FN}: memory_budget={self.budget} bytes is too small for one image at layer "
+            raise ValueError(f"{self.fn}: memory_budget={self.budget} bytes is too small for one image at layer "
                              f"{self.name!r} (needs at least {per_image + per_pair}); raise memory_budget")
         work = self.pair_batch * per_pair
         # at most a quarter of what is left for the transient chunk, the rest for the cache
@@ -272,18 +280,18 @@ class LayerScorer:
         if self._first_pass is not None:
             stream, self._first_pass = self._first_pass, None
         elif self._one_shot:
-            raise ValueError(f"{_FN}: data is a one-shot iterator and was consumed by the first score (its "
+            raise ValueError(f"{self.fn}: data is a one-shot iterator and was consumed by the first score (its "
                              "prefix did not fit the memory budget); pass a list, tensors or a DataLoader")
         else:
             stream = self.data
         if self._cache is not None:
             self._cache = []     # a pass cut short before (an exception) must not leave chunks behind
         used = 0
-        for x, y in iter_chunks(stream, self.chunk, self.device, _FN):
+        for x, y in iter_chunks(stream, self.chunk, self.device, self.fn):
             outs = self._prefix(x)
             logits = outs[-1]
-            check_finite(logits, _FN)
-            check_labels(y, logits.shape[1], _FN)
+            check_finite(logits, self.fn)
+            check_labels(y, logits.shape[1], self.fn)
             entry = (y, outs, *pair_results(logits, y))
             if self._cache is not None:
                 used += y.numel() * self.cache_bytes_per_image
@@ -321,13 +329,13 @@ class LayerScorer:
     def remove(self, k: int) -> None:
         """Remove filter ``k`` from the model this scorer evaluates, updating the cached state in place."""
         if isinstance(k, bool) or not isinstance(k, int) and not (isinstance(k, torch.Tensor) and k.numel() == 1):
-            raise TypeError(f"{_FN}: remove takes one int filter index, got {k!r}")
+            raise TypeError(f"{self.fn}: remove takes one int filter index, got {k!r}")
         k = int(k)
         if not 0 <= k < self.num_filters:
-            raise ValueError(f"{_FN}: filter {k} is out of range: layer {self.name!r} has {self.num_filters} "
+            raise ValueError(f"{self.fn}: filter {k} is out of range: layer {self.name!r} has {self.num_filters} "
                              f"filters (0..{self.num_filters - 1})")
         if k in self.removed:
-            raise ValueError(f"{_FN}: filter {k} of {self.name!r} is already removed")
+            raise ValueError(f"{self.fn}: filter {k} of {self.name!r} is already removed")
         self.removed.append(k)
         if self._cache_complete:
             with eval_mode(self.model), torch.no_grad():
@@ -344,32 +352,34 @@ class LayerScorer:
             if self.cf is not None:   # the closed form of removing k is the new base (before Z changes)
                 outs[-1] = self._ablated_closed_form(outs, torch.tensor([k]))[0]
             for a, z, c in zip(A, Z, self.lg.consumers):
-                owned = a[:, k * c.width:(k + 1) * c.width]
-                z.sub_(consumer_delta(c.module, owned, owned_weight(c.module, k * c.width, c.width)))
+                s, e = c.owned(k)
+                if s == e:
+                    continue
+                owned = a.narrow(c.axis, s, e - s)
+                z.sub_(consumer_delta(c.spec, owned, owned_weight(c.spec, c.index[s:e])))
                 owned.zero_()
             if self.cf is None:
-                outs[-1] = suffix_base_logits(self.suffix, Z, outs[2 * u:-1], self.pair_batch, self.channels_last)
-        check_finite(outs[-1], _FN, f"the model's output with filters {self.removed} removed")
+                keep = keep_mask(None, self.removed[:self.removed.index(k) + 1], self.num_filters, y.device) \
+                    if self.lg.masked else None
+                outs[-1] = suffix_base_logits(self.suffix, Z, outs[2 * u:-1], self.pair_batch, self.channels_last,
+                                              keep)
+        check_finite(outs[-1], self.fn, f"the model's output with filters {self.removed} removed")
         return (y, tuple(outs), *pair_results(outs[-1], y))
 
     def _run_removed(self, x, ks) -> torch.Tensor:
-        """Logits [n, classes] of the whole model with filters ``ks`` zeroed at every consumer."""
-        handles = [c.module.register_forward_pre_hook(zeroing_hook(ks, c.width)) for c in self.consumers] \
-            if ks else []
-        try:
+        """Logits [n, classes] of the whole model with units ``ks`` removed (``flow.apply``)."""
+        keep = keep_mask(None, ks, self.num_filters, x.device)
+        with applied(self.model, self.flow, keep):
             return torch.cat([self.model(x[s:s + self.pair_batch]) for s in range(0, x.shape[0], self.pair_batch)])
-        finally:
-            for h in handles:
-                h.remove()
 
     # ---- scoring -------------------------------------------------------------------------------------
     def score(self, filters=None, per_image: bool = False) -> LayerScores:
         """CAR scores of ``filters`` (default all), see ``score_layer``."""
         t0 = time.perf_counter()
-        filt = _check_filters(self.remaining if filters is None else filters, self.num_filters, self.name)
+        filt = _check_filters(self.remaining if filters is None else filters, self.num_filters, self.name, self.fn)
         gone = sorted(set(filt.tolist()) & set(self.removed))
         if gone:
-            raise ValueError(f"{_FN}: filters {gone[:5]} of {self.name!r} were removed; score the remaining ones "
+            raise ValueError(f"{self.fn}: filters {gone[:5]} of {self.name!r} were removed; score the remaining ones "
                              "(filters=None scores all that remain)")
         acc = Accumulator(len(filt), per_image)
         total = len(filt) * self.num_images_hint if self.num_images_hint else None
@@ -377,7 +387,7 @@ class LayerScorer:
         stats = [0, 0, 0]                    # pairs evaluated, skipped (free zeros), re-run in float32
         weights = None
         if self.method == "suffix":   # each consumer's weight restricted to each filter's inputs, [u][f]
-            weights = [[owned_weight(c.module, int(k) * c.width, c.width).detach() for k in filt]
+            weights = [[owned_weight(c.spec, c.index[slice(*c.owned(int(k)))]).detach() for k in filt]
                        for c in self.lg.consumers]
         with eval_mode(self.model), torch.no_grad():
             for y, outs, base_correct, base_loss in self._chunks():
@@ -394,7 +404,7 @@ class LayerScorer:
                 acc.add(y, base_correct, base_loss, correct, loss_sum, img_correct, C)
         bar.close()
         if self.group is not None:   # every process scored its shard: add the counts up, exactly
-            stats = acc.all_reduce(self.group, stats, _FN)
+            stats = acc.all_reduce(self.group, stats, self.fn)
         low = self.method == "suffix" and self.dtype != torch.float32
         return acc.result(self.name, filt, method=self.method, backend=self.kernel, pairs_evaluated=stats[0],
                           pairs_skipped=stats[1], seconds=time.perf_counter() - t0,
@@ -428,10 +438,10 @@ class LayerScorer:
                                                       logits, filt.to(self.device), y, cf.stride, cf.padding,
                                                       cf.dilation, backend=self.kernel)
             if not bool(torch.isfinite(loss).all()):   # a non-finite logit makes its loss non-finite
-                check_finite(self._ablated_closed_form(outs, filt), _FN, "the model's output with a filter removed")
+                check_finite(self._ablated_closed_form(outs, filt), self.fn, "the model's output with a filter removed")
         else:
             abl = self._ablated_closed_form(outs, filt).reshape(F_ * n, -1)          # [F * n, classes]
-            check_finite(abl, _FN, "the model's output with a filter removed")
+            check_finite(abl, self.fn, "the model's output with a filter removed")
             slots = torch.arange(F_, device=abl.device).repeat_interleave(n)
             counts, loss, correct = score_reduce(abl, y.repeat(F_), slots, F_, backend=self.kernel)
         n_active = int(active_pairs(A, self.lg.consumers, filt).sum())
@@ -448,7 +458,7 @@ class LayerScorer:
         slots = torch.zeros_like(y)
         for f, k in enumerate(filt.tolist()):
             abl = self._run_removed(x, self.removed + [k])
-            check_finite(abl, _FN, "the model's output with a filter removed")
+            check_finite(abl, self.fn, "the model's output with a filter removed")
             c, l, correct[f] = score_reduce(abl, y, slots, 1, backend=self.kernel)
             counts[f], loss[f] = c[0], l.sum()
             bar.update(x.shape[0])

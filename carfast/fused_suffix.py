@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from .closed_form import consumer_epilogue
+from .closed_form import consumer_epilogue, gathered_weight
 from .graph import LayerGraph, subgraph
 
 __all__ = ["FusedConsumer", "find_fused_consumer"]
@@ -38,17 +38,17 @@ class FusedConsumer:
 
 def find_fused_consumer(lg: LayerGraph) -> FusedConsumer | None:
     """The fused-consumer split for ``lg``, or None where it does not apply."""
-    if len(lg.consumers) != 1:
+    if len(lg.consumers) != 1 or lg.masked:
         return None
     c = lg.consumers[0]
-    m = c.module
-    if not isinstance(m, nn.Conv2d) or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) \
-            or c.width != 1:
+    m = c.spec
+    if m.kind != "conv" or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) \
+            or c.width != 1 or len(c.index) != lg.num_filters:
         return None
     y, (scale, shift, residual, act), used = consumer_epilogue(lg, dict(lg.gm.named_modules()))
     out = next(n for n in lg.gm.graph.nodes if n.op == "output")
     body = [n for n in lg.changed if n not in used and n.op != "output"] + [out]
     inputs = [(y, "y")] + [(b, f"b{i}") for i, b in enumerate(lg.boundary)]
     post = subgraph(lg.gm, inputs, body)
-    return FusedConsumer(m.weight.detach().contiguous(), scale.contiguous(), shift.contiguous(), act, residual,
+    return FusedConsumer(gathered_weight(c), scale.contiguous(), shift.contiguous(), act, residual,
                          tuple(m.stride), tuple(m.padding), tuple(m.dilation), post)

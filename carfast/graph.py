@@ -1,17 +1,22 @@
-"""Find where a layer's filters are consumed, and split the network there (torch.fx).
+"""Split a traced network where a layer's removal takes effect, for scoring (torch.fx).
 
-``analyze(model, name, example)`` traces the model, follows the target's output through the
-channel-preserving chain (BN, activations, pooling, dropout, depthwise convs, flatten) to its
-consumers, and builds:
+``analyze(model, name, example)`` runs the channel-flow analysis (``carfast.flow``) and, on the fx
+graph, builds:
 
-- a *prefix* module: the whole network, returning (cloned at production, so later in-place ops
-  cannot alter them) each consumer's input A_u and output Z_u, the *boundary* values the rest of the
-  network reads besides the consumers' outputs (e.g. a residual shortcut), and the logits;
+- the *consumers*: readers of the layer's channels (Conv2d / Linear, modules or functional calls on
+  the model's weights) whose input is computed before any other reader's output; unit k owns input
+  positions ``index[offsets[k]:offsets[k+1]]`` along ``axis`` (channels of a conv, features of a linear);
+- a *prefix* module: the whole network, returning each consumer's owned input positions A_u
+  (gathered unit by unit), its output Z_u, the *boundary* values the rest of the network reads besides
+  the consumers' outputs (a residual shortcut, a gated tensor), and the logits;
 - a *suffix* module: the network from the consumers' outputs (and the boundary values) to the logits.
+  Readers deeper in the network (the conv after a squeeze-and-excitation gate), channel-map shortcuts
+  and normalisers are in the suffix: each reads its input through a ``UnitMask`` (or computes a
+  ``MaskedNorm``) driven by a keep mask [P, U + 1], the suffix's last input (``masked``).
 
-Removing filter k replaces Z_u by Z_u - U_k(A_u[:, owned(k)]) (``ops/consumer_delta.py``) and runs
-the suffix. Raises ``ValueError`` with the reason when the target cannot be removed on its own
-(its channels enter a residual add: coupled) and ``TraceError`` when fx cannot trace the model.
+Removing filter k replaces Z_u by Z_u - U_k(A_u[:, owned(k)]) (``ops/consumer_delta.py``), masks unit k
+where the suffix reads it, and runs the suffix. ``FlowError`` (a ``ValueError``) says why a layer cannot
+be removed on its own; ``TraceError`` that fx cannot trace the model (the full-network method applies).
 """
 from __future__ import annotations
 
@@ -19,25 +24,38 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from .ops_catalog import classify_function, classify_module, is_channel_map
+from .flow import Flow, FlowError, Reader, TraceError, analyze as analyze_flow, from_fx
+from .flow.ir import trace_fx
+from .masking import MaskedNorm, UnitMask
+from .ops.consumer_delta import LayerSpec
 
-__all__ = ["TraceError", "Consumer", "LayerGraph", "analyze", "trace", "walk_chain", "fn_name", "subgraph",
-           "suffix_inputs", "descendants", "build_prefix"]
-
-
-class TraceError(RuntimeError):
-    """torch.fx could not trace or run the model symbolically (the slower full-network path applies)."""
+__all__ = ["TraceError", "FlowError", "Consumer", "LayerGraph", "analyze", "split", "trace", "fn_name", "subgraph",
+           "suffix_inputs", "descendants", "build_prefix", "target_num_filters", "reader_spec"]
 
 
-@dataclass
+@dataclass(eq=False)
 class Consumer:
-    """A layer that mixes the target's channels; filter k owns input slice [k*width, (k+1)*width)."""
+    """A reader whose output the engine caches (see the module docstring)."""
     name: str
-    module: nn.Module
     node: fx.Node
-    width: int
+    spec: LayerSpec
+    axis: int                     # 1 (a conv's input channels) or -1 (a linear's features)
+    index: torch.Tensor           # [L] input positions along axis, unit by unit
+    offsets: torch.Tensor         # [U + 1]
+
+    @property
+    def width(self) -> int | None:
+        """Positions each unit owns, when all own the same number; else None."""
+        w = self.offsets.diff()
+        return int(w[0]) if w.numel() and bool((w == w[0]).all()) else None
+
+    def owned(self, k: int) -> tuple[int, int]:
+        """The range of unit k's positions in the gathered input A [n, L, ...] (along ``axis``)."""
+        return int(self.offsets[k]), int(self.offsets[k + 1])
+
+    def identity(self) -> bool:
+        return bool(torch.equal(self.index, torch.arange(len(self.index))))
 
 
 @dataclass
@@ -45,12 +63,14 @@ class LayerGraph:
     """The target layer's place in a traced network; see module docstring."""
     layer: str
     module: nn.Module
-    num_filters: int
+    num_filters: int              # units (filters of the layer)
     consumers: list[Consumer]
     gm: fx.GraphModule
-    prefix: fx.GraphModule          # x -> (A_1..A_u, Z_1..Z_u, B_1..B_b, logits)
-    suffix: fx.GraphModule          # (Z_1..Z_u, B_1..B_b) -> logits
+    prefix: fx.GraphModule        # x -> (A_1..A_u, Z_1..Z_u, B_1..B_b, logits)
+    suffix: fx.GraphModule        # (Z_1..Z_u, B_1..B_b[, keep]) -> logits
     boundary: list[fx.Node]
+    flow: Flow = field(repr=False)
+    masked: bool = False          # the suffix takes a keep mask [P, U + 1] last
     changed: list[fx.Node] = field(repr=False, default_factory=list)  # suffix nodes, topological order
 
 
@@ -61,25 +81,11 @@ def fn_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _shape(node) -> tuple | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-class _Tracer(fx.Tracer):
-    """fx's tracer, keeping channel-map shortcuts (modules with ``carfast_channel_map()``, such as
-    ``models.OptionAShortcut``) as one call each, so the graph code can read their channel map."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_channel_map(m) or super().is_leaf_module(m, qualname)
-
-
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
-    """Symbolically trace ``model`` and propagate shapes of ``example`` [1, ...]; ``TraceError`` if fx cannot."""
-    try:
-        gm = fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means: use the full-network path
-        raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}") from err
+    """``model`` traced by fx with carfast's leaf rules and run once on ``example`` [1, ...] (shapes in
+    ``node.meta['tensor_meta']``); ``TraceError`` if fx cannot."""
+    gm = trace_fx(model)
+    from torch.fx.passes.shape_prop import ShapeProp
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
@@ -88,55 +94,31 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     return gm
 
 
-def walk_chain(gm: fx.GraphModule, target: fx.Node, name: str, fn: str = "score_layer"):
-    """Follow the target's channels to their consumers. Returns (chain nodes, consumers).
+def target_num_filters(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
 
-    ``fn`` names the calling function in error messages."""
-    modules = dict(gm.named_modules())
-    chain, consumers = [target], []
-    frontier = [(target, 1)]
-    seen = {target}
-    while frontier:
-        node, width = frontier.pop()
-        for user in node.users:
-            if user.op == "output":
-                raise ValueError(f"{fn}: layer {name!r} has no consumer on the path to the output: its "
-                                 f"channels reach the model's output through {node.name!r} without passing a "
-                                 "Conv2d or Linear; score a layer that feeds one")
-            if user.op == "call_module":
-                kind, info = classify_module(modules[user.target], _shape(node), _shape(user))
-                label = user.target
-            else:
-                kind, info = classify_function(fn_name(user), _shape(node), _shape(user))
-                label = user.name
-            if kind == "shape":
-                continue
-            if kind == "coupled":
-                raise ValueError(
-                    f"{fn}: layer {name!r} cannot be scored on its own: its channels enter "
-                    f"{info!r} ({label}), a residual add / concat that couples them with another layer's "
-                    "channels (removing one means removing it from every member of the coupling group). "
-                    "Score the whole group with carfast.score_group (carfast score --group), or a layer whose "
-                    "output feeds only convolutions or linears, such as a ResNet block's first conv (e.g. "
-                    "'layer1.0.conv1')")
-            if kind == "unsupported":
-                raise ValueError(f"{fn}: layer {name!r}: its channels reach {label!r}, {info}; carfast "
-                                 "follows BN, activations, pooling, dropout, depthwise convs and flatten into "
-                                 "Conv2d/Linear consumers")
-            if user.args[:1] != (node,) or node in user.args[1:] or node in user.kwargs.values():
-                raise ValueError(f"{fn}: layer {name!r}: its channels reach {label!r} as other than its "
-                                 "only input; carfast follows chains of per-channel ops into Conv2d/Linear")
-            if kind == "consumer":
-                mod = modules[user.target]
-                if any(c.node is user for c in consumers):
-                    raise ValueError(f"{fn}: layer {name!r} reaches consumer {label!r} twice")
-                consumers.append(Consumer(user.target, mod, user, width))
-                continue
-            if user not in seen:
-                seen.add(user)
-                chain.append(user)
-                frontier.append((user, width * info))
-    return chain, consumers
+
+def reader_spec(reader: Reader, modules: dict) -> LayerSpec:
+    """The arithmetic of a conv / linear reader (module or functional call)."""
+    op = reader.op
+    if op.kind == "module":
+        return LayerSpec.of_module(op.target)
+    w = _param(op.args[1] if len(op.args) > 1 else op.kwargs["weight"], modules)
+    if reader.kind == "linear":
+        return LayerSpec("linear", w)
+    a = list(op.args) + [None] * 7
+    get = (lambda i, k, d: a[i] if a[i] is not None else op.kwargs.get(k, d))
+    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+    padding = get(4, "padding", 0)
+    return LayerSpec("conv", w, pair(get(3, "stride", 1)), padding if isinstance(padding, str) else pair(padding),
+                     pair(get(5, "dilation", 1)), get(6, "groups", 1))
+
+
+def _param(op, modules):
+    if getattr(op, "kind", None) != "param":
+        raise FlowError(f"a functional conv / linear whose weight is computed in forward ({op.label}) cannot be "
+                        "removed from; carfast needs the weight to be the model's parameter")
+    return getattr(modules[op.module], op.target)
 
 
 def descendants(roots) -> set:
@@ -150,45 +132,8 @@ def descendants(roots) -> set:
 
 
 def _is_shape_value(node: fx.Node) -> bool:
-    return node.op in ("call_method", "call_function") and fn_name(node) in ("size", "getattr", "getitem", "dim")
-
-
-def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str = "score_layer") -> LayerGraph:
-    """Trace ``model`` and split it at the consumers of layer ``name``; ``example`` is [1, ...] input;
-    ``fn`` names the calling function in error messages."""
-    gm = trace(model, example)
-    targets = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-    if not targets:
-        raise ValueError(f"{fn}: layer {name!r} is never called in the model's forward; score a layer "
-                         "that runs")
-    if len(targets) > 1:
-        raise ValueError(f"{fn}: layer {name!r} is called {len(targets)} times in forward (shared "
-                         "weights); its filters cannot be removed at one place")
-    target = targets[0]
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    if not isinstance(out_node.args[0], fx.Node) or _shape(out_node.args[0]) is None \
-            or len(_shape(out_node.args[0])) != 2:
-        raise ValueError(f"{fn}: the model must return one tensor of logits [N, classes]; wrap it so "
-                         "forward returns that tensor")
-    chain, consumers = walk_chain(gm, target, name, fn)
-    if not consumers:
-        raise ValueError(f"{fn}: layer {name!r} has no consumer (Conv2d or Linear) on the path to the "
-                         "output; score a layer that feeds one")
-    chain_set = set(chain)
-    changed = descendants([c.node for c in consumers])
-    boundary, recompute = suffix_inputs(gm, changed, [c.node for c in consumers])
-    bad = next((a for a in boundary if a in chain_set), None)
-    if bad is not None:
-        raise ValueError(f"{fn}: layer {name!r}: the network after the consumers reads {bad.name!r}, "
-                         "a value on the target's chain, other than through the consumers; not supported")
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    suffix_nodes = sorted(changed | recompute, key=order.__getitem__)
-    consumer_nodes = [c.node for c in consumers]
-    suffix = _build_suffix(gm, consumer_nodes, boundary, suffix_nodes)
-    prefix = build_prefix(gm, [c.node.args[0] for c in consumers] + consumer_nodes + boundary)
-    num = target_num_filters(gm.get_submodule(name))
-    return LayerGraph(name, gm.get_submodule(name), num, consumers, gm, prefix, suffix, boundary,
-                      [n for n in suffix_nodes if n not in consumer_nodes])
+    return node.op in ("call_method", "call_function") and fn_name(node) in ("size", "getattr", "getitem", "dim") \
+        and not hasattr(node.meta.get("tensor_meta"), "shape")
 
 
 def suffix_inputs(gm: fx.GraphModule, changed: set, entries) -> tuple[list[fx.Node], set]:
@@ -211,42 +156,38 @@ def suffix_inputs(gm: fx.GraphModule, changed: set, entries) -> tuple[list[fx.No
     return boundary, recompute
 
 
-def target_num_filters(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-
-
-def subgraph(gm: fx.GraphModule, inputs, body, graph: fx.Graph | None = None, wrap=None) -> fx.GraphModule:
+def subgraph(gm: fx.GraphModule, inputs, body, graph: fx.Graph | None = None, wrap=None, replace=None,
+             extra=()) -> fx.GraphModule:
     """A GraphModule over ``gm``'s modules: placeholders for ``inputs`` (pairs (node, name)), then copies
     of ``body`` (nodes of ``gm`` in topological order, ending with its output node); the parameters the
     body reads are fetched as in ``gm``.
 
     ``graph``: a graph to append to (holding e.g. a placeholder of its own first); ``wrap(node, value)``:
     the value later nodes read in place of ``node``'s copy (inputs and body, not the output), so a caller
-    can insert ops after chosen nodes."""
+    can insert ops after chosen nodes; ``replace(node, g, env)``: the value of a body node the caller builds
+    itself (None: copy it); ``extra``: names of more placeholders after the inputs' (``env[name]``)."""
     g = graph if graph is not None else fx.Graph()
 
     def put(node, value):
         return value if wrap is None else wrap(node, value)
 
     env = {n: put(n, g.placeholder(name)) for n, name in inputs}
+    env.update({name: g.placeholder(name) for name in extra})
     body = [n for n in body if n not in env]
     for n in body:
         for a in n.all_input_nodes:
             if a.op == "get_attr" and a not in env:
                 env[a] = g.node_copy(a)
     for n in body:
-        copy = g.node_copy(n, lambda a: env[a])
+        made = replace(n, g, env) if replace is not None else None
+        copy = made if made is not None else g.node_copy(n, lambda a: env[a])
         env[n] = copy if n.op == "output" else put(n, copy)
     return fx.GraphModule(gm, g)
 
 
-def _build_suffix(gm, consumer_nodes, boundary, suffix_nodes) -> fx.GraphModule:
-    inputs = [(n, f"z{i}") for i, n in enumerate(consumer_nodes)] + [(n, f"b{i}") for i, n in enumerate(boundary)]
-    return subgraph(gm, inputs, suffix_nodes)
-
-
-def build_prefix(gm, capture) -> fx.GraphModule:
-    """The whole network, also returning a clone of each node in ``capture`` taken when it is made."""
+def build_prefix(gm, capture, gather=None) -> fx.GraphModule:
+    """The whole network, also returning a clone of each node in ``capture`` taken when it is made
+    (``gather[i] = (axis, index)``: only those positions of capture i, by ``index_select``)."""
     g = fx.Graph()
     env, clones = {}, {}
     wanted = {n: i for i, n in enumerate(capture)}
@@ -257,6 +198,117 @@ def build_prefix(gm, capture) -> fx.GraphModule:
             continue
         env[n] = g.node_copy(n, lambda a: env[a])
         if n in wanted:
-            clones[n] = g.call_function(torch.clone, (env[n],))
+            sel = gather[wanted[n]] if gather else None
+            if sel is None:
+                clones[n] = g.call_function(torch.clone, (env[n],))
+            else:
+                clones[n] = g.call_function(torch.index_select, (env[n], sel[0], g.get_attr(sel[1])))
     g.output(tuple(clones[n] for n in capture) + (out_value,))
     return fx.GraphModule(gm, g)
+
+
+def _first_level(readers: list[Reader], nodes: dict) -> tuple[list[Reader], list[Reader]]:
+    """(cached consumers: conv / linear readers whose input no reader's output feeds, the other readers)."""
+    below = descendants([nodes[r.op] for r in readers]) - {nodes[r.op] for r in readers}
+    cached = [r for r in readers if r.kind in ("conv", "linear") and nodes[r.op] not in below
+              and nodes[r.op].args[0] not in below]
+    return cached, [r for r in readers if r not in cached]
+
+
+def split(flow: Flow, model: nn.Module, fn: str = "score_layer") -> LayerGraph:
+    """The prefix / suffix split of ``flow`` (fx front end)."""
+    graph = flow.graph
+    if graph.front_end != "fx":
+        raise TraceError(f"torch.fx cannot trace {type(model).__name__}")
+    gm = graph.gm
+    nodes = {op: op.fx_node for op in graph.ops}
+    modules = dict(model.named_modules())
+    cached, masked = _first_level(flow.readers, nodes)
+    if not cached and not masked:
+        raise FlowError(f"{fn}: layer {flow.layer!r} has no consumer (Conv2d or Linear) on the path to the output; "
+                        "score a layer that feeds one")
+    consumers = []
+    for i, r in enumerate(cached):
+        owned = r.owned
+        index = torch.cat(owned) if owned else torch.zeros(0, dtype=torch.long)
+        offsets = torch.tensor([0] + [len(o) for o in owned]).cumsum(0)
+        consumers.append(Consumer(r.name, nodes[r.op], reader_spec(r, modules), r.axis if r.kind == "conv" else -1,
+                                  index, offsets))
+    cut = [c.node for c in consumers]
+    masked_nodes = {nodes[r.op]: r for r in masked}
+    changed = descendants(cut) | descendants(list(masked_nodes))
+    boundary, recompute = suffix_inputs(gm, changed, cut)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    suffix_nodes = sorted(changed | recompute, key=order.__getitem__)
+    suffix = _build_suffix(gm, cut, boundary, suffix_nodes, masked_nodes, flow.walk.rules)
+    device = next(iter(gm.parameters()), torch.zeros(())).device
+    gather = [None if c.identity() else (c.axis, _attach(gm, "gather", c.index.to(device))) for c in consumers]
+    prefix = build_prefix(gm, [c.node.args[0] for c in consumers] + cut + boundary,
+                          gather + [None] * (len(cut) + len(boundary)))
+    target = gm.get_submodule(flow.layer)
+    return LayerGraph(flow.layer, target, flow.num_units, consumers, gm, prefix, suffix, boundary, flow,
+                      bool(masked_nodes), [n for n in suffix_nodes if n not in cut])
+
+
+def _build_suffix(gm, cut, boundary, suffix_nodes, masked: dict, rules: dict) -> fx.GraphModule:
+    """The suffix; readers in ``masked`` ({node: Reader}) read through a mask (see the module docstring)."""
+    inputs = [(n, f"z{i}") for i, n in enumerate(cut)] + [(n, f"b{i}") for i, n in enumerate(boundary)]
+
+    def replace(n, g, env):
+        r = masked.get(n)
+        if r is None:
+            return None
+        keep, x = env["keep"], env[n.args[0]]
+        if r.kind == "norm":
+            module, w, b = _masked_norm(n, r, rules[r.op], g, env)
+            return g.call_module(_attach(gm, "mask", module), (x, keep, w, b))
+        prof = r.codes.movedim(r.axis, -1).reshape(-1, r.codes.shape[r.axis])[0]
+        xm = g.call_module(_attach(gm, "mask", UnitMask(prof, r.axis)), (x, keep))
+        return g.node_copy(n, lambda a: xm if a is n.args[0] else env[a])
+
+    return subgraph(gm, inputs, suffix_nodes, replace=replace, extra=("keep",) if masked else ())
+
+
+def _attach(gm: fx.GraphModule, kind: str, obj) -> str:
+    """Register ``obj`` (a module or a tensor) on carfast's traced copy ``gm`` under a fresh name."""
+    i = 0
+    while hasattr(gm, f"_carfast_{kind}_{i}"):
+        i += 1
+    name = f"_carfast_{kind}_{i}"
+    if isinstance(obj, nn.Module):
+        gm.add_submodule(name, obj)
+    else:
+        gm.register_buffer(name, obj, persistent=False)
+    return name
+
+
+def _masked_norm(n: fx.Node, r: Reader, rule, g: fx.Graph, env):
+    """(MaskedNorm, weight node, bias node) replacing the norm call ``n`` in the suffix."""
+    from .flow.checks import unit_axis
+    axis = unit_axis(r.codes)
+    if axis not in rule.axes:
+        raise FlowError(f"score_layer: {r.op.label} normalises over axes {rule.axes}, but the channels vary along "
+                        f"axis {axis}")
+    prof = r.codes.movedim(axis, -1).reshape(-1, r.codes.shape[axis])[0]
+    param_axis = rule.params[0][1] if rule.params else axis
+    if n.op == "call_module":
+        m = r.op.target
+        w = g.get_attr(f"{n.target}.weight") if getattr(m, "weight", None) is not None else None
+        b = g.get_attr(f"{n.target}.bias") if getattr(m, "bias", None) is not None else None
+        return MaskedNorm(prof, axis, rule.axes, param_axis, m.eps), w, b
+    a = list(n.args) + [None] * 5
+    first = 2                                     # layer_norm(x, shape, w, b, eps) / group_norm(x, G, w, b, eps)
+    w, b = a[first] if a[first] is not None else n.kwargs.get("weight"), \
+        a[first + 1] if a[first + 1] is not None else n.kwargs.get("bias")
+    eps = a[first + 2] if a[first + 2] is not None else n.kwargs.get("eps", 1e-5)
+    return MaskedNorm(prof, axis, rule.axes, param_axis, eps), \
+        (env[w] if isinstance(w, fx.Node) else w), (env[b] if isinstance(b, fx.Node) else b)
+
+
+def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str = "score_layer",
+            group: bool = False) -> LayerGraph:
+    """Trace ``model`` and split it where removing layer ``name``'s filters (``group``: its coupling group's
+    channels) takes effect; ``example`` is [1, ...]; ``fn`` names the calling function in error messages."""
+    graph = from_fx(model, example)
+    flow = analyze_flow(model, name, example, fn, group=group, graph=graph)
+    return split(flow, model, fn)

@@ -10,7 +10,7 @@ from .ops.score_reduce import score_reduce
 from .scores import LayerScores
 
 __all__ = ["Accumulator", "reduce_pair_batch", "active_pairs", "intact_counts", "suffix_logits", "suffix_base_logits",
-           "run_suffix", "zeroing_hook"]
+           "run_suffix"]
 
 
 class Accumulator:
@@ -80,12 +80,15 @@ def reduce_pair_batch(abl, y_b, f_b, n_b, counts, loss, img_correct, kernel: str
 def active_pairs(A, consumers, filt) -> torch.Tensor:
     """[F, n] bool: does filter f have any nonzero value in what it owns of any consumer's input on image n?
 
-    A: the consumers' inputs, each [n, K * width, ...]. A pair that is False equals the intact result.
+    A: the consumers' gathered inputs, each [n, L, ...] (``graph.Consumer``). A pair that is False equals
+    the intact result.
     """
     active = None
     for a, c in zip(A, consumers):
         n = a.shape[0]
-        nz = a.reshape(n, a.shape[1] // c.width, -1).ne(0).any(2)       # [n, K]
+        per_pos = a.movedim(c.axis, 1).reshape(n, a.shape[c.axis], -1).ne(0).any(2)     # [n, L]
+        unit = torch.repeat_interleave(torch.arange(len(c.offsets) - 1, device=a.device), c.offsets.diff().to(a.device))
+        nz = torch.zeros(n, len(c.offsets) - 1, device=a.device).index_add_(1, unit, per_pos.float()) > 0
         nz = nz[:, filt.to(a.device)].t()
         active = nz if active is None else active | nz
     return active
@@ -104,12 +107,13 @@ def intact_counts(inactive, base_correct, base_loss, y, num_classes: int):
 
 
 def suffix_logits(suffix, consumers, weights, filt, A, Z, B, f_b, n_b, channels_last: bool,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, keep=None) -> torch.Tensor:
     """Ablated logits [P, classes] for the pairs (filter ``filt[f_b[p]]``, image ``n_b[p]``); f_b sorted.
 
-    A, Z: each consumer's cached input [n, K*w, ...] and output [n, O, ...]; B: boundary values [n, ...];
-    weights[u][f]: consumer u's weight restricted to filter f's owned inputs. The consumer deltas are
-    float32; the suffix (whose parameters must be in ``dtype``) runs on inputs cast to ``dtype``.
+    A, Z: each consumer's gathered input [n, L, ...] and output [n, O, ...]; B: boundary values [n, ...];
+    weights[u][f]: consumer u's weight restricted to filter f's owned inputs; keep: the suffix's keep mask
+    [P, U + 1] when it masks readers (``masking.keep_mask``), else None. The consumer deltas are float32;
+    the suffix (whose parameters must be in ``dtype``) runs on inputs cast to ``dtype``.
     """
     runs, counts = torch.unique_consecutive(f_b, return_counts=True)
     zs = []
@@ -117,40 +121,30 @@ def suffix_logits(suffix, consumers, weights, filt, A, Z, B, f_b, n_b, channels_
         zp = z[n_b]
         off = 0
         for f, cnt in zip(runs.tolist(), counts.tolist()):
-            k = int(filt[f])
-            owned = a[n_b[off:off + cnt], k * c.width:(k + 1) * c.width]
-            zp[off:off + cnt] -= consumer_delta(c.module, owned, weights[ui][f])
+            s, e = c.owned(int(filt[f]))
+            if e > s:
+                owned = a[n_b[off:off + cnt]].narrow(c.axis, s, e - s)
+                zp[off:off + cnt] -= consumer_delta(c.spec, owned, weights[ui][f])
             off += cnt
         zs.append(zp)
-    return run_suffix(suffix, zs, [b[n_b] for b in B], channels_last, dtype)
+    return run_suffix(suffix, zs, [b[n_b] for b in B], channels_last, dtype, keep)
 
 
-def suffix_base_logits(suffix, Z, B, batch: int, channels_last: bool) -> torch.Tensor:
+def suffix_base_logits(suffix, Z, B, batch: int, channels_last: bool, keep=None) -> torch.Tensor:
     """Logits [n, classes] of the suffix on the consumers' outputs Z and boundary values B as they are
-    (after a filter removal has updated Z), ``batch`` images per call."""
-    n = Z[0].shape[0]
-    return torch.cat([run_suffix(suffix, [z[s:s + batch] for z in Z], [b[s:s + batch] for b in B], channels_last)
-                      for s in range(0, n, batch)])
+    (after a filter removal has updated Z), ``batch`` images per call; ``keep`` [1, U + 1] the removals
+    for a suffix that masks readers."""
+    n = Z[0].shape[0] if Z else B[0].shape[0]
+    return torch.cat([run_suffix(suffix, [z[s:s + batch] for z in Z], [b[s:s + batch] for b in B], channels_last,
+                                 keep=keep) for s in range(0, n, batch)])
 
 
-def run_suffix(suffix, zs, bs, channels_last: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``suffix(*zs, *bs)`` with the inputs in the suffix's layout and, when floating, in ``dtype``."""
+def run_suffix(suffix, zs, bs, channels_last: bool, dtype: torch.dtype = torch.float32, keep=None) -> torch.Tensor:
+    """``suffix(*zs, *bs[, keep])`` with the inputs in the suffix's layout and, when floating, in ``dtype``."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def prep(t):
         t = t.to(dtype) if t.is_floating_point() else t
         return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
-    return suffix(*[prep(z) for z in zs], *[prep(b) for b in bs])
-
-
-def zeroing_hook(filters, width: int):
-    """A forward pre-hook that zeroes input slices [k*width, (k+1)*width) of dim 1 (on a clone) for each
-    filter k in ``filters`` (an int or a list of ints)."""
-    ks = [filters] if isinstance(filters, int) else list(filters)
-
-    def hook(_module, args):
-        x = args[0].clone()
-        for k in ks:
-            x[:, k * width:(k + 1) * width] = 0
-        return (x,) + tuple(args[1:])
-    return hook
+    extra = () if keep is None else (keep,)
+    return suffix(*[prep(z) for z in zs], *[prep(b) for b in bs], *extra)

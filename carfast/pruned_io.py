@@ -25,7 +25,7 @@ from torch import nn
 
 from . import models
 from .atomic import atomic_path
-from .ops_catalog import is_channel_map
+from .flow import is_channel_map
 
 __all__ = ["save_pruned", "load_pruned_model"]
 

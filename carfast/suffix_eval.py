@@ -13,6 +13,7 @@ import copy
 
 import torch
 
+from .masking import keep_mask
 from .ops.ablated_consumer import ablated_consumer
 from .pairs import active_pairs, intact_counts, reduce_pair_batch, run_suffix, suffix_logits
 from .precision import CALIBRATION_PAIRS, margin_threshold, top1_margin
@@ -31,8 +32,9 @@ class SuffixEvaluator:
     ``threshold`` is the re-run margin, set on the first chunk scored in low precision.
     """
 
-    def __init__(self, lg, suffix, fused, channels_last: bool, dtype: torch.dtype, kernel: str, pair_batch: int):
-        self.lg, self.suffix, self.fused = lg, suffix, fused
+    def __init__(self, lg, suffix, fused, channels_last: bool, dtype: torch.dtype, kernel: str, pair_batch: int,
+                 removed: list):
+        self.lg, self.suffix, self.fused, self.removed = lg, suffix, fused, removed
         self.channels_last, self.dtype, self.kernel, self.pair_batch = channels_last, dtype, kernel, pair_batch
         self.threshold: float | None = None
         self._low = {}   # low-precision copies of the suffix (or of fused.post), made on first use
@@ -48,7 +50,10 @@ class SuffixEvaluator:
         re-run in float32] counters, updated; bar: the progress bar.
         """
         F_, C = len(filt), num_classes
-        active = active_pairs(A, self.lg.consumers, filt)
+        if self.lg.masked:   # readers inside the suffix: a filter zero at the consumers may still matter there
+            active = torch.ones(F_, y.numel(), dtype=torch.bool, device=y.device)
+        else:
+            active = active_pairs(A, self.lg.consumers, filt)
         fi, ni = active.nonzero(as_tuple=True)
         low = self.dtype != torch.float32
         if low and self.threshold is None and fi.numel():
@@ -82,13 +87,19 @@ class SuffixEvaluator:
             self._low[key] = copy.deepcopy(module).to(self.dtype)
         return self._low[key]
 
+    def _keep(self, filt, f_b):
+        """The suffix's keep mask for pairs of filters filt[f_b] (None when it masks no reader)."""
+        if not self.lg.masked:
+            return None
+        return keep_mask(filt.to(f_b.device)[f_b], self.removed, self.lg.num_filters, f_b.device)
+
     def _pair_logits(self, A, Z, B, filt, weights, f_b, n_b, dtype) -> torch.Tensor:
         """Ablated logits [P, classes] of pairs (filt[f_b], n_b), the suffix in ``dtype``."""
         fc = self.fused
         if fc is None:
             suffix = self.suffix if dtype == torch.float32 else self._low_copy(self.suffix)
             return suffix_logits(suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last,
-                                 dtype)
+                                 dtype, self._keep(filt, f_b))
         R = B[fc.residual_index] if fc.residual_index is not None else None
         y_abl = ablated_consumer(A[0], fc.weight, Z[0], fc.scale, fc.shift, R, fc.act, filt.to(A[0].device)[f_b],
                                  n_b, fc.stride, fc.padding, fc.dilation, out_dtype=dtype, backend=self.kernel)
@@ -97,7 +108,8 @@ class SuffixEvaluator:
 
     def _exact_logits(self, A, Z, B, filt, weights, f_b, n_b) -> torch.Tensor:
         """Float32 logits of pairs by the plain suffix path (the low-precision fallback and its calibration)."""
-        return suffix_logits(self.suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last)
+        return suffix_logits(self.suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last,
+                             keep=self._keep(filt, f_b))
 
     def _calibrate(self, A, Z, B, filt, weights, fi, ni) -> None:
         """Set the re-run margin from CALIBRATION_PAIRS random pairs evaluated both ways (``precision.py``)."""

@@ -126,7 +126,7 @@ def optimized_suffix(suffix: fx.GraphModule, channels_last: bool, fuse_pointwise
     """A faster copy of ``suffix`` (see module docstring); the CPU-only oneDNN fusion only when
     ``channels_last`` (the CPU layout) and available."""
     from torch.fx.experimental.optimization import fuse
-    opt = fuse(copy.deepcopy(suffix), inplace=True)
+    opt = fuse(copy.deepcopy(suffix), inplace=True, no_trace=True)
     if channels_last:
         opt = opt.to(memory_format=torch.channels_last)
         if fuse_pointwise and _pointwise_fusion_available():

@@ -44,7 +44,7 @@ def test_module_not_in_model(resnet, data):
 
 
 def test_no_consumer_on_path_to_output(resnet, data):
-    with pytest.raises(ValueError, match="no consumer on the path to the output"):
+    with pytest.raises(ValueError, match="produces the model.s outputs"):
         carfast.score_layer(resnet, "linear", data)
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import carfast
-from carfast import graph
 from carfast.groups import find_group
 from carfast.models import cifar_resnet
 
@@ -37,12 +36,11 @@ def test_torch_pruning_groups_are_carfast_groups():
     """With channel_map_pruners, Torch-Pruning's groups are carfast's: one per stage, plus each block's conv1."""
     model = cifar_resnet(20)
     DG = _graph(model)
-    gm = graph.trace(model, EXAMPLE)
     groups = list(DG.get_all_groups(root_module_types=[torch.nn.Conv2d], ignored_layers=[model.linear]))
     assert len(groups) == 12
     for g in groups:
         root = DG._module2name[g[0].dep.target.module]
-        assert _producers(DG, g) == sorted(find_group(gm, root).producers), root
+        assert _producers(DG, g) == sorted(find_group(model, root, EXAMPLE).producers), root
 
 
 def test_importance_is_car_with_loss_tie_break():

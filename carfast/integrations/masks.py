@@ -1,16 +1,19 @@
 """``torch.nn.utils.prune`` masks for carfast's filter removals, and back.
 
 ``to_masks(model, removals)`` masks, with ``torch.nn.utils.prune.custom_from_mask``, what the physical
-removal (``carfast.remove_filters``) deletes, so that the masked model computes what the pruned one
-does. For every removed filter k of a layer T:
+removal (``carfast.remove_filters``, or ``carfast.remove_groups`` for a layer whose channels are coupled
+with other layers') deletes, so that the masked model computes what the pruned one does. It reads the
+same channel-flow analysis (``carfast.flow``). For every removed unit:
 
-* in each consumer of T (the next Conv2d / Linear that mixes the channels), the input slice filter k
-  owns is masked: a conv's input channel k (in a grouped conv, the column of k's group), or a Linear's
-  block of features [k*w, (k+1)*w) after a flatten. This is what makes the outputs equal: removing a
-  filter means its channel no longer reaches any consumer (design.md section 2), whatever BatchNorm,
-  activation or depthwise conv lies between;
-* T's own output k is masked too (its weight rows and bias entry), the usual mark of a pruned filter,
+* in each reader (a Conv2d / Linear reading the channel), the input it owns is masked: a conv's input
+  channel (in a grouped conv, the column of its group), or a Linear's features (after a flatten, the
+  block the channel owns). This is what makes the outputs equal: removing a filter means its channel
+  no longer reaches any reader, whatever BatchNorm, activation or depthwise conv lies between;
+* each producer's output rows (and bias entries) are masked too, the usual mark of a pruned filter,
   which is how ``from_masks`` finds the removals again.
+
+What weight masks cannot express is refused with the reason: a normaliser (LayerNorm, GroupNorm(1))
+renormalises over the channels that remain, and a parameter-free channel-map shortcut has no weights.
 
 ``from_masks(model)`` reads the masks back: the filters of each Conv2d / Linear whose ``weight_mask``
 row (output channel) is all zero.
@@ -24,9 +27,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ..dynamic_graph import find_consumers
 from ..batching import eval_mode
-from ..surgery import _example, _parse_removals
+from ..flow import FlowError, analyze, build_graph
+from ..surgery import infer_example, parse_removals
 
 __all__ = ["to_masks", "from_masks"]
 
@@ -43,26 +46,42 @@ def _removals_of(result_or_removals) -> Mapping:
                     f"{type(result_or_removals).__name__}")
 
 
-def _input_mask(consumer: nn.Module, filters: list[int], width: int) -> torch.Tensor:
-    """A 0/1 mask of ``consumer.weight`` without the input slices the filters own."""
-    w = consumer.weight
+def _input_mask(w: torch.Tensor, kind: str, groups: int, inputs: list[int]) -> torch.Tensor:
+    """A 0/1 mask of a reader's weight without input channels / features ``inputs``."""
     mask = torch.ones_like(w)
-    if isinstance(consumer, nn.Linear):
-        for k in filters:
-            mask[:, k * width:(k + 1) * width] = 0
+    if kind == "linear":
+        mask[:, inputs] = 0
         return mask
-    in_per_group = consumer.in_channels // consumer.groups
-    out_per_group = consumer.out_channels // consumer.groups
-    for k in filters:
-        for ci in range(k * width, (k + 1) * width):
-            g = ci // in_per_group
-            mask[g * out_per_group:(g + 1) * out_per_group, ci - g * in_per_group] = 0
+    in_per_group = w.shape[1]
+    out_per_group = w.shape[0] // groups
+    for ci in inputs:
+        g = ci // in_per_group
+        mask[g * out_per_group:(g + 1) * out_per_group, ci - g * in_per_group] = 0
     return mask
 
 
 def _mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
     """Apply ``mask`` to ``module.<param>`` (combined with a mask already there, as torch.nn.utils.prune does)."""
     torch_prune.custom_from_mask(module, param, mask.to(getattr(module, param).device))
+
+
+def _flow(work, name, ex, graph):
+    """The layer's flow; a layer coupled with others is taken as its coupling group (as remove_groups does)."""
+    try:
+        return analyze(work, name, ex, _FN, graph=graph)
+    except FlowError as err:
+        if "score_group" not in str(err):
+            raise
+        return analyze(work, name, ex, _FN, group=True, graph=graph)
+
+
+def _weight_owner(op, modules) -> tuple[nn.Module, str]:
+    if op.kind == "module":
+        return op.target, "weight"
+    w = op.args[1] if len(op.args) > 1 else op.kwargs.get("weight")
+    if getattr(w, "kind", None) != "param":
+        raise ValueError(f"{_FN}: {op.label}'s weight is computed in forward; weight masks cannot reach it")
+    return modules[w.module], w.target
 
 
 def to_masks(model: nn.Module, result_or_removals, *, example: torch.Tensor | None = None,
@@ -72,36 +91,59 @@ def to_masks(model: nn.Module, result_or_removals, *, example: torch.Tensor | No
     Args:
         model: the original (unpruned) network the removals refer to.
         result_or_removals: a ``carfast.PruneResult`` (its ``removed``) or ``{layer: filters}`` with
-            original filter indices, as ``carfast.remove_filters`` takes.
+            original filter indices, as ``carfast.remove_filters`` takes (a layer coupled with others:
+            channels of its group, as ``carfast.remove_groups`` takes).
         example: one input [1, ...] to trace the model (default: inferred as ``remove_filters`` does).
         inplace: mask ``model`` itself instead of a deep copy.
     Returns:
         The masked model: each masked module has ``<param>_orig`` and ``<param>_mask`` as
         ``torch.nn.utils.prune`` makes them; ``torch.nn.utils.prune.remove`` makes them permanent.
-        Its outputs equal the physically pruned model's (``carfast.remove_filters``) up to float rounding.
+        Its outputs equal the physically pruned model's up to float rounding.
+    Raises:
+        ValueError for what ``remove_filters`` refuses, and where weight masks cannot express the removal
+        (a normaliser or a channel-map shortcut reads the channels).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{_FN}: model must be a torch.nn.Module, got {type(model).__name__}")
-    targets = _parse_removals(model, _removals_of(result_or_removals), _FN)
+    targets = parse_removals(model, _removals_of(result_or_removals), _FN)
     work = model if inplace else copy.deepcopy(model)
     targets = {name: idx for name, idx in targets.items() if idx}
     if not targets:
         return work
     modules = dict(work.named_modules())
+    plan = []
     with eval_mode(work), torch.no_grad():
-        ex, _ = _example(work, example, _FN)
-        plan = {name: find_consumers(work, name, ex, _FN) for name in targets}   # found before any mask changes the graph
-    for name, filters in targets.items():
-        layer = modules[name]
-        rows = torch.ones_like(layer.weight)
-        rows[filters] = 0
-        _mask(layer, "weight", rows)
-        if layer.bias is not None:
-            keep = torch.ones_like(layer.bias)
-            keep[filters] = 0
-            _mask(layer, "bias", keep)
-        for c in plan[name]:
-            _mask(modules[c.name], "weight", _input_mask(modules[c.name], filters, c.width))
+        ex, _ = infer_example(work, example, _FN)
+        graph = build_graph(work, ex)
+        for name, filters in targets.items():    # every flow found before any mask changes the graph
+            flow = _flow(work, name, ex, graph)
+            units = sorted({int(flow.unit_of[k]) for k in filters})
+            for r in flow.readers:
+                if r.kind in ("norm", "channel_map"):
+                    what = "a normaliser, which renormalises over the channels that remain" if r.kind == "norm" \
+                        else "a parameter-free channel-map shortcut, which has no weights"
+                    raise ValueError(f"{_FN}: removing filters of {name!r} reaches {r.op.label}, {what}; weight "
+                                     "masks cannot express that: use carfast.remove_filters / remove_groups")
+            plan.append((flow, units))
+    for flow, units in plan:
+        for p in flow.producers:
+            if p.kind == "channel_map":
+                raise ValueError(f"{_FN}: the group of {flow.layer!r} is fed by {p.op.label}, a parameter-free "
+                                 "channel-map shortcut, which weight masks cannot reach: use carfast.remove_groups")
+            module, attr = _weight_owner(p.op, modules)
+            rows = [int(i) for u in units for i in p.rows[u].tolist()]
+            keep = torch.ones_like(getattr(module, attr))
+            keep[rows] = 0
+            _mask(module, attr, keep)
+            if getattr(module, "bias", None) is not None and p.op.kind == "module":
+                b = torch.ones_like(module.bias)
+                b[rows] = 0
+                _mask(module, "bias", b)
+        for r in flow.readers:
+            module, attr = _weight_owner(r.op, modules)
+            inputs = [int(i) for u in units for i in r.owned[u].tolist()]
+            groups = getattr(module, "groups", 1) if r.kind == "conv" else 1
+            _mask(module, attr, _input_mask(getattr(module, attr), r.kind, groups, inputs))
     return work
 
 

@@ -29,8 +29,8 @@ from torch import nn
 
 from ..engine import score_layer
 from ..group_scorer import score_group
-from ..ops_catalog import is_channel_map
-from ..surgery import remap_channel_map
+from ..flow import is_channel_map
+from ..slicers import remap_channel_map
 
 try:
     import torch_pruning as tp
