@@ -13,6 +13,7 @@ from .classwise import ClassImportance
 from .engine import LayerScorer, ScoreOptions, score_layer
 from .evaluate import evaluate
 from .group_scorer import GroupScorer, score_group
+from .layers import LayerInfo, layers
 from .prune import prune
 from .prune_result import PruneResult, load_pruned
 from .report import write_report
@@ -20,6 +21,6 @@ from .scores import LayerScores
 from .surgery import remove_filters, remove_groups
 
 __version__ = "0.2.0"
-__all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "LayerScores", "ScoreOptions",
+__all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "layers", "LayerInfo", "LayerScores", "ScoreOptions",
            "prune", "PruneResult", "load_pruned", "remove_filters", "write_report", "evaluate", "ClassImportance",
            "criteria", "finetune", "train_data", "integrations", "backends", "models", "data", "__version__"]

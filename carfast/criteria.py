@@ -76,7 +76,7 @@ def _check_batch_size(batch_size, fn: str) -> None:
 def _flow(model: nn.Module, name: str, example: torch.Tensor, fn: str):
     """The channel flow of layer ``name`` on a recording of ``model`` (``carfast.flow``): its readers are
     where the criteria read each filter's activation, and ``flow.apply.intercept`` hooks them."""
-    return analyze(model, name, example, fn, graph=from_recording(model, example))
+    return analyze(model, name, example, fn, graph=from_recording(model, example), cut_checks=False)
 
 
 def _per_unit(v: torch.Tensor, reader, num: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,7 +117,7 @@ def reader_spec(reader: Reader, modules: dict) -> LayerSpec:
 def _param(op, modules):
     if getattr(op, "kind", None) != "param":
         raise FlowError(f"a functional conv / linear whose weight is computed in forward ({op.label}) cannot be "
-                        "removed from; carfast needs the weight to be the model's parameter")
+                        "removed from; carfast needs the weight to be the model's parameter", "weight")
     return getattr(modules[op.module], op.target)
 
 
@@ -132,8 +132,9 @@ def descendants(roots) -> set:
 
 
 def _is_shape_value(node: fx.Node) -> bool:
-    return node.op in ("call_method", "call_function") and fn_name(node) in ("size", "getattr", "getitem", "dim") \
-        and not hasattr(node.meta.get("tensor_meta"), "shape")
+    """A call that returns no tensor (a size, a shape entry, arithmetic on them): recomputed in the suffix,
+    whose batch differs from the prefix's."""
+    return node.op in ("call_method", "call_function") and "tensor_meta" not in node.meta
 
 
 def suffix_inputs(gm: fx.GraphModule, changed: set, entries) -> tuple[list[fx.Node], set]:
@@ -187,31 +188,31 @@ def subgraph(gm: fx.GraphModule, inputs, body, graph: fx.Graph | None = None, wr
 
 def build_prefix(gm, capture, gather=None) -> fx.GraphModule:
     """The whole network, also returning a clone of each node in ``capture`` taken when it is made
-    (``gather[i] = (axis, index)``: only those positions of capture i, by ``index_select``)."""
+    (``gather[i] = (axis, index)``: only those positions of capture i, by ``index_select``); a node may be
+    captured more than once (a consumer's input that the suffix also reads)."""
     g = fx.Graph()
-    env, clones = {}, {}
-    wanted = {n: i for i, n in enumerate(capture)}
+    env, outs = {}, [None] * len(capture)
+    wanted = {}
+    for i, n in enumerate(capture):
+        wanted.setdefault(n, []).append(i)
     out_value = None
     for n in gm.graph.nodes:
         if n.op == "output":
             out_value = env[n.args[0]]
             continue
         env[n] = g.node_copy(n, lambda a: env[a])
-        if n in wanted:
-            sel = gather[wanted[n]] if gather else None
-            if sel is None:
-                clones[n] = g.call_function(torch.clone, (env[n],))
-            else:
-                clones[n] = g.call_function(torch.index_select, (env[n], sel[0], g.get_attr(sel[1])))
-    g.output(tuple(clones[n] for n in capture) + (out_value,))
+        for i in wanted.get(n, ()):
+            sel = gather[i] if gather else None
+            outs[i] = g.call_function(torch.clone, (env[n],)) if sel is None else \
+                g.call_function(torch.index_select, (env[n], sel[0], g.get_attr(sel[1])))
+    g.output(tuple(outs) + (out_value,))
     return fx.GraphModule(gm, g)
 
 
 def _first_level(readers: list[Reader], nodes: dict) -> tuple[list[Reader], list[Reader]]:
     """(cached consumers: conv / linear readers whose input no reader's output feeds, the other readers)."""
-    below = descendants([nodes[r.op] for r in readers]) - {nodes[r.op] for r in readers}
-    cached = [r for r in readers if r.kind in ("conv", "linear") and nodes[r.op] not in below
-              and nodes[r.op].args[0] not in below]
+    below = descendants([u for r in readers for u in nodes[r.op].users])      # what any reader's output feeds
+    cached = [r for r in readers if r.kind in ("conv", "linear") and nodes[r.op] not in below]
     return cached, [r for r in readers if r not in cached]
 
 
@@ -226,7 +227,7 @@ def split(flow: Flow, model: nn.Module, fn: str = "score_layer") -> LayerGraph:
     cached, masked = _first_level(flow.readers, nodes)
     if not cached and not masked:
         raise FlowError(f"{fn}: layer {flow.layer!r} has no consumer (Conv2d or Linear) on the path to the output; "
-                        "score a layer that feeds one")
+                        "score a layer that feeds one", "output")
     consumers = []
     for i, r in enumerate(cached):
         owned = r.owned
@@ -288,7 +289,7 @@ def _masked_norm(n: fx.Node, r: Reader, rule, g: fx.Graph, env):
     axis = unit_axis(r.codes)
     if axis not in rule.axes:
         raise FlowError(f"score_layer: {r.op.label} normalises over axes {rule.axes}, but the channels vary along "
-                        f"axis {axis}")
+                        f"axis {axis}", "spread")
     prof = r.codes.movedim(axis, -1).reshape(-1, r.codes.shape[axis])[0]
     param_axis = rule.params[0][1] if rule.params else axis
     if n.op == "call_module":

@@ -95,7 +95,7 @@ def _remove(model, removals, example, fn: str, group: bool) -> nn.Module:
         ex, out_sig = infer_example(work, example, fn)
         graph = build_graph(work, ex)
         flows = {name: analyze(work, name, ex, fn, group=group, graph=graph) for name in targets}
-        units = {name: _units(flows[name], idx, fn) for name, idx in targets.items()}
+        units = {name: _units(flows[name], idx, fn, group) for name, idx in targets.items()}
         if group:
             _check_one_per_group(flows, fn)
         edits: dict[str, Edit] = {}
@@ -110,8 +110,12 @@ def _remove(model, removals, example, fn: str, group: bool) -> nn.Module:
     return work
 
 
-def _units(flow, idx: list[int], fn: str) -> list[int]:
-    units = sorted({int(flow.unit_of[k]) for k in idx})
+def _units(flow, idx: list[int], fn: str, group: bool) -> list[int]:
+    """The units removing ``idx`` removes: filters of a layer, or channels of a group (``score_group``'s)."""
+    units = sorted({int(flow.unit_of[k]) for k in idx}) if not group else idx
+    if group and units[-1] >= flow.num_units:
+        raise ValueError(f"{fn}: channel {units[-1]} is out of range: the group of {flow.layer!r} has "
+                         f"{flow.num_units} channels (0..{flow.num_units - 1})")
     if len(units) == flow.num_units:
         raise ValueError(f"{fn}: removing all {flow.num_units} channels of {flow.layer!r} would cut the network; "
                          "keep at least one")
@@ -132,12 +136,38 @@ def _owner(op, fn: str) -> str:
     """The module whose tensors a conv / linear / channel-map op uses (the module, or its weight's owner)."""
     if op.kind == "module":
         return op.name
-    w = op.args[1] if len(op.args) > 1 else op.kwargs.get("weight")
+    w = _weight(op)
     if getattr(w, "kind", None) == "param":
         return w.module
     raise ValueError(f"{fn}: the channels pass {op.label}, whose weight is not a parameter of the model (or a "
                      "channel-padding shortcut written as a function, F.pad): surgery needs a module, e.g. "
                      "carfast.models.OptionAShortcut, with carfast_channel_map() and set_channel_map()")
+
+
+def _weight(op):
+    return op.args[1] if len(op.args) > 1 else op.kwargs.get("weight")
+
+
+def _cut(edits: dict, flow, op, fn: str, by: str, ins=(), outs=()) -> None:
+    """Record that conv / linear / channel-map ``op`` loses inputs ``ins`` and outputs ``outs``: on its module,
+    or, for a functional call whose weight a module other than a Conv2d / Linear holds, on the tensors."""
+    owner = _owner(op, fn)
+    e = edits.setdefault(owner, Edit())
+    if op.kind == "module" or isinstance(flow.modules[owner], (nn.Conv2d, nn.Linear)):
+        e.add(ins=ins, outs=outs, by=by)
+        return
+    w = _weight(op)
+    b = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
+    groups = op.args[6] if len(op.args) > 6 else op.kwargs.get("groups", 1)
+    if ins and groups != 1:
+        raise ValueError(f"{fn}: the channels reach {op.label}, a grouped conv on tensors of {owner!r}; surgery "
+                         "needs it as an nn.Conv2d")
+    if ins:
+        e.add(params={w.target: (1, ins)}, by=by)
+    if outs:
+        e.add(params={w.target: (0, outs)}, by=by)
+        if getattr(b, "kind", None) == "param":
+            e.add(params={b.target: (0, outs)}, by=by)
 
 
 def _pick(lists: list, units: list[int]) -> list[int]:
@@ -152,21 +182,16 @@ def plan_edits(flow, units: list[int], edits: dict, fn: str) -> None:
         return edits.setdefault(name, Edit())
 
     for p in flow.producers:
-        if p.kind == "channel_map" and p.op.kind != "module":
-            _owner(p.op, fn)
-        edit(_owner(p.op, fn)).add(outs=_pick(p.rows, units), by=by)
+        _cut(edits, flow, p.op, fn, by, outs=_pick(p.rows, units))
     for r in flow.readers:
-        if r.kind == "norm":
-            continue                         # its tensors come with the parameters below
-        if r.kind == "channel_map" and r.op.kind != "module":
-            _owner(r.op, fn)
-        edit(_owner(r.op, fn)).add(ins=_pick(r.owned, units), by=by)
+        if r.kind != "norm":                 # a norm's tensors come with the parameters below
+            _cut(edits, flow, r.op, fn, by, ins=_pick(r.owned, units))
     w = flow.walk
     for op in w.touched:
         if w.rules[op].kind == "depthwise":   # a whole group goes: its input channel(s) and output channels
             outs = [] if op is w.target else _positions(w.of(op), units, 1)
             x = w.of(op.args[0])       # None for a target with several outputs per group: its inputs stay
-            edit(_owner(op, fn)).add(ins=[] if x is None else _positions(x, units, 1), outs=outs, by=by)
+            _cut(edits, flow, op, fn, by, ins=[] if x is None else _positions(x, units, 1), outs=outs)
     for key, codes in w.codes.items():       # per-channel tensors: BatchNorm, norms, layer scales, ...
         if key[0] == "param":
             path, attr = key[1], key[2]
@@ -259,13 +284,14 @@ def infer_example(model: nn.Module, example, fn: str) -> tuple[torch.Tensor, lis
 
 def _check_not_shared(graph, modules: dict, edits: dict, fn: str) -> None:
     calls = Counter(o.name for o in graph.ops if o.kind == "module")
-    calls.update(o.module for o in graph.ops if o.kind == "param")   # a functional layer's weight owner
+    reads = Counter(f"{o.module}.{o.target}" if o.module else o.target for o in graph.ops if o.kind == "param")
     owners = Counter(id(p) for m in modules.values() for p in m.parameters(recurse=False))
     for name, e in edits.items():
         m = modules[name]
-        if calls[name] > 1:
+        used = max([calls[name]] + [reads[f"{name}.{a}" if name else a] for a in e.params])
+        if used > 1:
             raise ValueError(f"{fn}: removing filters of {e.by} changes {name!r}, which forward calls "
-                             f"{calls[name]} times (a shared module); the change would apply at every call: "
+                             f"{used} times (a shared module); the change would apply at every call: "
                              "give each use its own module")
         if any(owners[id(p)] > 1 for p in m.parameters(recurse=False)):
             raise ValueError(f"{fn}: removing filters of {e.by} changes {name!r}, whose weights are tied to another "
@@ -283,7 +309,7 @@ def _removed_output(model, targets, units, ex, fn: str, group: bool) -> torch.Te
         graph = from_recording(ref, ex)
         contexts = []
         for name in targets:
-            flow = analyze(ref, name, ex, fn, group=group, graph=graph)
+            flow = analyze(ref, name, ex, fn, group=group, graph=graph, cut_checks=False)
             contexts.append(applied(ref, flow, keep_mask(None, units[name], flow.num_units, ex.device)))
         for c in contexts:
             c.__enter__()

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["NaiveResult", "naive_scores", "naive_stream_scores", "naive_logits", "naive_greedy", "per_class_counts",
+           "naive_removal_logits", "naive_removal_scores",
            "near_tie", "margin_of"]
 
 
@@ -210,3 +211,72 @@ def naive_greedy(model: nn.Module, consumers: dict[str, int], data_x: torch.Tens
         removed.append(best[1]["filter"])
         steps.append(best[1])
     return steps
+
+
+def _drop_and_renormalise(norm: nn.Module, inp: torch.Tensor, drop: list[int], dim: int) -> torch.Tensor:
+    """A LayerNorm-like module's output without entries ``drop`` along ``dim``: the norm of the other
+    entries alone, with their own weight and bias, as the physically smaller norm computes; the dropped
+    entries come out zero (no reader sees them)."""
+    z = inp.movedim(dim, -1)
+    keep = torch.tensor([i for i in range(z.shape[-1]) if i not in set(drop)])
+    w = norm.weight[keep] if norm.weight is not None else None
+    b = norm.bias[keep] if norm.bias is not None else None
+    out = torch.zeros_like(z)
+    out[..., keep] = F.layer_norm(z[..., keep], (len(keep),), w, b, norm.eps)
+    return out.movedim(-1, dim)
+
+
+def naive_removal_logits(model: nn.Module, removal, data_x: torch.Tensor, unit: int | None,
+                         batch_size: int = 256) -> torch.Tensor:
+    """[N, C] logits of the model in eval mode with ``unit`` removed by hand as ``removal`` (a
+    ``nets.Removal``) says: its input indices zeroed at each reader module (a forward pre-hook on a
+    clone), each normaliser's output recomputed without it, and the weight columns of functional readers
+    zeroed (a conv or linear is linear in its input, so a zero column is a zero input channel). None:
+    the intact model. Hooks, weights and flags are restored afterwards."""
+    if unit is None:
+        with torch.no_grad():
+            flags = {n: m.training for n, m in model.named_modules()}
+            model.eval()
+            try:
+                return _run(model, data_x, batch_size)
+            finally:
+                for n, m in model.named_modules():
+                    m.training = flags[n]
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    handles, saved = [], {}
+
+    def zero(idx, dim):
+        def hook(_m, args):
+            x = args[0].clone()
+            x.index_fill_(dim % x.dim(), torch.tensor(idx), 0)
+            return (x,) + tuple(args[1:])
+        return hook
+
+    def renorm(idx, dim):
+        return lambda m, args, out: _drop_and_renormalise(m, args[0], idx, dim)
+
+    try:
+        for name, owned in removal.readers.items():
+            handles.append(modules[name].register_forward_pre_hook(zero(owned(unit), removal.dims.get(name, 1))))
+        for name, owned in removal.norms.items():
+            handles.append(modules[name].register_forward_hook(renorm(owned(unit), removal.dims.get(name, 1))))
+        with torch.no_grad():
+            for name, owned in removal.columns.items():
+                saved[name] = params[name].detach().clone()
+                params[name][:, owned(unit)] = 0
+        return naive_removal_logits(model, removal, data_x, None, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for name, w in saved.items():
+                params[name].copy_(w)
+
+
+def naive_removal_scores(model: nn.Module, removal, data_x: torch.Tensor, data_y: torch.Tensor, units,
+                         batch_size: int = 256) -> NaiveResult:
+    """``naive_scores`` for a hand-written ``nets.Removal``: one full run per unit."""
+    units = torch.as_tensor(list(units), dtype=torch.int64)
+    base = naive_removal_logits(model, removal, data_x, None, batch_size)
+    logits = torch.stack([naive_removal_logits(model, removal, data_x, int(k), batch_size) for k in units])
+    return _result(units, torch.as_tensor(data_y, dtype=torch.int64), base, logits)

@@ -75,6 +75,16 @@ def intercept(model: nn.Module, flow, before=None, norm=None):
     for r in flow.readers:
         if r.op.kind != "module":
             calls[index[r.op]] = r
+    mode = _Rewriter(calls, before, norm) if calls else None
+    leaves = [m for m in model.modules() if is_leaf_module(m) and m is not model] if mode is not None else []
+    # the rewriter counts calls made outside leaf modules; the hooks' own torch calls (a reader's mask)
+    # run inside a leaf's depth, so the depth hooks go first on the way in and last on the way out
+    if mode is not None:        # calls are counted from the start of each forward, as they were recorded
+        handles.append(model.register_forward_pre_hook(lambda *_: setattr(mode, "count", 0)))
+    for m in leaves:
+        handles.append(m.register_forward_pre_hook(lambda *_: setattr(mode, "depth", mode.depth + 1)))
+    for r in flow.readers:
+        if r.op.kind != "module":
             continue
         if before is not None:
             handles.append(r.op.target.register_forward_pre_hook(
@@ -82,12 +92,8 @@ def intercept(model: nn.Module, flow, before=None, norm=None):
         if r.kind == "norm" and norm is not None:
             handles.append(r.op.target.register_forward_hook(
                 lambda m, args, out, r=r: norm(r, args[0], *_norm_params(r.op, (), {}))))
-    mode = _Rewriter(calls, before, norm) if calls else None
-    if mode is not None:
-        for m in model.modules():
-            if is_leaf_module(m) and m is not model:
-                handles.append(m.register_forward_pre_hook(lambda *_: setattr(mode, "depth", mode.depth + 1)))
-                handles.append(m.register_forward_hook(lambda *_: setattr(mode, "depth", mode.depth - 1)))
+    for m in leaves:
+        handles.append(m.register_forward_hook(lambda *_: setattr(mode, "depth", mode.depth - 1)))
     try:
         with mode if mode is not None else contextlib.nullcontext():
             yield

@@ -46,7 +46,7 @@ def check_separable(w, name: str, fn: str) -> None:
         if c.dim() > 1 and unit_axis(c) is None:
             raise FlowError(f"{fn}: layer {name!r}: at {key[0].label} its channels are spread over several axes of "
                             f"a {tuple(c.shape)} tensor (as in a channel shuffle's view): a network with one of them "
-                            "deleted cannot be built there, so removing a single one is not defined")
+                            "deleted cannot be built there, so removing a single one is not defined", "spread")
 
 
 def _reduced_ids(ids: torch.Tensor, codes: torch.Tensor | None, unit: int, first: int = 1) -> torch.Tensor:
@@ -128,7 +128,7 @@ def check_moves(w, name: str, fn: str) -> None:
                                 "select the same channels (it splits, slices or reshapes them by a size the forward "
                                 "does not recompute, e.g. x.view(-1, 256 * 6 * 6) or x.split(64, 1)), so the smaller "
                                 "network would compute something else; removal of that filter is not defined here "
-                                "(write sizes that follow the tensor, e.g. x.flatten(1))")
+                                "(write sizes that follow the tensor, e.g. x.flatten(1))", "sizes")
 
 
 def _first(op: Op) -> int:

@@ -26,7 +26,15 @@ __all__ = ["Reader", "Producer", "Flow", "FlowError", "analyze", "build_graph", 
 
 
 class FlowError(ValueError):
-    """A removal carfast refuses, with the message saying why and what to do."""
+    """A removal carfast refuses, with the message saying why and what to do. ``reason`` tags it:
+    "coupled" / "merge" (other channels go with it: ``score_group``), "unsupported" (an op carfast cannot
+    follow), "output" (the layer makes the outputs), "shared" (a module called more than once),
+    "spread" (channels spread over positions or axes, as in a channel shuffle), "sizes" (a size written
+    into forward), "constant", "weight" (a functional layer's weight computed in forward)."""
+
+    def __init__(self, message: str, reason: str = "unsupported"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -98,7 +106,7 @@ def find_target(graph: FlowGraph, name: str, fn: str) -> Op:
     if len(calls) != 1:
         what = "never called" if not calls else f"called {len(calls)} times (shared weights)"
         raise FlowError(f"{fn}: layer {name!r} is {what} in the model's forward; its filters can be removed only "
-                        "from a layer that runs exactly once")
+                        "from a layer that runs exactly once", "shared")
     return calls[0]
 
 
@@ -114,11 +122,13 @@ def _owned(profile: torch.Tensor, units: int) -> list[torch.Tensor]:
 
 
 def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str, group: bool = False,
-            graph: FlowGraph | None = None) -> Flow:
+            graph: FlowGraph | None = None, cut_checks: bool = True) -> Flow:
     """The flow of layer ``name``'s channels (``group``: as a coupling group, units may merge).
 
-    ``example`` is one input [1, ...]. Raises ``FlowError`` naming the op where carfast cannot follow
-    or where removal is not defined, and saying what to do."""
+    ``example`` is one input [1, ...]; ``graph`` the model's ops on it (default: ``build_graph``).
+    Raises ``FlowError`` naming the op where carfast cannot follow or where removal is not defined, and
+    saying what to do; ``cut_checks`` False skips the checks that a physically smaller network exists
+    (``checks.py``), for a flow used only to apply a removal already checked."""
     graph = graph if graph is not None else build_graph(model, example)
     target = find_target(graph, name, fn)
     modules = dict(model.named_modules())
@@ -126,14 +136,15 @@ def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str, group: 
         w = walk(graph, target, modules, allow_merge=group)
     except UnitMerge as err:
         raise FlowError(f"{fn}: layer {name!r}: its {err} ({_describe(err.op)}), so they cannot be removed one at "
-                        f"a time; score them together with carfast.score_group({name!r})") from None
+                        f"a time; score them together with carfast.score_group({name!r})", "merge") from None
     _check_ops(w, name, fn, group)
     readers, producers = _readers(w, name, fn), _producers(w, name, fn)
     entry = _coupling(w, producers)
     if entry is not None and not group:
-        raise FlowError(_coupled_message(fn, name, entry))
-    check_separable(w, name, fn)
-    check_moves(w, name, fn)
+        raise FlowError(_coupled_message(fn, name, entry), "coupled")
+    if cut_checks:
+        check_separable(w, name, fn)
+        check_moves(w, name, fn)
     return Flow(name, graph, w, readers, producers, entry is not None, modules)
 
 
@@ -143,20 +154,33 @@ def _describe(op: Op) -> str:
 
 def _check_ops(w: Walk, name: str, fn: str, group: bool) -> None:
     """Unsupported ops, constants and the model's output reached by the channels."""
+    live = _live(w.graph)
     for op in w.touched:
         rule = w.rules[op]
-        if rule.kind == "unsupported" and any((a, None) in w.codes for a in op.inputs()):
+        if rule.kind == "unsupported" and op in live and any((a, None) in w.codes for a in op.inputs()):
             raise FlowError(f"{fn}: layer {name!r}: its channels reach {op.label}, {rule.why}; carfast follows "
                             "per-channel ops, moves of channels, residual adds, gates and normalisers into Conv2d / "
                             "Linear layers. Score a layer whose channels do not reach it")
     for k in w.codes:
         if k[0] != "param" and k[0].kind == "const":
             raise FlowError(f"{fn}: layer {name!r}: its channels meet a tensor made in forward ({k[0].label}) "
-                            "position by position; carfast cannot delete channels of it")
+                            "position by position; carfast cannot delete channels of it", "constant")
     if any(k[0] is a for a in w.graph.output.inputs() for k in w.codes):
         raise FlowError(f"{fn}: layer {name!r} produces the model's outputs (its channels reach the output without "
                         "a Conv2d or Linear reading them); the output layer cannot be pruned: score the layers "
-                        "before it")
+                        "before it", "output")
+
+
+def _live(graph: FlowGraph) -> set:
+    """The ops whose results reach the model's output (an op that only feeds, say, a Python ``if`` in a
+    recorded forward is not among them: what it computes is re-evaluated on every run anyway)."""
+    live, stack = set(), list(graph.output.inputs())
+    while stack:
+        op = stack.pop()
+        if op not in live:
+            live.add(op)
+            stack.extend(op.inputs())
+    return live
 
 
 def _readers(w: Walk, name: str, fn: str) -> list[Reader]:
@@ -176,7 +200,7 @@ def _readers(w: Walk, name: str, fn: str) -> list[Reader]:
         prof = _profile(codes, axis)
         if prof is None:
             raise FlowError(f"{fn}: layer {name!r}: {op.label} reads its channels spread over the positions of "
-                            "the input, not whole channels; carfast removes whole input channels")
+                            "the input, not whole channels; carfast removes whole input channels", "spread")
         owned = _owned(prof, w.num_units)
         kind = "channel_map" if rule.kind == "channel_map" else ("linear" if rule.in_axis == -1 else "conv")
         out.append(Reader(op, kind, axis, codes, owned))
@@ -197,7 +221,8 @@ def _producers(w: Walk, name: str, fn: str) -> list[Producer]:
         axis = codes.dim() - 1 if rule.in_axis == -1 and rule.kind == "mix" else 1
         prof = _profile(codes, axis)
         if prof is None:
-            raise FlowError(f"{fn}: layer {name!r}: its channels are tied to parts of {op.label}'s output channels")
+            raise FlowError(f"{fn}: layer {name!r}: its channels are tied to parts of {op.label}'s output channels",
+                            "spread")
         kind = "channel_map" if rule.kind == "channel_map" else ("linear" if rule.in_axis == -1 else "conv")
         out.append(Producer(op, kind, axis, _owned(prof, w.num_units)))
     return out
@@ -212,29 +237,31 @@ def _carries(w: Walk, r) -> bool:
 def _coupling(w: Walk, producers: list[Producer]):
     """None when every other producer is reached only as a gate of the target's channels (marking them not
     essential); else the op where another producer's channels join (an add, or the gated side of a mul),
-    leaving the producers marked essential."""
+    leaving the producers marked essential.
+
+    What the target's channels reach going forward is its own; the channels of any other operand they
+    meet there (an input of an op entered from its output) belong to other producers: for a mul, or the
+    input of a depthwise target, that is fine when everything behind that operand serves only it."""
     rels_of = {}
     for r in w.relations:
         if not r.one_way and _carries(w, r):
             for k in (r.a, r.b):
                 rels_of.setdefault(k, []).append(r)
     start = (w.target, None)
-    seen, queue, gates = {start}, [start], set()
+    forward, queue = {start}, [start]
     while queue:
         k = queue.pop()
         for r in rels_of.get(k, ()):
-            if r.a == k:
-                if r.b not in seen:
-                    seen.add(r.b)
-                    queue.append(r.b)
-            elif r.a not in seen:
-                if r.combine not in ("mul", "dw"):
-                    return r.op
-                region = _gate_region(w, r, rels_of)
-                if region is None:
-                    return r.op
-                seen |= region
-                gates |= {k2[0] for k2 in region}
+            if r.a == k and r.b not in forward:
+                forward.add(r.b)
+                queue.append(r.b)
+    gates = set()
+    for r in w.relations:
+        if r.b in forward and r.a not in forward and not r.one_way and _carries(w, r):
+            region = _gate_region(w, r, rels_of) if r.combine in ("mul", "dw") else None
+            if region is None:
+                return r.op
+            gates |= {k[0] for k in region}
     for p in producers:
         if p.op is not w.target:
             if p.op not in gates:
