@@ -11,14 +11,23 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["model_device", "eval_mode", "iter_chunks", "default_memory_budget", "Progress", "check_labels",
-           "check_work_sizes", "check_finite"]
+__all__ = ["model_device", "model_dtype", "eval_mode", "as_batches", "check_batch", "iter_chunks",
+           "default_memory_budget", "Progress", "check_labels", "check_work_sizes", "check_finite"]
 
 
 def model_device(model: nn.Module) -> torch.device:
     """Where ``model`` lives: the device of its first parameter or buffer (CPU when it has neither)."""
     p = next(itertools.chain(model.parameters(), model.buffers()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module, fn: str) -> torch.dtype:
+    """The floating dtype of ``model``'s parameters: float32, which carfast computes in; ValueError otherwise."""
+    p = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+    if p is not None and p.dtype != torch.float32:
+        raise ValueError(f"{fn}: the model's parameters are {p.dtype}; carfast scores float32 models (low "
+                         "precision is its precision= option): pass a float32 copy, copy.deepcopy(model).float()")
+    return torch.float32
 
 
 @contextlib.contextmanager
@@ -33,15 +42,28 @@ def eval_mode(model: nn.Module):
             m.training = flag
 
 
-def _as_batches(data, fn: str) -> Iterable:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        return [tuple(data)]
-    if isinstance(data, torch.Tensor):
+def _to_tensor(v):
+    """numpy arrays (and lists of labels) as tensors; anything else unchanged."""
+    if type(v).__module__ == "numpy" and hasattr(v, "shape"):
+        return torch.from_numpy(v) if hasattr(v, "dtype") and v.dtype != object else torch.as_tensor(v)
+    return v
+
+
+def as_batches(data, fn: str, batch_size: int = 256) -> Iterable:
+    """``data`` as an iterable of (inputs, labels) batches: a pair of tensors or numpy arrays is one batch;
+    a ``torch.utils.data.Dataset`` (map-style, e.g. a ``TensorDataset``, or iterable) is batched here
+    (``batch_size`` items, in order); anything else must be an iterable of batches (a DataLoader)."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+            isinstance(_to_tensor(t), torch.Tensor) for t in data):
+        return [tuple(_to_tensor(t) for t in data)]
+    if isinstance(_to_tensor(data), torch.Tensor):
         raise TypeError(f"{fn}: data must be (inputs, labels) or an iterable of (inputs, labels) batches, "
-                        "got a single tensor; pass the labels too")
+                        "got a single array; pass the labels too")
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (list, tuple)):
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     if not isinstance(data, Iterable):
         raise TypeError(f"{fn}: data must be (inputs, labels) or an iterable of (inputs, labels) batches "
-                        f"(e.g. a DataLoader), got {type(data).__name__}")
+                        f"(e.g. a DataLoader or a Dataset), got {type(data).__name__}")
     return data
 
 
@@ -55,28 +77,45 @@ def check_work_sizes(batch_size, memory_budget, fn: str) -> None:
         raise ValueError(f"{fn}: memory_budget must be a positive number of bytes, got {memory_budget!r}")
 
 
-def _check_batch(batch, fn: str):
+def check_batch(batch, fn: str, dtype: torch.dtype | None = None):
+    """(inputs, labels int64) of one batch, checked; floating inputs in ``dtype`` when given."""
+    if isinstance(batch, dict):
+        raise TypeError(f"{fn}: a batch is a dict (keys {sorted(map(str, batch))[:4]}); pass (inputs, labels) "
+                        "pairs, e.g. ((b['image'], b['label']) for b in loader)")
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        batch = [_to_tensor(batch[0]), _to_tensor(batch[1])]
+        if not isinstance(batch[1], torch.Tensor) and isinstance(batch[1], (int, list)):
+            batch[1] = torch.as_tensor(batch[1])
     if not (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
             and isinstance(batch[1], torch.Tensor)):
-        raise TypeError(f"{fn}: each batch must be a pair (inputs, labels) of tensors, got "
-                        f"{type(batch).__name__}; for a dataset of dicts, wrap it to yield pairs")
+        raise TypeError(f"{fn}: each batch must be a pair (inputs, labels) of tensors or numpy arrays, got "
+                        f"{type(batch).__name__}")
     x, y = batch[0], batch[1]
+    if y.dim() == 0 and x.dim() >= 1:            # one item of a Dataset batched by hand
+        x, y = x.unsqueeze(0), y.reshape(1)
     if y.dim() != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(f"{fn}: inputs and labels differ in length: inputs {tuple(x.shape)}, labels "
                          f"{tuple(y.shape)}; labels must be [N] class indices matching inputs [N, ...]")
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
         raise TypeError(f"{fn}: labels must be integer class indices, got dtype {y.dtype}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{fn}: inputs are {x.dtype} (images as bytes?); the model computes in floating point: "
+                        "convert and normalise them as it expects, e.g. (x.float() / 255 - mean) / std")
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
     return x, y
 
 
-def iter_chunks(data, chunk: int, device, fn: str = "score_layer") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x [n, ...], y [n] int64) on ``device`` with n == ``chunk`` except the last, from any batching.
+def iter_chunks(data, chunk: int, device, fn: str = "score_layer",
+                dtype: torch.dtype | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x [n, ...], y [n] int64) on ``device`` with n == ``chunk`` except the last, from any batching
+    (``as_batches``); floating inputs in ``dtype`` when given (the model's).
 
     Raises ValueError for empty data or mismatched lengths.
     """
     pending_x, pending_y, count, seen = [], [], 0, 0
-    for batch in _as_batches(data, fn):
-        x, y = _check_batch(batch, fn)
+    for batch in as_batches(data, fn):
+        x, y = check_batch(batch, fn, dtype)
         seen += x.shape[0]
         while x.shape[0]:
             take = min(chunk - count, x.shape[0])

@@ -6,6 +6,7 @@
                    [--checkpoint run.json] [--max-accuracy-drop 0.02] --out result.pt
     carfast report RESULT.pt [--out DIR] [--data test.npz] [--heldout-n N]
     carfast demo   [--out DIR] [--n 2000]
+    carfast layers [--model resnet20|package.module:factory] [--input 3,224,224]   (see cli_layers.py)
     carfast --version        (also lists the backends found)
 
 ``prune`` runs ``carfast.prune`` on a CIFAR-10 network and saves the ``PruneResult`` (``--keep`` is a
@@ -32,6 +33,8 @@ import json
 import os
 import sys
 import time
+
+from . import cli_layers
 
 __all__ = ["main"]
 
@@ -330,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = _Parser(prog="carfast", description="Exact, fast CAR filter scoring and greedy CAR pruning for CNNs.")
     p.add_argument("--version", action="store_true", help="print the version and the backends found")
-    sub = p.add_subparsers(dest="command", metavar="{score,prune,report,demo}")
+    sub = p.add_subparsers(dest="command", metavar="{score,prune,report,demo,layers}")
 
     s = sub.add_parser("score", help="score every filter of a layer by CAR and print a table",
                        description="Score the filters of one or more layers by CAR (accuracy lost when the "
@@ -401,10 +404,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="images of the bundled slice to use, half to score, half held out (default 2000)")
     d.add_argument("--threads", type=_positive_int, default=None, help=_THREADS_HELP)
     d.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)   # tests: one layer, 40 images
+    cli_layers.add_parser(sub, _MODELS, p.error)
     return p
 
 
-_COMMANDS = {"score": _cmd_score, "prune": _cmd_prune, "report": _cmd_report, "demo": _cmd_demo}
+_COMMANDS = {"score": _cmd_score, "prune": _cmd_prune, "report": _cmd_report, "demo": _cmd_demo,
+             "layers": lambda args: cli_layers.run(args, _build_model)}
 
 
 def main(argv=None) -> int:

@@ -17,15 +17,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from .flow.catalog import classify
 from .graph import LayerGraph, fn_name, subgraph
 from .ops.closed_form_logits import ACTIVATIONS
 
 __all__ = ["ClosedForm", "find_closed_form", "consumer_epilogue", "gathered_weight"]
 
-_AFFINE_MODULES = (nn.Linear, nn.Flatten, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
-_AFFINE_FUNCTIONS = frozenset({"flatten", "view", "reshape", "adaptive_avg_pool2d", "avg_pool2d", "contiguous",
-                               "linear"})
-_SHAPE_FUNCTIONS = frozenset({"size", "getattr", "getitem", "dim"})
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
@@ -104,20 +101,24 @@ def _activation(u: fx.Node, cur: fx.Node, modules: dict):
     return None
 
 
-def _tail_is_affine(lg: LayerGraph, y: fx.Node, tail_nodes, modules) -> bool:
-    allowed = set(tail_nodes) | {y}
+def _tail_is_affine(lg: LayerGraph, y: fx.Node, tail_nodes) -> bool:
+    """Whether the network after ``y`` is affine in ``y``, by what each op computes (the op catalogue's
+    ``linear`` flag: pooling by averaging, ``mean`` / ``sum`` over dims, moves, Linear, dropout in eval...),
+    not by how it is spelled; a product counts only when one factor does not depend on ``y``."""
+    ops = {op.fx_node: op for op in lg.flow.graph.ops}
+    depends = set(tail_nodes) | {y}
     for n in tail_nodes:
-        if n.op == "call_module":
-            if not isinstance(modules[n.target], _AFFINE_MODULES):
-                return False
-        elif n.op in ("call_function", "call_method"):
-            name = fn_name(n)
-            if name not in _AFFINE_FUNCTIONS and name not in _SHAPE_FUNCTIONS:
-                return False
-        elif n.op != "get_attr":
+        if n.op == "get_attr" or n.op in ("call_function", "call_method") and "tensor_meta" not in n.meta:
+            continue                     # a parameter, or a size computed from shapes
+        if n.op not in ("call_module", "call_function", "call_method") or n not in ops:
             return False
-        if any(a not in allowed and a.op != "get_attr" for a in n.all_input_nodes):
+        rule = classify(ops[n])
+        if not rule.linear:
             return False
+        if rule.combine == "mul" and sum(a in depends for a in n.all_input_nodes) > 1:
+            return False                 # a product of two values that both depend on y
+        if any(a not in depends and a.op != "get_attr" and "tensor_meta" in a.meta for a in n.all_input_nodes):
+            return False                 # reads a value computed before the cut (not a constant of the tail)
     return True
 
 
@@ -144,7 +145,7 @@ def find_closed_form(lg: LayerGraph) -> ClosedForm | None:
     modules = dict(lg.gm.named_modules())
     y, (scale, shift, residual, act), used = consumer_epilogue(lg, modules)
     tail_nodes = [n for n in lg.changed if n not in used and n.op != "output"]
-    if not _tail_is_affine(lg, y, tail_nodes, modules):
+    if not _tail_is_affine(lg, y, tail_nodes):
         return None
     tail = _tail_matrix(lg, y, tail_nodes, y.meta["tensor_meta"].shape)
     weight = gathered_weight(c)

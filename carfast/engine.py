@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from . import _ext
-from .batching import (Progress, _as_batches, _check_batch, check_finite, check_labels, check_work_sizes,
-                       default_memory_budget, eval_mode, iter_chunks, model_device)
+from .batching import (Progress, as_batches, check_batch, check_finite, check_labels, check_work_sizes,
+                       default_memory_budget, eval_mode, iter_chunks, model_device, model_dtype)
 from .closed_form import find_closed_form
 from .distributed import resolve_group
 from .errors import resolve_layer
@@ -186,15 +186,16 @@ class LayerScorer:
         self.num_filters = target_num_filters(module)
         check_work_sizes(batch_size, memory_budget, self.fn)
         self.model, self.device = _work_model(model, device)
+        self.in_dtype = model_dtype(self.model, self.fn)
         self.kernel = _pick_backend(backend, self.device, self.fn)
         self.budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
         self.progress = progress
         self.data = data
-        batches = iter(_as_batches(data, self.fn))
+        batches = iter(as_batches(data, self.fn))
         first = next(batches, None)
         if first is None:
             raise ValueError(f"{self.fn}: data holds no images; pass at least one (inputs, labels) pair")
-        x0, _ = _check_batch(first, self.fn)
+        x0, _ = check_batch(first, self.fn, self.in_dtype)
         if x0.shape[0] == 0:
             raise ValueError(f"{self.fn}: the first batch of data is empty; pass non-empty batches")
         self._first_pass = itertools.chain([first], batches)
@@ -287,7 +288,7 @@ class LayerScorer:
         if self._cache is not None:
             self._cache = []     # a pass cut short before (an exception) must not leave chunks behind
         used = 0
-        for x, y in iter_chunks(stream, self.chunk, self.device, self.fn):
+        for x, y in iter_chunks(stream, self.chunk, self.device, self.fn, self.in_dtype):
             outs = self._prefix(x)
             logits = outs[-1]
             check_finite(logits, self.fn)

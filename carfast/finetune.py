@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batching import Progress, _as_batches, _check_batch, check_labels
+from .batching import Progress, as_batches, check_batch, check_labels
 
 __all__ = ["FinetuneConfig", "finetune", "random_crop_flip"]
 
@@ -154,8 +154,8 @@ def _tensor_epoch(x, y, cfg: FinetuneConfig, gen: torch.Generator):
 
 def _iter_epoch(data, cfg: FinetuneConfig):
     seen = 0
-    for batch in _as_batches(data, "finetune"):
-        x, y = _check_batch(batch, "finetune")
+    for batch in as_batches(data, "finetune"):
+        x, y = check_batch(batch, "finetune")
         if cfg.max_images is not None:
             if seen >= cfg.max_images:
                 return
@@ -202,13 +202,13 @@ def finetune(model: nn.Module, data, config: FinetuneConfig | dict | None = None
     device = torch.device(device) if device is not None else _model_device(model)
     tensors = isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
     if tensors:
-        x_all, y_all = _check_batch(data, "finetune")
+        x_all, y_all = check_batch(data, "finetune")
         if x_all.shape[0] == 0:
             raise ValueError("finetune: data holds no images; pass at least one (inputs, labels) pair")
         spans = _spans(min(x_all.shape[0], cfg.max_images or x_all.shape[0]), cfg.batch_size)
         steps_epoch, total_images = len(spans), cfg.epochs * sum(e - s for s, e in spans)
     else:
-        _as_batches(data, "finetune")        # type check now, not at the first batch
+        as_batches(data, "finetune")        # type check now, not at the first batch
         steps_epoch = len(data) if hasattr(data, "__len__") else None
         total_images = None
     if cfg.schedule == "cosine" and steps_epoch is None:

@@ -43,6 +43,7 @@ class Consumer:
     axis: int                     # 1 (a conv's input channels) or -1 (a linear's features)
     index: torch.Tensor           # [L] input positions along axis, unit by unit
     offsets: torch.Tensor         # [U + 1]
+    size: int = 0                 # the input's size along axis
 
     @property
     def width(self) -> int | None:
@@ -55,7 +56,8 @@ class Consumer:
         return int(self.offsets[k]), int(self.offsets[k + 1])
 
     def identity(self) -> bool:
-        return bool(torch.equal(self.index, torch.arange(len(self.index))))
+        """Whether the gathered input is the input itself (the units own every position, in order)."""
+        return len(self.index) == self.size and bool(torch.equal(self.index, torch.arange(len(self.index))))
 
 
 @dataclass
@@ -233,8 +235,9 @@ def split(flow: Flow, model: nn.Module, fn: str = "score_layer") -> LayerGraph:
         owned = r.owned
         index = torch.cat(owned) if owned else torch.zeros(0, dtype=torch.long)
         offsets = torch.tensor([0] + [len(o) for o in owned]).cumsum(0)
-        consumers.append(Consumer(r.name, nodes[r.op], reader_spec(r, modules), r.axis if r.kind == "conv" else -1,
-                                  index, offsets))
+        axis = r.axis if r.kind == "conv" else -1
+        consumers.append(Consumer(r.name, nodes[r.op], reader_spec(r, modules), axis, index, offsets,
+                                  int(r.codes.shape[axis])))
     cut = [c.node for c in consumers]
     masked_nodes = {nodes[r.op]: r for r in masked}
     changed = descendants(cut) | descendants(list(masked_nodes))

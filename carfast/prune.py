@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .atomic import write_json_atomic
-from .batching import Progress, _as_batches, _check_batch, model_device
+from .batching import Progress, as_batches, check_batch, model_device
 from .criteria import get_criterion
 from .engine import LayerScorer
 from .distributed import all_reduce_sum, resolve_group
@@ -104,8 +104,8 @@ def _digest_model(model: nn.Module) -> str:
 
 def _digest_data(data) -> tuple[str, int]:
     h, n = hashlib.sha256(), 0
-    for batch in _as_batches(data, _FN):
-        for t in _check_batch(batch, _FN):
+    for batch in as_batches(data, _FN):
+        for t in check_batch(batch, _FN):
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
         n += batch[0].shape[0]
     return h.hexdigest()[:16], n
@@ -380,10 +380,10 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     if isinstance(data, collections.abc.Iterator):
         raise ValueError(f"{_FN}: data is a one-shot iterator, but pruning reads it many times; pass "
                          "(inputs, labels), a list of batches or a DataLoader")
-    first = next(iter(_as_batches(data, _FN)), None)
+    first = next(iter(as_batches(data, _FN)), None)
     if first is None:
         raise ValueError(f"{_FN}: data holds no images; pass at least one (inputs, labels) pair")
-    example = _check_batch(first, _FN)[0][:1]
+    example = check_batch(first, _FN)[0][:1]
     work = copy.deepcopy(model).eval()
     # fail early for a layer that cannot be scored (coupled, untraceable consumers...): no data pass; the
     # scorers are kept for use while the model is still the input model

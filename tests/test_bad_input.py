@@ -133,3 +133,36 @@ def test_missing_backend_named_explicitly_raises_with_reason(resnet, data):
 def test_model_not_a_module(data):
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         carfast.score_layer(lambda x: x, "conv", data)
+
+
+# ---- what data may be: numpy arrays, Datasets, dtypes ------------------------------------------------------
+
+def test_numpy_arrays_and_datasets_score_like_tensors(resnet, data):
+    x, y = data
+    ref = carfast.score_layer(resnet, "layer3.2.conv1", (x, y), progress=False)
+    from_numpy = carfast.score_layer(resnet, "layer3.2.conv1", (x.numpy(), y.numpy()), progress=False)
+    dataset = carfast.score_layer(resnet, "layer3.2.conv1", torch.utils.data.TensorDataset(x, y), progress=False)
+    batches = carfast.score_layer(resnet, "layer3.2.conv1", [(x[:7].numpy(), y[:7].tolist()), (x[7:], y[7:])],
+                                  progress=False)
+    for r in (from_numpy, dataset, batches):
+        assert torch.equal(r.correct, ref.correct) and r.num_images == ref.num_images
+
+
+def test_float64_inputs_are_cast_to_the_model(resnet, data):
+    x, y = data
+    ref = carfast.score_layer(resnet, "layer3.2.conv1", (x, y), progress=False)
+    got = carfast.score_layer(resnet, "layer3.2.conv1", (x.double(), y), progress=False)
+    assert torch.equal(got.correct, ref.correct)
+
+
+def test_bad_dtypes_and_batches_say_what_to_pass(resnet, data):
+    x, y = data
+    before = _state(resnet)
+    with pytest.raises(TypeError, match=r"inputs are torch\.uint8 .*x\.float\(\) / 255"):
+        carfast.score_layer(resnet, "layer3.2.conv1", ((x * 50).to(torch.uint8), y), progress=False)
+    with pytest.raises(ValueError, match=r"parameters are torch\.float64.*\.float\(\)"):
+        carfast.score_layer(resnet.double(), "layer3.2.conv1", (x, y), progress=False)
+    resnet.float()
+    with pytest.raises(TypeError, match=r"a batch is a dict .*\(b\['image'\], b\['label'\]\)"):
+        carfast.score_layer(resnet, "layer3.2.conv1", [{"image": x, "label": y}], progress=False)
+    _unchanged(resnet, before)

@@ -168,3 +168,26 @@ def test_threads_follow_the_idle_cores(monkeypatch):
     assert torch.get_num_threads() == 1 and "using 1 torch thread instead of 2" in note and "--threads" in note
     torch.set_num_threads(2)
     assert _set_threads(1) is None and torch.get_num_threads() == 1             # --threads wins
+
+
+def test_layers_lists_what_carfast_can_do(tmp_path, capsys):
+    out = tmp_path / "l.json"
+    assert main(["layers", "--model", "resnet20", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"layer1\.0\.conv1\s+Conv2d\s+16\s+layer", text)
+    assert re.search(r"layer2\.1\.conv2\s+Conv2d\s+32\s+group\s+32 channels with layer2\.0\.conv2, layer2\.1\.conv2", text)
+    assert re.search(r"linear\s+Linear\s+10\s+refused\s+layer 'linear' produces the model's outputs", text)
+    rows = {r["name"]: r for r in json.loads(out.read_text())["layers"]}
+    assert rows["conv1"]["status"] == "group" and rows["layer3.2.conv1"]["status"] == "layer"
+
+
+def test_layers_of_a_users_model(tmp_path, capsys, monkeypatch):
+    (tmp_path / "mynet.py").write_text("import torch.nn as nn\n"
+                                       "def make():\n"
+                                       "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3),\n"
+                                       "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["layers", "--model", "mynet:make", "--input", "3,16,16"]) == 0
+    assert "3 layers: 2 alone, 0 in coupling groups, 1 refused" in capsys.readouterr().out
+    assert main(["layers", "--model", "nosuch:make"]) == 2
+    assert "cannot import it" in capsys.readouterr().err

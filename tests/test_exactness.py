@@ -13,12 +13,15 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import carfast
 import carfast.data
 import carfast.models
+from carfast.data import cifar10_test
+from carfast.models import cifar_resnet
 from naive import naive_scores, near_tie, per_class_counts
 from nets import NETS, SCORABLE, make_data
 
@@ -318,3 +321,32 @@ def test_resnet20_all_2000_images():
     x, y, ref = resnet_reference(layer, 2000)
     res = _score(carfast.models.cifar_resnet(20), layer, (x, y), per_image=True)
     assert_matches_naive(res, ref, what=f"ResNet-20 {layer}, 2000 images")
+
+
+class _MeanHead(torch.nn.Module):
+    """A ResNet-20 whose head is spelled another way: ``linear(x.mean((2, 3)))``, ``F.avg_pool2d`` + view, or
+    ``adaptive_avg_pool2d`` + flatten."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.net, self.spelling = cifar_resnet(20), spelling
+
+    def forward(self, x):
+        n = self.net
+        out = n.layer3(n.layer2(n.layer1(F.relu(n.bn1(n.conv1(x))))))
+        if self.spelling == "mean":
+            return n.linear(out.mean((2, 3)))
+        if self.spelling == "avg_pool2d":
+            return n.linear(F.avg_pool2d(out, out.size(3)).view(out.size(0), -1))
+        return n.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+@pytest.mark.parametrize("spelling", ["mean", "avg_pool2d", "adaptive"])
+def test_every_spelling_of_the_head_reaches_the_closed_form(spelling):
+    """The method follows what the network computes: each spelling of the global average pool is affine."""
+    model = _MeanHead(spelling).eval()
+    x, y = cifar10_test(64)
+    res = carfast.score_layer(model, "net.layer3.2.conv1", (x, y), per_image=True, progress=False)
+    ref = carfast.score_layer(cifar_resnet(20), "layer3.2.conv1", (x, y), per_image=True, progress=False)
+    assert res.method == "closed_form" and ref.method == "closed_form"
+    assert torch.equal(res.image_correct, ref.image_correct)

@@ -173,6 +173,7 @@ def fire(seed=0):
     m = build(FireNet(), seed, input_shape=SHAPE)
     return Family("fire", m, [
         Target("fire.e3", False, 6, Removal({"fire2.squeeze": _ks(6)})),
+        Target("fire.e1", False, 6, Removal({"fire2.squeeze": _ks(0)})),     # the first slice of a concat
         Target("fire.squeeze", False, 4, Removal({"fire.e1": _ks(0), "fire.e3": _ks(0)})),
     ])
 
