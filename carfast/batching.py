@@ -58,7 +58,7 @@ def as_batches(data, fn: str, batch_size: int = 256) -> Iterable:
         return [tuple(_to_tensor(t) for t in data)]
     if isinstance(_to_tensor(data), torch.Tensor):
         raise TypeError(f"{fn}: data must be (inputs, labels) or an iterable of (inputs, labels) batches, "
-                        "got a single array; pass the labels too")
+                        "got a single tensor or array; pass the labels too")
     if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, (list, tuple)):
         return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
     if not isinstance(data, Iterable):

@@ -26,7 +26,6 @@ of being rebuilt; a prefix that is streamed gets the same updates, in the same o
 from __future__ import annotations
 
 import collections.abc
-import copy
 import dataclasses
 import itertools
 import time
@@ -35,23 +34,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import _ext
 from .batching import (Progress, as_batches, check_batch, check_finite, check_labels, check_work_sizes,
-                       default_memory_budget, eval_mode, iter_chunks, model_device, model_dtype)
+                       default_memory_budget, eval_mode, iter_chunks, model_dtype)
 from .closed_form import find_closed_form
 from .distributed import resolve_group
+from .engine_checks import check_filters, count_images, meta_bytes, nbytes, pick_backend, work_model
 from .errors import resolve_layer
 from .flow import analyze as analyze_flow, from_recording
-from .flow.apply import applied
 from .graph import TraceError, analyze, target_num_filters
 from .fused_suffix import find_fused_consumer
 from .masking import keep_mask
-from .ops.closed_form_linear import closed_form_linear_ref
-from .ops.closed_form_logits import closed_form_logits
-from .ops.closed_form_score import closed_form_score
 from .ops.consumer_delta import consumer_delta, owned_weight
-from .ops.score_reduce import pair_results, score_reduce
-from .pairs import Accumulator, active_pairs, suffix_base_logits
+from .method_evaluators import ClosedFormEvaluator, FullNetworkEvaluator, split_outputs
+from .ops.score_reduce import pair_results
+from .pairs import Accumulator, suffix_base_logits
 from .precision import check_precision
 from .scores import LayerScores
 from .suffix_eval import SuffixEvaluator
@@ -60,7 +56,6 @@ from .suffix_opt import optimized_suffix
 __all__ = ["ScoreOptions", "LayerScorer", "score_layer"]
 
 _FN = "score_layer"
-_BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
 
 @dataclass
@@ -86,76 +81,6 @@ class ScoreOptions:
     prefix_batch: int | None = None
     cache: bool = True
     fused_consumer: bool | None = None
-
-
-def _check_filters(filters, num: int, name: str, fn: str = _FN) -> torch.Tensor:
-    """[F] int64 filter indices from ``filters`` (None: all ``num``), checked; ``fn`` names the caller."""
-    if filters is None:
-        return torch.arange(num)
-    f = torch.as_tensor(filters)
-    if f.numel() == 0:
-        raise ValueError(f"{fn}: filters is empty; pass None to score all {num} filters")
-    if f.dim() != 1 or f.dtype.is_floating_point or f.dtype == torch.bool:
-        raise TypeError(f"{fn}: filters must be a 1-D list of int filter indices, got {filters!r}")
-    f = f.long()
-    bad = f[(f < 0) | (f >= num)]
-    if bad.numel():
-        raise ValueError(f"{fn}: filter {int(bad[0])} is out of range: layer {name!r} has {num} filters "
-                         f"(0..{num - 1})")
-    if f.unique().numel() != f.numel():
-        dup = [int(v) for v in f.unique() if int((f == v).sum()) > 1]
-        raise ValueError(f"{fn}: filters repeat {dup[:5]}; list each filter once")
-    return f
-
-
-def _pick_backend(backend: str, device: torch.device, fn: str = _FN) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"{fn}: backend {backend!r} unknown; choose one of {', '.join(_BACKENDS)}")
-    if backend == "auto":
-        if device.type == "cuda":
-            return next((b for b in ("cuda", "triton") if _ext.has_backend(b)), "torch")
-        return "cpu" if device.type == "cpu" and _ext.has_backend("cpu") else "torch"
-    if backend != "torch":
-        _ext.require_backend(backend)
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"{fn}: backend 'cpu' runs on the CPU but the model is on {device}; pass device='cpu' "
-                         "or backend='auto'")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"{fn}: backend 'cuda' runs on a CUDA device but the model is on {device}; pass "
-                         "device='cuda' or backend='auto'")
-    return backend
-
-
-def _work_model(model: nn.Module, device) -> tuple[nn.Module, torch.device]:
-    home = model_device(model)
-    if device is None or torch.device(device) == home:
-        return model, home
-    return copy.deepcopy(model).to(device), torch.device(device)  # never move the user's model
-
-
-def _count_images(data) -> int | None:
-    """Number of images in ``data`` when it is known without reading it (tuple of tensors, DataLoader)."""
-    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor) \
-            and isinstance(data[1], torch.Tensor):
-        return int(data[0].shape[0])
-    dataset = getattr(data, "dataset", None)
-    try:
-        return len(dataset) if dataset is not None else None
-    except TypeError:
-        return None
-
-
-def _nbytes(shape, dtype=torch.float32) -> int:
-    """Bytes of one image's slice of a tensor of ``shape`` (batch dim excluded)."""
-    n = 1
-    for s in shape[1:]:
-        n *= int(s)
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
-def _meta_bytes(nodes) -> list[int]:
-    return [_nbytes(n.meta["tensor_meta"].shape, n.meta["tensor_meta"].dtype) for n in nodes
-            if hasattr(n.meta.get("tensor_meta"), "shape")]
 
 
 class LayerScorer:
@@ -185,9 +110,9 @@ class LayerScorer:
         self.name, module = resolve_layer(model, layer, self.fn)
         self.num_filters = target_num_filters(module)
         check_work_sizes(batch_size, memory_budget, self.fn)
-        self.model, self.device = _work_model(model, device)
+        self.model, self.device = work_model(model, device)
         self.in_dtype = model_dtype(self.model, self.fn)
-        self.kernel = _pick_backend(backend, self.device, self.fn)
+        self.kernel = pick_backend(backend, self.device, self.fn)
         self.budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
         self.progress = progress
         self.data = data
@@ -199,7 +124,7 @@ class LayerScorer:
         if x0.shape[0] == 0:
             raise ValueError(f"{self.fn}: the first batch of data is empty; pass non-empty batches")
         self._first_pass = itertools.chain([first], batches)
-        self.num_images_hint = _count_images(data)    # for the progress bar; None when unknown
+        self.num_images_hint = count_images(data)    # for the progress bar; None when unknown
         self._one_shot = isinstance(data, collections.abc.Iterator)   # a generator: can be read once
         example = x0[:1].to(self.device)
         cpu = self.device.type == "cpu"
@@ -225,10 +150,11 @@ class LayerScorer:
         self.fused = None
         if self.lg is None:
             self.method, self.kernel, self.cf = "full_network", "torch", None
-            per_image = 8 * _nbytes(example.shape)     # inputs and logits are cached; activations transient
-            self.cache_bytes_per_image = _nbytes(example.shape)
+            per_image = 8 * nbytes(example.shape)     # inputs and logits are cached; activations transient
+            self.cache_bytes_per_image = nbytes(example.shape)
             per_pair = 0
             self.pair_batch = batch_size or self.prefix_batch
+            self.evaluator = FullNetworkEvaluator(self.model, self.flow, self.pair_batch, self.kernel, self.fn)
         else:
             lg = self.lg
             self.cf = find_closed_form(lg)
@@ -246,16 +172,17 @@ class LayerScorer:
                 if self.fused is not None and opt.fold_bn:
                     self.fused.post = optimized_suffix(self.fused.post, self.channels_last)
             cached = [c.node.args[0] for c in lg.consumers] + [c.node for c in lg.consumers] + lg.boundary
-            widest = max(_meta_bytes(n for n in lg.gm.graph.nodes if n.op != "get_attr"))
-            self.cache_bytes_per_image = sum(_meta_bytes(cached))
+            widest = max(meta_bytes(n for n in lg.gm.graph.nodes if n.op != "get_attr"))
+            self.cache_bytes_per_image = sum(meta_bytes(cached))
             per_image = 2 * self.cache_bytes_per_image + 3 * widest
-            per_pair = 4 * max(_meta_bytes(lg.changed) + [1]) + 2 * sum(_meta_bytes(cached[len(lg.consumers):]))
+            per_pair = 4 * max(meta_bytes(lg.changed) + [1]) + 2 * sum(meta_bytes(cached[len(lg.consumers):]))
             if self.cf is not None:   # the closed form works on whole chunks: a few Z-sized temporaries
-                per_image += 4 * _meta_bytes([lg.consumers[0].node])[0]
+                per_image += 4 * meta_bytes([lg.consumers[0].node])[0]
             self.pair_batch = batch_size or (128 if cpu else 4096)
             self.pair_batch = max(1, min(self.pair_batch, (self.budget // 2) // per_pair))
-            self.evaluator = SuffixEvaluator(lg, self.suffix, self.fused, self.channels_last, self.dtype, self.kernel,
-                                             self.pair_batch, self.removed)
+            self.evaluator = ClosedFormEvaluator(lg, self.cf, self.kernel, self.fn) if self.cf is not None else \
+                SuffixEvaluator(lg, self.suffix, self.fused, self.channels_last, self.dtype, self.kernel,
+                                self.pair_batch, self.removed)
         if self.budget < per_image + per_pair:
             raise ValueError(f"{self.fn}: memory_budget={self.budget} bytes is too small for one image at layer "
                              f"{self.name!r} (needs at least {per_image + per_pair}); raise memory_budget")
@@ -346,12 +273,12 @@ class LayerScorer:
         """One chunk's (y, outs, base_correct, base_loss) with filter k removed (tensors updated in place)."""
         y, outs = entry[0], list(entry[1])
         if self.lg is None:   # full network: rerun with every removed filter zeroed at its consumers
-            outs[-1] = self._run_removed(outs[0], self.removed[:self.removed.index(k) + 1])
+            outs[-1] = self.evaluator.run_removed(outs[0], self.removed[:self.removed.index(k) + 1])
         else:
             u = len(self.lg.consumers)
             A, Z = outs[:u], outs[u:2 * u]
             if self.cf is not None:   # the closed form of removing k is the new base (before Z changes)
-                outs[-1] = self._ablated_closed_form(outs, torch.tensor([k]))[0]
+                outs[-1] = self.evaluator.ablated(outs, torch.tensor([k]))[0]
             for a, z, c in zip(A, Z, self.lg.consumers):
                 s, e = c.owned(k)
                 if s == e:
@@ -367,17 +294,11 @@ class LayerScorer:
         check_finite(outs[-1], self.fn, f"the model's output with filters {self.removed} removed")
         return (y, tuple(outs), *pair_results(outs[-1], y))
 
-    def _run_removed(self, x, ks) -> torch.Tensor:
-        """Logits [n, classes] of the whole model with units ``ks`` removed (``flow.apply``)."""
-        keep = keep_mask(None, ks, self.num_filters, x.device)
-        with applied(self.model, self.flow, keep):
-            return torch.cat([self.model(x[s:s + self.pair_batch]) for s in range(0, x.shape[0], self.pair_batch)])
-
     # ---- scoring -------------------------------------------------------------------------------------
     def score(self, filters=None, per_image: bool = False) -> LayerScores:
         """CAR scores of ``filters`` (default all), see ``score_layer``."""
         t0 = time.perf_counter()
-        filt = _check_filters(self.remaining if filters is None else filters, self.num_filters, self.name, self.fn)
+        filt = check_filters(self.remaining if filters is None else filters, self.num_filters, self.name, self.fn)
         gone = sorted(set(filt.tolist()) & set(self.removed))
         if gone:
             raise ValueError(f"{self.fn}: filters {gone[:5]} of {self.name!r} were removed; score the remaining ones "
@@ -394,11 +315,11 @@ class LayerScorer:
             for y, outs, base_correct, base_loss in self._chunks():
                 C = outs[-1].shape[1]
                 if self.cf is not None:
-                    res = self._closed_form(outs, y, filt, stats, bar)
+                    res = self.evaluator.score_chunk(outs, y, filt, stats, bar)
                 elif self.lg is None:
-                    res = self._full_network(outs[0], y, filt, C, stats, bar)
+                    res = self.evaluator.score_chunk(outs[0], y, filt, self.removed, C, stats, bar)
                 else:
-                    A, Z, B, _ = self._split(outs)
+                    A, Z, B, _ = split_outputs(outs, len(self.lg.consumers))
                     res = self.evaluator.score_chunk(A, Z, B, y, C, base_correct, base_loss, filt, weights, per_image,
                                                      stats, bar)
                 correct, loss_sum, img_correct = res
@@ -412,59 +333,6 @@ class LayerScorer:
                           precision=self.precision if low else "fp32", pairs_rechecked=stats[2],
                           margin_threshold=float(self.evaluator.threshold or 0.0) if low else 0.0)
 
-    def _split(self, outs):
-        u = len(self.lg.consumers)
-        return outs[:u], outs[u:2 * u], outs[2 * u:-1], outs[-1]
-
-    def _ablated_closed_form(self, outs, filt) -> torch.Tensor:
-        """[F, n, classes] ablated logits of ``filt`` by the closed form (the torch / cpu kernels)."""
-        A, Z, B, logits = self._split(outs)
-        cf = self.cf
-        R = B[cf.residual_index] if cf.residual_index is not None else None
-        if cf.kind == "linear":
-            return closed_form_linear_ref(A[0], cf.weight, cf.width, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
-                                          logits, filt.to(self.device))
-        return closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
-                                  filt.to(self.device), cf.stride, cf.padding, cf.dilation,
-                                  backend="cpu" if self.kernel == "cpu" else "torch")
-
-    def _closed_form(self, outs, y, filt, stats, bar):
-        """(counts [F, C], loss sums [F], correct [F, n]) by the closed form, fused with the reduction."""
-        A, Z, B, logits = self._split(outs)
-        cf = self.cf
-        F_, n = len(filt), y.numel()
-        if cf.kind == "conv":
-            R = B[cf.residual_index] if cf.residual_index is not None else None
-            counts, loss, correct = closed_form_score(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
-                                                      logits, filt.to(self.device), y, cf.stride, cf.padding,
-                                                      cf.dilation, backend=self.kernel)
-            if not bool(torch.isfinite(loss).all()):   # a non-finite logit makes its loss non-finite
-                check_finite(self._ablated_closed_form(outs, filt), self.fn, "the model's output with a filter removed")
-        else:
-            abl = self._ablated_closed_form(outs, filt).reshape(F_ * n, -1)          # [F * n, classes]
-            check_finite(abl, self.fn, "the model's output with a filter removed")
-            slots = torch.arange(F_, device=abl.device).repeat_interleave(n)
-            counts, loss, correct = score_reduce(abl, y.repeat(F_), slots, F_, backend=self.kernel)
-        n_active = int(active_pairs(A, self.lg.consumers, filt).sum())
-        stats[0] += n_active
-        stats[1] += F_ * n - n_active
-        bar.update(F_ * n)
-        return counts, loss.sum(1), correct.view(F_, n)
-
-    def _full_network(self, x, y, filt, C, stats, bar):
-        """(counts [F, C], loss sums [F], correct [F, n]): the whole network per filter."""
-        counts = torch.zeros(len(filt), C, dtype=torch.long, device=y.device)
-        loss = torch.zeros(len(filt), dtype=torch.float64, device=y.device)
-        correct = torch.zeros(len(filt), y.numel(), dtype=torch.bool, device=y.device)
-        slots = torch.zeros_like(y)
-        for f, k in enumerate(filt.tolist()):
-            abl = self._run_removed(x, self.removed + [k])
-            check_finite(abl, self.fn, "the model's output with a filter removed")
-            c, l, correct[f] = score_reduce(abl, y, slots, 1, backend=self.kernel)
-            counts[f], loss[f] = c[0], l.sum()
-            bar.update(x.shape[0])
-        stats[0] += x.shape[0] * len(filt)
-        return counts, loss, correct
 
 
 def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
@@ -513,7 +381,7 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
     """
     if isinstance(model, nn.Module):   # check filters before the work of preparing the layer
         name, module = resolve_layer(model, layer, _FN)
-        _check_filters(filters, target_num_filters(module), name)
+        check_filters(filters, target_num_filters(module), name)
     options = dataclasses.replace(options or ScoreOptions(), cache=False)   # one score: nothing to keep
     scorer = LayerScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
                          backend=backend, precision=precision, progress=progress, group=group, options=options)

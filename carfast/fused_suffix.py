@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import fx, nn
+from torch import fx
 
 from .closed_form import consumer_epilogue, gathered_weight
 from .graph import LayerGraph, subgraph

@@ -139,17 +139,26 @@ def _is_shape_value(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and "tensor_meta" not in node.meta
 
 
+def _from_parameters(node: fx.Node, memo: dict) -> bool:
+    """A value computed from the model's parameters alone (``self.gamma.reshape(1, -1, 1, 1)``): the same
+    for every image, so the suffix computes it itself rather than reading it per image."""
+    if node not in memo:
+        memo[node] = node.op == "get_attr" or node.op in ("call_function", "call_method", "call_module") and \
+            all(_from_parameters(a, memo) for a in node.all_input_nodes) and node.op != "call_module"
+    return memo[node]
+
+
 def suffix_inputs(gm: fx.GraphModule, changed: set, entries) -> tuple[list[fx.Node], set]:
     """What a suffix made of the nodes ``changed`` reads from before the cut: (boundary tensors in graph
     order, shape queries to recompute inside the suffix, whose batch size differs there). ``entries``
     (nodes of ``changed``) become suffix inputs themselves, so their own inputs are not read."""
-    boundary, recompute = [], set()
+    boundary, recompute, constant = [], set(), {}
     stack = [a for n in changed if not any(n is e for e in entries) for a in n.all_input_nodes if a not in changed]
     while stack:
         a = stack.pop()
         if a in recompute or a in boundary or a.op == "get_attr":
             continue
-        if _is_shape_value(a):
+        if _is_shape_value(a) or _from_parameters(a, constant):
             recompute.add(a)
             stack.extend(x for x in a.all_input_nodes if x not in changed)
             continue

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from .batching import eval_mode
 from .errors import resolve_layer
-from .flow import FlowError, analyze, build_graph, from_recording
+from .flow import analyze, build_graph, from_recording
 from .flow.apply import applied
 from .flow.checks import unit_axis
 from .masking import keep_mask

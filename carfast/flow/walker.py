@@ -22,7 +22,7 @@ import torch
 
 from .catalog import Rule, classify
 from .ir import FlowGraph, Op
-from .relations import Relation, build_relations, key_meta, value_keys
+from .relations import Relation, build_relations, key_meta
 
 __all__ = ["Walk", "walk", "UnitMerge"]
 

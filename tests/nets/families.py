@@ -12,7 +12,6 @@ that into the naive reference; ``refused`` maps layers carfast must refuse to a 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -285,8 +284,8 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x):
         y = self.dw(x).permute(0, 2, 3, 1)
-        y = self.gamma * self.pw2(F.gelu(self.pw1(self.norm(y))))
-        return x + self.drop(y.permute(0, 3, 1, 2))
+        y = self.pw2(F.gelu(self.pw1(self.norm(y)))).permute(0, 3, 1, 2)
+        return x + self.drop(y * self.gamma.reshape(1, -1, 1, 1))        # layer scale, as timm writes it
 
 
 class ConvNeXtNet(nn.Module):
