@@ -65,7 +65,7 @@ class MaskedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
         m = _broadcast_view(keep.index_select(1, self.profile).to(x.dtype), x.dim(), self.axis)
-        m = m.expand(*[x.shape[0]] + [1] * (x.dim() - 1)) if m.shape[0] != x.shape[0] else m
+        m = m.expand(x.shape[0], *m.shape[1:]) if m.shape[0] != x.shape[0] else m
         count = m.sum(dim=self.axes, keepdim=True)
         for d in self.axes:
             if m.shape[d] == 1:

@@ -217,8 +217,12 @@ def _drop_and_renormalise(norm: nn.Module, inp: torch.Tensor, drop: list[int], d
     """A LayerNorm-like module's output without entries ``drop`` along ``dim``: the norm of the other
     entries alone, with their own weight and bias, as the physically smaller norm computes; the dropped
     entries come out zero (no reader sees them)."""
+    keep = torch.tensor([i for i in range(inp.shape[dim]) if i not in set(drop)])
+    if isinstance(norm, nn.GroupNorm):            # one group: over the channels that remain and every position
+        out = torch.zeros_like(inp)
+        out[:, keep] = F.group_norm(inp[:, keep], 1, norm.weight[keep], norm.bias[keep], norm.eps)
+        return out
     z = inp.movedim(dim, -1)
-    keep = torch.tensor([i for i in range(z.shape[-1]) if i not in set(drop)])
     w = norm.weight[keep] if norm.weight is not None else None
     b = norm.bias[keep] if norm.bias is not None else None
     out = torch.zeros_like(z)

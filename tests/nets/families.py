@@ -289,21 +289,25 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXtNet(nn.Module):
-    def __init__(self):
+    def __init__(self, traceable=True):
         super().__init__()
+        self.traceable = traceable
         self.stem, self.stem_norm = _conv(3, 8, 2, stride=2, padding=0), LayerNorm2d(8)
         self.block, self.head_norm, self.fc = ConvNeXtBlock(8), nn.LayerNorm(8), _head(8)
 
     def forward(self, x):
-        return self.fc(self.head_norm(self.block(self.stem_norm(self.stem(x))).mean((2, 3))))
+        x = self.block(self.stem_norm(self.stem(x)))
+        if not self.traceable and bool(x.isnan().any()):       # data-dependent: torch.fx cannot trace this
+            x = x.nan_to_num()
+        return self.fc(self.head_norm(x.mean((2, 3))))
 
 
-def convnext(seed=0):
-    m = _randomize_norms(build(ConvNeXtNet(), seed, input_shape=SHAPE), seed)
+def convnext(seed=0, traceable=True):
+    m = _randomize_norms(build(ConvNeXtNet(traceable), seed, input_shape=SHAPE), seed)
     stream = Removal({"block.pw1": _ks(0), "fc": _ks(0)}, norms={"stem_norm": _ks(0), "block.norm": _ks(0),
                                                                    "head_norm": _ks(0)},
                      dims={"block.pw1": -1, "fc": -1, "block.norm": -1, "head_norm": -1})
-    return Family("convnext", m, [
+    return Family("convnext" if traceable else "convnext_untraceable", m, [
         Target("stem", True, 8, stream, maskable=False),
         Target("block.dw", True, 8, stream, maskable=False),
         Target("block.pw1", False, 16, Removal({"block.pw2": _ks(0)}, dims={"block.pw2": -1})),
@@ -441,5 +445,30 @@ def split_attention(seed=0):
     ], refused={"sa.conv": r"filters 0 and 8 meet at sum"})
 
 
-FAMILIES = {f.__name__: f for f in (dense, inception, fire, shuffle, se, convnext, hrnet, csp, ghost, split_attention)}
+# ---- GroupNorm: one group (normalises across channels), one group per channel, and two groups -------------
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.gn1 = _conv(3, 8), nn.GroupNorm(1, 8)
+        self.conv2, self.gn2 = _conv(8, 6), nn.GroupNorm(6, 6)
+        self.conv3, self.gn3 = _conv(6, 6), nn.GroupNorm(2, 6)
+        self.conv4, self.fc = _conv(6, 6, 1), _head(6)
+
+    def forward(self, x):
+        x = F.relu(self.gn1(self.stem(x)))
+        x = F.relu(self.gn2(self.conv2(x)))
+        return self.fc(_gap(self.conv4(F.relu(self.gn3(self.conv3(x))))))
+
+
+def group_norm(seed=0):
+    m = _randomize_norms(build(GroupNormNet(), seed, input_shape=SHAPE), seed)
+    return Family("group_norm", m, [
+        Target("stem", False, 8, Removal({"conv2": _ks(0)}, norms={"gn1": _ks(0)}), maskable=False),
+        Target("conv2", False, 6, Removal({"conv3": _ks(0)})),
+    ], refused={"conv3": r"GroupNorm with 2 groups of 3 channels"})
+
+
+FAMILIES = {f.__name__: f for f in (dense, inception, fire, shuffle, se, convnext, hrnet, csp, ghost, split_attention,
+                                    group_norm)}
 FAMILIES["se_untraceable"] = lambda seed=0: se(seed, traceable=False)
+FAMILIES["convnext_untraceable"] = lambda seed=0: convnext(seed, traceable=False)
