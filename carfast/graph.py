@@ -27,7 +27,8 @@ from torch import fx, nn
 
 from .flow import Flow, FlowError, Reader, TraceError, analyze as analyze_flow, from_fx
 from .flow.ir import trace_fx
-from .masking import MaskedNorm, UnitMask
+from .flow.apply import masked_norm, reader_profile
+from .masking import UnitMask
 from .ops.consumer_delta import LayerSpec
 
 __all__ = ["TraceError", "FlowError", "Consumer", "LayerGraph", "analyze", "split", "trace", "fn_name", "subgraph",
@@ -275,8 +276,8 @@ def _build_suffix(gm, cut, boundary, suffix_nodes, masked: dict, rules: dict) ->
         if r.kind == "norm":
             module, w, b = _masked_norm(n, r, rules[r.op], g, env)
             return g.call_module(_attach(gm, "mask", module), (x, keep, w, b))
-        prof = r.codes.movedim(r.axis, -1).reshape(-1, r.codes.shape[r.axis])[0]
-        xm = g.call_module(_attach(gm, "mask", UnitMask(prof, r.axis)), (x, keep))
+        prof, axis = reader_profile(r)
+        xm = g.call_module(_attach(gm, "mask", UnitMask(prof, axis)), (x, keep))
         return g.node_copy(n, lambda a: xm if a is n.args[0] else env[a])
 
     return subgraph(gm, inputs, suffix_nodes, replace=replace, extra=("keep",) if masked else ())
@@ -297,25 +298,16 @@ def _attach(gm: fx.GraphModule, kind: str, obj) -> str:
 
 def _masked_norm(n: fx.Node, r: Reader, rule, g: fx.Graph, env):
     """(MaskedNorm, weight node, bias node) replacing the norm call ``n`` in the suffix."""
-    from .flow.checks import unit_axis
-    axis = unit_axis(r.codes)
-    if axis not in rule.axes:
-        raise FlowError(f"score_layer: {r.op.label} normalises over axes {rule.axes}, but the channels vary along "
-                        f"axis {axis}", "spread")
-    prof = r.codes.movedim(axis, -1).reshape(-1, r.codes.shape[axis])[0]
-    param_axis = rule.params[0][1] if rule.params else axis
+    norm = masked_norm(r, rule)
     if n.op == "call_module":
         m = r.op.target
         w = g.get_attr(f"{n.target}.weight") if getattr(m, "weight", None) is not None else None
         b = g.get_attr(f"{n.target}.bias") if getattr(m, "bias", None) is not None else None
-        return MaskedNorm(prof, axis, rule.axes, param_axis, m.eps), w, b
-    a = list(n.args) + [None] * 5
-    first = 2                                     # layer_norm(x, shape, w, b, eps) / group_norm(x, G, w, b, eps)
-    w, b = a[first] if a[first] is not None else n.kwargs.get("weight"), \
-        a[first + 1] if a[first + 1] is not None else n.kwargs.get("bias")
-    eps = a[first + 2] if a[first + 2] is not None else n.kwargs.get("eps", 1e-5)
-    return MaskedNorm(prof, axis, rule.axes, param_axis, eps), \
-        (env[w] if isinstance(w, fx.Node) else w), (env[b] if isinstance(b, fx.Node) else b)
+        return norm, w, b
+    a = list(n.args) + [None] * 4                 # layer_norm(x, shape, w, b, eps) / group_norm(x, G, w, b, eps)
+    w = a[2] if a[2] is not None else n.kwargs.get("weight")
+    b = a[3] if a[3] is not None else n.kwargs.get("bias")
+    return norm, (env[w] if isinstance(w, fx.Node) else w), (env[b] if isinstance(b, fx.Node) else b)
 
 
 def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str = "score_layer",

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .flow import Flow, analyze
-from .flow.checks import unit_axis
+from .flow.checks import profile, unit_axis
 from .flow.relations import key_meta
 
 __all__ = ["GroupMember", "CouplingGroup", "find_group", "members_of"]
@@ -130,7 +130,7 @@ def members_of(flow: Flow) -> list[GroupMember]:
             add(r.op, GroupMember(r.op.name if r.op.kind == "module" else r.op.label, "input", channels, width))
     for op in w.touched:
         if w.rules[op].kind == "depthwise" and op is not w.target:
-            prof = w.of(op.args[0]).movedim(1, -1).reshape(-1, op.args[0].meta.shape[1])[0]
+            prof = profile(w.of(op.args[0]), 1)
             add(op, GroupMember(op.name, "depthwise", [_one((prof == u + 1).nonzero().flatten().tolist())
                                                        for u in range(flow.num_units)]))
     for key, codes in w.codes.items():
@@ -142,7 +142,7 @@ def members_of(flow: Flow) -> list[GroupMember]:
             continue                       # their rows and columns are the producers' and readers' above
         c = codes.view(*key_meta(key, flow.modules).shape)
         dim = unit_axis(c, 0)
-        prof = c.movedim(dim, -1).reshape(-1, c.shape[dim])[0]
+        prof = profile(c, dim)
         role = "batchnorm" if isinstance(module, nn.modules.batchnorm._BatchNorm) else \
             "norm" if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) else "param"
         op = key[0] if key[0] != "param" else next((o for o in flow.graph.ops if o.name == path), w.target)

@@ -26,7 +26,7 @@ from .batching import eval_mode
 from .errors import resolve_layer
 from .flow import analyze, build_graph, from_recording
 from .flow.apply import applied
-from .flow.checks import unit_axis
+from .flow.checks import profile, unit_axis
 from .masking import keep_mask
 from .slicers import Edit, slice_module
 
@@ -208,7 +208,7 @@ def plan_edits(flow, units: list[int], edits: dict, fn: str) -> None:
 
 
 def _positions(codes: torch.Tensor, units: list[int], axis: int) -> list[int]:
-    prof = codes.movedim(axis, -1).reshape(-1, codes.shape[axis])[0]
+    prof = profile(codes, axis)
     want = torch.tensor([u + 1 for u in units])
     return torch.isin(prof, want).nonzero().flatten().tolist()
 

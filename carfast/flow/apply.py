@@ -21,16 +21,28 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..masking import MaskedNorm, UnitMask
-from .checks import unit_axis
+from .checks import profile, unit_axis
+from .flow import FlowError
 from .ir import is_leaf_module
 
-__all__ = ["intercept", "applied", "reader_profile"]
+__all__ = ["intercept", "applied", "reader_profile", "masked_norm"]
 
 
 def reader_profile(reader) -> tuple[torch.Tensor, int]:
     """(profile [C]: the unit + 1 of each index along the axis, the axis) of a reader's input codes."""
     axis = reader.axis if reader.kind != "norm" else unit_axis(reader.codes)
-    return reader.codes.movedim(axis, -1).reshape(-1, reader.codes.shape[axis])[0], axis
+    return profile(reader.codes, axis), axis
+
+
+def masked_norm(reader, rule) -> MaskedNorm:
+    """The ``MaskedNorm`` that computes normaliser ``reader`` (rule ``rule``) without the removed units."""
+    prof, axis = reader_profile(reader)
+    if axis not in rule.axes:
+        raise FlowError(f"{reader.op.label} normalises over axes {rule.axes}, but the channels vary along axis "
+                        f"{axis}", "spread")
+    op = reader.op
+    eps = op.target.eps if op.kind == "module" else (op.args[4] if len(op.args) > 4 else op.kwargs.get("eps", 1e-5))
+    return MaskedNorm(prof, axis, rule.axes, rule.params[0][1] if rule.params else axis, eps)
 
 
 def _norm_params(op, args, kwargs):
@@ -106,14 +118,10 @@ def applied(model: nn.Module, flow, keep: torch.Tensor):
     """Every forward of ``model`` under this context removes the units ``keep`` marks (module docstring)."""
     masks, norms = {}, {}
     for r in flow.readers:
-        prof, axis = reader_profile(r)
         if r.kind == "norm":
-            rule = flow.walk.rules[r.op]
-            eps = r.op.target.eps if r.op.kind == "module" else \
-                (r.op.args[4] if len(r.op.args) > 4 else r.op.kwargs.get("eps", 1e-5))
-            norms[id(r)] = MaskedNorm(prof, axis, rule.axes, rule.params[0][1] if rule.params else axis, eps)
+            norms[id(r)] = masked_norm(r, flow.walk.rules[r.op])
         else:
-            masks[id(r)] = UnitMask(prof, axis)
+            masks[id(r)] = UnitMask(*reader_profile(r))
     return intercept(model, flow,
                      before=lambda r, x: masks[id(r)](x, keep) if id(r) in masks else x,
                      norm=lambda r, x, w, b: norms[id(r)](x, keep, w, b))

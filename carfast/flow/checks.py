@@ -19,7 +19,7 @@ from .catalog import data_args
 from .ir import Op, TensorMeta, op_name
 from .relations import push, value_keys
 
-__all__ = ["check_separable", "check_moves", "unit_axis"]
+__all__ = ["check_separable", "check_moves", "unit_axis", "profile"]
 
 _SIZED = frozenset({"view", "reshape", "flatten", "unflatten", "split", "split_with_sizes", "chunk",
                     "tensor_split", "narrow", "getitem", "select", "unbind", "index_select", "repeat", "tile",
@@ -35,6 +35,12 @@ def unit_axis(codes: torch.Tensor, first: int = 1) -> int | None:
         if bool((flat == flat[:1]).all()):
             return ax
     return None
+
+
+def profile(codes: torch.Tensor, axis: int) -> torch.Tensor:
+    """The codes along ``axis`` [size], read where every other index is 0 (for codes that vary only along
+    ``axis``, as ``unit_axis`` finds: every index along the other axes gives the same)."""
+    return codes.movedim(axis, -1).reshape(-1, codes.shape[axis])[0]
 
 
 def check_separable(w, name: str, fn: str) -> None:
@@ -54,7 +60,7 @@ def _reduced_ids(ids: torch.Tensor, codes: torch.Tensor | None, unit: int, first
     if codes is None:
         return ids
     ax = unit_axis(codes, first)
-    prof = codes.movedim(ax, -1).reshape(-1, codes.shape[ax])[0]
+    prof = profile(codes, ax)
     return ids.index_select(ax, (prof != unit + 1).nonzero().flatten())
 
 

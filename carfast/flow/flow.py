@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .checks import check_separable, check_moves
+from .checks import check_moves, check_separable, profile
 from .ir import FlowGraph, Op, TensorMeta, TraceError, from_fx, from_recording
 from .walker import UnitMerge, Walk, walk
 
@@ -112,9 +112,10 @@ def find_target(graph: FlowGraph, name: str, fn: str) -> Op:
 
 def _profile(codes: torch.Tensor, axis: int) -> torch.Tensor | None:
     """codes [1, ...] -> the 1-D codes along ``axis`` if they are constant along every other axis."""
-    c = codes.movedim(axis, -1)
-    flat = c.reshape(-1, c.shape[-1])
-    return flat[0] if bool((flat == flat[:1]).all()) else None
+    prof = profile(codes, axis)
+    shape = [1] * codes.dim()
+    shape[axis] = -1
+    return prof if bool((codes == prof.view(shape)).all()) else None
 
 
 def _owned(profile: torch.Tensor, units: int) -> list[torch.Tensor]:
@@ -137,7 +138,7 @@ def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str, group: 
     except UnitMerge as err:
         raise FlowError(f"{fn}: layer {name!r}: its {err} ({_describe(err.op)}), so they cannot be removed one at "
                         f"a time; score them together with carfast.score_group({name!r})", "merge") from None
-    _check_ops(w, name, fn, group)
+    _check_ops(w, name, fn)
     readers, producers = _readers(w, name, fn), _producers(w, name, fn)
     entry = _coupling(w, producers)
     if entry is not None and not group:
@@ -152,7 +153,7 @@ def _describe(op: Op) -> str:
     return f"a {type(op.target).__name__}" if op.kind == "module" else f"{op.name}"
 
 
-def _check_ops(w: Walk, name: str, fn: str, group: bool) -> None:
+def _check_ops(w: Walk, name: str, fn: str) -> None:
     """Unsupported ops, constants and the model's output reached by the channels."""
     live = _live(w.graph)
     for op in w.touched:
