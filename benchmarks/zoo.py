@@ -131,10 +131,14 @@ def check_layer(model, info, x, y, n_filters: int, rng: random.Random) -> dict:
             "seconds": seconds}
 
 
-def run_model(spec: str, args) -> list[dict]:
+def run_model(spec: str, args, listing: dict) -> list[dict]:
     model = build(spec, args.seed)
     x, y = make_data(model, args.images, args.size, args.seed)
     infos = [i for i in carfast.layers(model, example=x[:1]) if i.type == "Conv2d"]
+    listing[spec] = {"alone": sum(i.status == "layer" for i in infos), "group": sum(i.status == "group" for i in infos),
+                     "undefined": sum(i.status == "refused" and i.reason_tag in UNDEFINED for i in infos),
+                     "refused": sum(i.status == "refused" and i.reason_tag not in UNDEFINED for i in infos),
+                     "why": sorted({UNDEFINED.get(i.reason_tag, i.reason) for i in infos if i.status == "refused"})}
     rng = random.Random(f"{spec}-{args.seed}")
     sample = infos if args.per_model <= 0 else rng.sample(infos, min(args.per_model, len(infos)))
     rows = []
@@ -176,6 +180,21 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarise_listing(listing: dict) -> str:
+    """Every conv layer of every model, as ``carfast.layers`` classifies it (no scoring)."""
+    lines = ["All conv layers (carfast.layers, not scored):", "",
+             "| model | conv layers | alone | group | undefined | refused |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    keys = ("alone", "group", "undefined", "refused")
+    total = dict.fromkeys(keys, 0)
+    for model, c in listing.items():
+        lines.append(f"| {model} | {sum(c[k] for k in keys)} | " + " | ".join(str(c[k]) for k in keys) + " |")
+        for k in keys:
+            total[k] += c[k]
+    lines.append(f"| **all** | {sum(total.values())} | " + " | ".join(str(total[k]) for k in keys) + " |")
+    why = sorted({w for c in listing.values() for w in c["why"]})
+    return "\n".join(lines + ["", "Refusal reasons: " + "; ".join(w[:160] for w in why)])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated tv:<name> / timm:<name>")
@@ -191,15 +210,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     env = environment()
     print(describe_environment(env))
-    rows = []
+    rows, listing = [], {}
     t0 = time.perf_counter()
     for spec in args.models.split(","):
-        rows += run_model(spec.strip(), args)
+        rows += run_model(spec.strip(), args, listing)
     print()
     print(summarise(rows))
+    print()
+    print(summarise_listing(listing))
     print(f"\n{time.perf_counter() - t0:.0f} s")
     if args.json:
-        write_json_atomic(args.json, {"environment": env, "args": vars(args), "rows": rows})
+        write_json_atomic(args.json, {"environment": env, "args": vars(args), "rows": rows, "listing": listing})
     return 1 if any(r["result"] == "mismatch" for r in rows) else 0
 
 
