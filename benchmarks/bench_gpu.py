@@ -139,7 +139,7 @@ def suffix_macs(model: torch.nn.Module, consumer: str, example: torch.Tensor) ->
     """(MACs per image of the Conv/Linear layers from ``consumer`` on, of which the consumer's own).
 
     Forward hooks record each Conv1d/2d/3d / Linear call in execution order (per output element:
-    in_channels / groups x kernel elements, or in_features, as ``carfast.measure`` counts); the suffix
+    in_channels / groups x kernel elements, or in_features, as ``carfast.surgery.measure`` counts); the suffix
     is every call from the consumer's on. That holds for chain-like networks such as ResNet-56, whose
     shortcuts hold no conv. The consumer is counted whole although the engine runs only its delta
     U_k(A_k) (1/C of it); its share is returned so the overstatement is known.

@@ -4,7 +4,7 @@
 
 Greedy (pretrained ResNet-56, ``--n`` CIFAR-10 test images, ``--layer`` from K filters to ``--keep``):
 
-* carfast  ``carfast.prune(model, layer, (x, y), keep=...)`` end to end: prefix pass, one CAR scoring of
+* carfast  ``carfast.pruning.prune(model, layer, (x, y), keep=...)`` end to end: prefix pass, one CAR scoring of
            the remaining filters per removal with the cached state updated in place, final surgery.
 * naive    the tests' naive greedy loop (``tests/naive.py``): at every step, one full forward pass of
            the network over all images per remaining candidate (the filters removed so far and the
@@ -16,7 +16,7 @@ Greedy (pretrained ResNet-56, ``--n`` CIFAR-10 test images, ``--layer`` from K f
 
 Surgery: the original ResNet-56 against a copy with half of every block's first conv removed (the
 filters with the smallest L1 norm; the latency does not depend on which), median forward latency at
-batch 1 and batch 256 (``carfast.measure.latency``), the two models timed alternately.
+batch 1 and batch 256 (``carfast.surgery.measure.latency``), the two models timed alternately.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the
 
 import carfast  # noqa: E402
 from carfast.criteria import l1_norm  # noqa: E402
-from carfast.measure import count_macs, count_params, latency  # noqa: E402
+from carfast.surgery.measure import count_macs, count_params, latency  # noqa: E402
 from common import default_data_path, describe_environment, environment, load_cifar10, write_json_atomic  # noqa: E402
 from naive import naive_logits  # noqa: E402
 
@@ -43,7 +43,7 @@ def bench_greedy(model, layer, x, y, keep, naive_candidates) -> dict:
     consumer = layer.rsplit(".", 1)[0] + ".conv2"
     num = model.get_submodule(layer).out_channels
     t0 = time.perf_counter()
-    result = carfast.prune(model, layer, (x, y), keep=keep, progress=False)
+    result = carfast.pruning.prune(model, layer, (x, y), keep=keep, progress=False)
     t_carfast = time.perf_counter() - t0
     first, second = result.history[0], result.history[1]
     # naive: time candidate passes of step 2, including carfast's pick (checked against carfast's count)

@@ -5,7 +5,7 @@ scored filter with carfast's own physical deletion.
     .zoo-venv/bin/python benchmarks/zoo.py [--per-model 4] [--filters 4] [--models tv:resnet50,timm:dla34]
 
 For each model (random weights, BatchNorm statistics and affine parameters randomised so they matter;
-nothing can be downloaded here) it asks ``carfast.layers`` what carfast can do with each Conv2d, samples
+nothing can be downloaded here) it asks ``carfast.graph.layers`` what carfast can do with each Conv2d, samples
 ``--per-model`` of them (seeded), and for each sampled layer:
 
 - scores it (``score_layer``, or ``score_group`` where its channels are coupled) on ``--images`` images,
@@ -14,7 +14,7 @@ nothing can be downloaded here) it asks ``carfast.layers`` what carfast can do w
   physically (``remove_filters`` / ``remove_groups``) and compares the pruned network's top-1 and loss,
   image by image, with the score (top-1 equal except at near ties; summed loss within 1e-3 relative).
   A layer feeding a grouped conv cannot lose a single filter (the conv's groups would be unequal):
-  there the comparison is with the removal run on the whole unpruned network instead (``flow.apply``).
+  there the comparison is with the removal run on the whole unpruned network instead (``graph.apply``).
 
 Each layer ends as "exact", "mismatch", "refused" (carfast cannot follow an op: the message names it)
 or "undefined" (no network can have that one filter removed: the layer makes the logits, its channels
@@ -37,9 +37,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import carfast  # noqa: E402
-from carfast.flow import analyze, from_recording  # noqa: E402
-from carfast.flow.apply import applied  # noqa: E402
-from carfast.masking import keep_mask  # noqa: E402
+from carfast.graph import analyze, from_recording  # noqa: E402
+from carfast.graph.apply import applied  # noqa: E402
+from carfast.graph.masking import keep_mask  # noqa: E402
 
 TORCHVISION = ("resnet50", "densenet121", "googlenet", "squeezenet1_1", "shufflenet_v2_x1_0", "mobilenet_v3_large",
                "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "mnasnet1_0")
@@ -92,7 +92,7 @@ def _near_tie(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _removed_logits(model, name, unit, x, group: bool):
-    """Logits of the unpruned model with the unit removed where it is read (``flow.apply``)."""
+    """Logits of the unpruned model with the unit removed where it is read (``graph.apply``)."""
     with torch.no_grad():
         flow = analyze(model, name, x[:1], "zoo", group=group, graph=from_recording(model, x[:1]), cut_checks=False)
         with applied(model, flow, keep_mask(None, [unit], flow.num_units, x.device)):
@@ -134,7 +134,7 @@ def check_layer(model, info, x, y, n_filters: int, rng: random.Random) -> dict:
 def run_model(spec: str, args, listing: dict) -> list[dict]:
     model = build(spec, args.seed)
     x, y = make_data(model, args.images, args.size, args.seed)
-    infos = [i for i in carfast.layers(model, example=x[:1]) if i.type == "Conv2d"]
+    infos = [i for i in carfast.graph.layers(model, example=x[:1]) if i.type == "Conv2d"]
     listing[spec] = {"alone": sum(i.status == "layer" for i in infos), "group": sum(i.status == "group" for i in infos),
                      "undefined": sum(i.status == "refused" and i.reason_tag in UNDEFINED for i in infos),
                      "refused": sum(i.status == "refused" and i.reason_tag not in UNDEFINED for i in infos),
@@ -181,8 +181,8 @@ def summarise(rows: list[dict]) -> str:
 
 
 def summarise_listing(listing: dict) -> str:
-    """Every conv layer of every model, as ``carfast.layers`` classifies it (no scoring)."""
-    lines = ["All conv layers (carfast.layers, not scored):", "",
+    """Every conv layer of every model, as ``carfast.graph.layers`` classifies it (no scoring)."""
+    lines = ["All conv layers (carfast.graph.layers, not scored):", "",
              "| model | conv layers | alone | group | undefined | refused |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     keys = ("alone", "group", "undefined", "refused")
     total = dict.fromkeys(keys, 0)

@@ -1,4 +1,4 @@
-"""Scoring on several processes through ``torch.distributed`` (design.md section 2: counts add up exactly).
+"""Scoring on several processes through ``torch.distributed`` (docs/design.md section 2: counts add up exactly).
 
 Each process scores its own shard of the images; the per-(filter, class) counts are integers, so their
 sum over processes (an all-reduce) is exactly the single-process count on all the images, and every

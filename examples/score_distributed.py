@@ -1,6 +1,6 @@
 """CAR scores of one layer on several processes with torch.distributed: each scores its shard of the
 images, the counts are all-reduced, and every process holds the scores of all the images. With
-``--keep K`` the processes then prune the layer greedily to K filters together (``carfast.prune``: the
+``--keep K`` the processes then prune the layer greedily to K filters together (``carfast.pruning.prune``: the
 same removals on every process).
 
     torchrun --nproc-per-node=2 examples/score_distributed.py --images 1000              # one machine
@@ -41,7 +41,7 @@ def main() -> None:
         print(f"{world} processes, {scores.num_images} images")
         print(scores.table(top=10))
     if args.keep is not None:
-        result = carfast.prune(model, args.layer, shard, keep=args.keep, device=device, progress=False)
+        result = carfast.pruning.prune(model, args.layer, shard, keep=args.keep, device=device, progress=False)
         if rank == 0:
             last = result.history[-1]
             print(f"removed filters {result.removed[args.layer]}: accuracy {100 * last['accuracy']:.2f} % on all "

@@ -71,7 +71,7 @@ class Config:
     n_sel: int = 500                # selection images the criteria score on (class-balanced)
     n_tick: int = 50                # images for prune's per-removal bookkeeping with the baselines (criterion_fn)
     n_eval: int = 5000              # evaluation images (the whole evaluation half)
-    n_verify: int = 1000            # images on which the fast evaluation path is checked against carfast.evaluate
+    n_verify: int = 1000            # images on which the fast evaluation path is checked against carfast.pruning.evaluate
     keep_frac: float = 1 / 8        # prune down to this fraction of the layer's filters
     levels: tuple = (0.25, 0.5, 0.75, 0.875)   # fractions removed at which the evaluation half is scored
     random_seeds: tuple = (0, 1, 2)
@@ -328,12 +328,12 @@ def stage_prune(key: str, cfg: Config, data: Data, args, variant: str = "prune")
     if "base" not in rec:
         bits = correct_bits(model_cl, h_ev, y_ev, suffix)
         n = min(cfg.n_verify, cfg.n_eval)
-        ref = carfast.evaluate(model, (x_ev[:n], y_ev[:n])).correct
+        ref = carfast.pruning.evaluate(model, (x_ev[:n], y_ev[:n])).correct
         rec["base"] = {"correct": int(bits.sum()), "accuracy": float(bits.mean()), "bits": pack(bits),
                        "verify": {"images": n, "carfast_evaluate": ref, "fast_path": int(bits[:n].sum())},
                        "prefix_seconds": t_prefix}
         log(f"  base accuracy on the evaluation half: {100 * bits.mean():.2f} % (first {n}: fast path "
-            f"{int(bits[:n].sum())}, carfast.evaluate {ref} correct)")
+            f"{int(bits[:n].sum())}, carfast.pruning.evaluate {ref} correct)")
         write_json_atomic(path, rec)
 
     ckdir = os.path.join(args.results, "checkpoints")
@@ -345,10 +345,10 @@ def stage_prune(key: str, cfg: Config, data: Data, args, variant: str = "prune")
         t0 = time.perf_counter()
         if crit == "car":
             car_sel = data.get("sel", n_sel, norm)
-            res = carfast.prune(model, spec.layer, car_sel, keep=keep, step=step, criterion="car", progress=False,
+            res = carfast.pruning.prune(model, spec.layer, car_sel, keep=keep, step=step, criterion="car", progress=False,
                                 checkpoint=ckpt)
         else:
-            res = carfast.prune(model, spec.layer, tick, keep=keep, step=step, progress=False, checkpoint=ckpt,
+            res = carfast.pruning.prune(model, spec.layer, tick, keep=keep, step=step, progress=False, checkpoint=ckpt,
                                 criterion=criterion_fn(crit, seed, sel))
         t_prune = time.perf_counter() - t0
         removed = [int(i) for i in res.removed[spec.layer]]
@@ -372,10 +372,10 @@ def stage_prune(key: str, cfg: Config, data: Data, args, variant: str = "prune")
                                        "accuracy": float(bits.mean()), "bits": pack(bits)}
             if run_id == "car" and k == levels[len(levels) // 2]:     # check the fast path once per layer
                 n = min(cfg.n_verify, cfg.n_eval)
-                ref = carfast.evaluate(pruned, (x_ev[:n], y_ev[:n])).correct
+                ref = carfast.pruning.evaluate(pruned, (x_ev[:n], y_ev[:n])).correct
                 entry["verify"] = {"removed": k, "images": n, "carfast_evaluate": ref, "fast_path": int(bits[:n].sum())}
                 if abs(ref - int(bits[:n].sum())) > 2:
-                    raise RuntimeError(f"{_FN}: the cached-prefix evaluation disagrees with carfast.evaluate "
+                    raise RuntimeError(f"{_FN}: the cached-prefix evaluation disagrees with carfast.pruning.evaluate "
                                        f"({int(bits[:n].sum())} vs {ref} correct of {n}); the split is wrong")
         entry["eval_seconds"] = time.perf_counter() - t0
         rec["runs"][run_id] = entry
@@ -504,18 +504,18 @@ def stage_finetune(key: str, cfg: Config, data: Data, args) -> dict:
 # ---- stage: colour selectivity of the first-layer filters CAR removes first ----------------------------
 def colour_index(weight: torch.Tensor, std) -> tuple[np.ndarray, str]:
     """[F] float64 in [0, 1]: the fraction of each first-layer filter's energy outside the luminance
-    direction. ``carfast.filter_images.colour_selectivity`` when it exists, else defined here: the
+    direction. ``carfast.report.filter_images.colour_selectivity`` when it exists, else defined here: the
     weights are taken back to raw RGB (divided by the input normalisation's std per channel, as the
     network sees (x - mean) / std) and each pixel's RGB weight vector w_p is split along
     u = (1, 1, 1) / sqrt(3): index = 1 - sum_p (u . w_p)^2 / sum_p |w_p|^2. 0 = a pure luminance
     filter, 1 = a pure colour-opponent one; a filter with isotropic random RGB weights scores 2/3."""
     try:
-        fn = getattr(importlib.import_module("carfast.filter_images"), "colour_selectivity")
+        fn = getattr(importlib.import_module("carfast.report.filter_images"), "colour_selectivity")
     except (ImportError, AttributeError):
         fn = None
     if fn is not None:
         return (np.asarray(fn(weight, input_std=std), dtype=np.float64),
-                "carfast.filter_images.colour_selectivity(weight, input_std)")
+                "carfast.report.filter_images.colour_selectivity(weight, input_std)")
     w = weight.detach().double() / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)   # [F, 3, kh, kw]
     lum = w.sum(1) / math.sqrt(3.0)                                                           # [F, kh, kw]
     total = (w ** 2).sum((1, 2, 3))
@@ -711,7 +711,7 @@ def _figure_colour(cfg, args, plt):
     idx = np.asarray(col["index"])
     fig, axes = plt.subplots(4, 16, figsize=(13, 4.4), dpi=130)
     try:      # symmetric per-filter scaling (zero weight = grey) when carfast has it
-        tiles = importlib.import_module("carfast.filter_images").filter_tiles(w, input_std=norm[1]).numpy()
+        tiles = importlib.import_module("carfast.report.filter_images").filter_tiles(w, input_std=norm[1]).numpy()
     except (ImportError, AttributeError):
         tiles = [((t - t.min()) / max(t.max() - t.min(), 1e-12)).numpy() for t in w.permute(0, 2, 3, 1)]
     for pos, (ax, k) in enumerate(zip(axes.flat, order)):

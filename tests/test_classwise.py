@@ -1,4 +1,4 @@
-"""Class-wise CAR interpretation (carfast/classwise.py) on hand-made scores with known answers and on a
+"""Class-wise CAR interpretation (carfast/scoring/classwise.py) on hand-made scores with known answers and on a
 real ResNet-20 score."""
 import json
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import carfast
-from carfast.classwise import ClassImportance
-from carfast.scores import LayerScores
+from carfast.scoring.classwise import ClassImportance
+from carfast.scoring.scores import LayerScores
 
 
 def _scores(correct, totals=(10, 10, 10, 10), base=(8, 8, 8, 8), filters=(5, 2, 7, 0)):

@@ -135,7 +135,7 @@ def test_prune_then_report(tmp_path, capsys):
     x, y = cifar10_test(70)
     assert d["heldout"]["num_images"] == 30
     assert d["layers"]["layer1.0.conv1"]["classwise"]["class_names"][:2] == ["airplane", "automobile"]
-    assert d["heldout"]["accuracy_after"] == carfast.evaluate(result.model, (x[40:], y[40:])).accuracy
+    assert d["heldout"]["accuracy_after"] == carfast.pruning.evaluate(result.model, (x[40:], y[40:])).accuracy
 
     assert main(["report", str(result_path), "--heldout-n", "1961", "--out", str(tmp_path / "r2")]) == 2
     assert "only 1,960 images" in _one_line_error(capsys, "report")
@@ -158,7 +158,7 @@ def test_demo_quick_writes_a_new_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_threads_follow_the_idle_cores(monkeypatch):
-    from carfast.cli import _set_threads
+    from carfast.cli.app import _set_threads
     torch.set_num_threads(2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))

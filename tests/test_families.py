@@ -111,8 +111,8 @@ def test_refusals_name_the_op(name, layer, group):
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_layers_listing_agrees(name):
-    """``carfast.layers`` says "layer" / "group" for every target as scored here, "refused" naming why."""
-    infos = {i.name: i for i in carfast.layers(family(name).model, example=data(name)[0][:1])}
+    """``carfast.graph.layers`` says "layer" / "group" for every target as scored here, "refused" naming why."""
+    infos = {i.name: i for i in carfast.graph.layers(family(name).model, example=data(name)[0][:1])}
     for t in family(name).targets:
         assert infos[t.layer].status == ("group" if t.group else "layer"), t.layer
         assert infos[t.layer].units == t.units

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import carfast
-from carfast import pruned_io
+from carfast.surgery import pruned_io
 from carfast.groups import find_group
 from carfast.models import cifar_resnet
 from naive import naive_stream_scores, near_tie

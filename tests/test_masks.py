@@ -42,7 +42,7 @@ def test_resnet20_masks_equal_surgery_and_round_trip():
 def test_a_prune_result_turns_into_masks():
     model = models.cifar_resnet(20).eval()
     x, y = data.cifar10_test(100)
-    result = carfast.prune(model, ["layer2.0.conv1"], (x, y), keep=28, progress=False)
+    result = carfast.pruning.prune(model, ["layer2.0.conv1"], (x, y), keep=28, progress=False)
     masked = to_masks(model, result)
     with torch.no_grad():
         torch.testing.assert_close(masked.eval()(x), result.model.eval()(x), atol=1e-5, rtol=1e-5)

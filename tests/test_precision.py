@@ -10,8 +10,8 @@ import torch
 
 import carfast
 from carfast import data, models
-from carfast import suffix_eval, suffix_opt
-from carfast.precision import check_precision, margin_threshold, top1_margin
+from carfast.scoring import suffix_eval, suffix_opt
+from carfast.scoring.precision import check_precision, margin_threshold, top1_margin
 from nets import NETS, SCORABLE, make_data
 
 

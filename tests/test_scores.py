@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from carfast.scores import LayerScores
+from carfast.scoring.scores import LayerScores
 
 
 def _scores():

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from carfast.data import cifar10_test
-from carfast.measure import ModelStats, count_macs, count_params, latency
+from carfast.surgery.measure import ModelStats, count_macs, count_params, latency
 from carfast.models import cifar_resnet
-from carfast.pruned_io import load_pruned_model, save_pruned
+from carfast.surgery.pruned_io import load_pruned_model, save_pruned
 from carfast.surgery import remove_filters
 from nets import NETS, SCORABLE, make_data
 
@@ -309,7 +309,7 @@ def test_save_and_reload_in_a_fresh_process(tmp_path):
         import sys, torch
         sys.path.insert(0, {TESTS!r})
         torch.set_num_threads({torch.get_num_threads()})
-        from carfast.pruned_io import load_pruned_model
+        from carfast.surgery.pruned_io import load_pruned_model
         from nets import NETS
         d = {str(tmp_path)!r}
         inp = torch.load(d + "/inputs.pt", weights_only=True)

@@ -3,4 +3,4 @@
 * ``masks``: ``torch.nn.utils.prune`` masks for carfast's removals (``to_masks``) and back
   (``from_masks``).
 """
-from . import masks  # noqa: F401
+from carfast.integrations import masks  # noqa: F401

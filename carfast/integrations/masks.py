@@ -3,7 +3,7 @@
 ``to_masks(model, removals)`` masks, with ``torch.nn.utils.prune.custom_from_mask``, what the physical
 removal (``carfast.remove_filters``, or ``carfast.remove_groups`` for a layer whose channels are coupled
 with other layers') deletes, so that the masked model computes what the pruned one does. It reads the
-same channel-flow analysis (``carfast.flow``). For every removed unit:
+same channel-flow analysis (``carfast.graph``). For every removed unit:
 
 * in each reader (a Conv2d / Linear reading the channel), the input it owns is masked: a conv's input
   channel (in a grouped conv, the column of its group), or a Linear's features (after a flatten, the
@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ..batching import eval_mode
-from ..flow import FlowError, analyze, build_graph
-from ..surgery import infer_example, parse_removals
+from carfast.batching import eval_mode
+from carfast.graph import FlowError, analyze, build_graph
+from carfast.graph.example import infer_example
+from carfast.surgery.remove import parse_removals
 
 __all__ = ["to_masks", "from_masks"]
 

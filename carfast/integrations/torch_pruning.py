@@ -27,10 +27,10 @@ import math
 import torch
 from torch import nn
 
-from ..engine import score_layer
-from ..group_scorer import score_group
-from ..flow import is_channel_map
-from ..slicers import remap_channel_map
+from carfast.scoring.scorer import score_layer
+from carfast.scoring.group_scorer import score_group
+from carfast.graph import is_channel_map
+from carfast.surgery.slicers import remap_channel_map
 
 try:
     import torch_pruning as tp

@@ -5,4 +5,4 @@ C++ and CUDA ones in ``csrc/``; the op schemas in ``csrc/ops.cpp``.
 
 Importing this package registers the fake kernels of the compiled ops (``csrc/ops.cpp`` names it as
 their Python module)."""
-from . import ablated_consumer, closed_form_logits, closed_form_score, score_reduce  # noqa: F401
+from carfast.ops import ablated_consumer, closed_form_logits, closed_form_score, score_reduce  # noqa: F401

@@ -1,6 +1,6 @@
 """Ablated consumer: the consumer's output after its epilogue, for many (filter, image) pairs at once.
 
-Setting (design.md 3.2): the consumer U is a Conv2d (groups 1, zero padding) whose input channel k is
+Setting (docs/design.md 3.2): the consumer U is a Conv2d (groups 1, zero padding) whose input channel k is
 filter k's channel, followed by an elementwise epilogue E(v) = act(v * scale + shift + residual) (its
 BatchNorm folded to scale/shift, an optional residual add, ReLU/ReLU6/identity). For pair p, removing
 filter k = filters[p] on image n = images[p] gives
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _ext
-from .epilogue import epilogue
+from carfast import _ext
+from carfast.ops.epilogue import epilogue
 
 __all__ = ["ablated_consumer_ref", "ablated_consumer"]
 
@@ -73,7 +73,7 @@ def ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images,
                                     dilation, out_dtype)
     if backend == "triton":
         _ext.require_backend("triton")
-        from .triton import ablated_consumer as tri
+        from carfast.ops.triton import ablated_consumer as tri
         return tri.ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images, stride, padding,
                                     dilation, out_dtype)
     if backend == "cuda":

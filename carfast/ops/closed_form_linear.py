@@ -1,4 +1,4 @@
-"""Closed-form ablated logits for a Linear consumer (e.g. the classifier itself, design.md 3.4).
+"""Closed-form ablated logits for a Linear consumer (e.g. the classifier itself, docs/design.md 3.4).
 
 Setting: the consumer U is a Linear whose input feature block [k*w, (k+1)*w) belongs to filter k (w = 1
 for a Linear target, H*W after flatten); after U comes an elementwise epilogue
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .epilogue import epilogue
+from carfast.ops.epilogue import epilogue
 
 __all__ = ["closed_form_linear_ref"]
 

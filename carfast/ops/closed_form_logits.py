@@ -1,6 +1,6 @@
 """Closed-form ablated logits for a conv consumer whose epilogue is elementwise and whose tail is linear.
 
-Setting (design.md 3.2 + 3.4): the consumer U is a Conv2d (groups=1, zero padding); after it comes an
+Setting (docs/design.md 3.2 + 3.4): the consumer U is a Conv2d (groups=1, zero padding); after it comes an
 elementwise epilogue E(v) = act(v * scale + shift + residual) per output channel, with ``residual`` a
 fixed per-image tensor (a residual branch that does not depend on the ablated layer); after E, the
 network is affine up to the logits: logits = T(y) + b. Removing input channel k of U then gives
@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _ext
-from .epilogue import ACTIVATIONS, epilogue
+from carfast import _ext
+from carfast.ops.epilogue import ACTIVATIONS, epilogue
 
 __all__ = ["ACTIVATIONS", "closed_form_logits_ref", "closed_form_logits"]
 

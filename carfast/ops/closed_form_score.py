@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _ext
-from .closed_form_logits import closed_form_logits
-from .score_reduce import score_reduce_ref
+from carfast import _ext
+from carfast.ops.closed_form_logits import closed_form_logits
+from carfast.ops.score_reduce import score_reduce_ref
 
 __all__ = ["closed_form_score_ref", "closed_form_score"]
 
@@ -47,7 +47,7 @@ def closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, f
                                      stride, padding, dilation, backend=backend)
     if backend == "triton":
         _ext.require_backend("triton")
-        from .triton import closed_form_score as tri
+        from carfast.ops.triton import closed_form_score as tri
         return tri.closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels,
                                      stride, padding, dilation)
     if backend == "cuda":

@@ -3,7 +3,7 @@
 ``pair_results`` is the per-pair primitive (top-1 correctness and cross-entropy of each row);
 ``score_reduce_ref`` is the op's reference: pairs grouped by a *slot* (the scored filter's position)
 reduce to integer counts and float64 loss sums per (slot, class of the label), which add up exactly
-across batches and processes (``engine.py`` accumulates them).
+across batches and processes (``scoring/scorer.py`` accumulates them).
 
 Backends: "torch" and "cpu" (this reference), "triton" (``ops/triton/score_reduce.py``) and "cuda"
 (``csrc/cuda/score_reduce.cu``, registered as ``torch.ops.carfast.score_reduce``). The compiled
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _ext
+from carfast import _ext
 
 __all__ = ["pair_results", "score_reduce_ref", "score_reduce"]
 
@@ -79,7 +79,7 @@ def score_reduce(logits, labels, slots, num_slots: int, backend: str = "torch"):
         return score_reduce_ref(logits, labels, slots, num_slots)
     if backend == "triton":
         _ext.require_backend("triton")
-        from .triton import score_reduce as tri
+        from carfast.ops.triton import score_reduce as tri
         return tri.score_reduce(logits, labels, slots, num_slots)
     if backend == "cuda":
         _ext.require_backend("cuda")

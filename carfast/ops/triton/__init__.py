@@ -71,4 +71,4 @@ def next_pow2(n: int) -> int:
 
 
 # the op modules use the helpers above, so they are imported last
-from . import ablated_consumer, closed_form_score, score_reduce  # noqa: E402,F401
+from carfast.ops.triton import ablated_consumer, closed_form_score, score_reduce  # noqa: E402, F401

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FLOAT_DTYPES, INTERPRET, as_pair, check_device, next_pow2, on_device
+from carfast.ops.triton import FLOAT_DTYPES, INTERPRET, as_pair, check_device, next_pow2, on_device
 
 __all__ = ["ablated_consumer", "check_conv_args"]
 

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, as_pair, check_device, next_pow2, on_device
-from .ablated_consumer import check_conv_args, check_index, check_ranges
+from carfast.ops.triton import INTERPRET, as_pair, check_device, next_pow2, on_device
+from carfast.ops.triton.ablated_consumer import check_conv_args, check_index, check_ranges
 
 __all__ = ["closed_form_score"]
 

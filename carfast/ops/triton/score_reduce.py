@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..score_reduce import check_score_reduce_args
-from . import FLOAT_DTYPES, INTERPRET, check_device, next_pow2, on_device
+from carfast.ops.score_reduce import check_score_reduce_args
+from carfast.ops.triton import FLOAT_DTYPES, INTERPRET, check_device, next_pow2, on_device
 
 __all__ = ["score_reduce"]
 

@@ -1,0 +1,128 @@
+"""``PruneResult``: what ``carfast.prune`` returns, its summary, and saving / loading it.
+
+The saved file holds the pruned model's shapes and weights and the run's plain-data record (removed
+and kept filters, history, settings); it loads with ``torch.load(weights_only=True)``: no pickled code.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from carfast.surgery.pruned_io import load_pruned_model, save_pruned
+from carfast.scoring.scores import LayerScores
+
+__all__ = ["PruneResult", "PruneSummary", "load_pruned"]
+
+_FORMAT = "carfast-prune-result/1"
+
+
+@dataclass
+class PruneSummary:
+    """Sizes and accuracy of the model before and after pruning (accuracy on the scoring data)."""
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    accuracy_before: float
+    accuracy_after: float
+    filters_before: dict
+    filters_after: dict
+    accuracy_finetuned: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def __str__(self) -> str:
+        def ratio(a, b):
+            return f"{a / b:.2f}x" if b else "-"
+        rows = [("", "before", "after", "ratio"),
+                ("params", f"{self.params_before:,}", f"{self.params_after:,}",
+                 ratio(self.params_after, self.params_before)),
+                ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", ratio(self.macs_after, self.macs_before)),
+                ("top-1 %", f"{100 * self.accuracy_before:.2f}", f"{100 * self.accuracy_after:.2f}",
+                 f"{100 * (self.accuracy_after - self.accuracy_before):+.2f} pts")]
+        if self.accuracy_finetuned is not None:
+            rows.append(("fine-tuned %", "", f"{100 * self.accuracy_finetuned:.2f}",
+                         f"{100 * (self.accuracy_finetuned - self.accuracy_before):+.2f} pts"))
+        for layer, before in self.filters_before.items():
+            rows.append((f"{layer} filters", str(before), str(self.filters_after[layer]),
+                         ratio(self.filters_after[layer], before)))
+        w0 = max(len(r[0]) for r in rows)
+        w = [max(len(r[i]) for r in rows) for i in (1, 2, 3)]
+        return "\n".join(f"{r[0]:<{w0}}  {r[1]:>{w[0]}}  {r[2]:>{w[1]}}  {r[3]:>{w[2]}}" for r in rows)
+
+
+@dataclass
+class PruneResult:
+    """The outcome of ``carfast.prune``.
+
+    model:    a new, physically smaller ``nn.Module`` (the input model is never changed).
+    removed:  {layer: [original filter indices, in removal order]}.
+    kept:     {layer: [original filter indices kept, ascending]}.
+    history:  one dict per removal: ``step``, ``layer``, ``filter`` (original index), ``correct``,
+              ``accuracy`` and ``loss`` (mean cross-entropy) of the model after it, ``remaining`` (filters
+              left in that layer), ``seconds`` (time to choose and apply it).
+    base:     {"accuracy", "loss", "num_images"} of the input model on the scoring data.
+    settings: the run's settings (layers, keep, step, schedule, criterion, ...), plain data.
+    stats:    {"before": {"params", "macs"}, "after": {...}}, counted at ``settings["input_shape"]``.
+    finetuned_accuracy: accuracy on the scoring data after ``finetune`` (None when not fine-tuned).
+    scores:   {layer: LayerScores} of each layer's first CAR scoring (all its filters, before any of them
+              was removed): the class-wise view of the layer (``carfast.ClassImportance``). Empty for
+              other criteria and for layers whose removals were all replayed from a checkpoint.
+    """
+    model: nn.Module
+    removed: dict
+    kept: dict
+    history: list
+    base: dict
+    settings: dict
+    stats: dict = field(default_factory=dict)
+    finetuned_accuracy: float | None = None
+    scores: dict = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        """Accuracy on the scoring data after the last removal (before any fine-tuning)."""
+        return self.history[-1]["accuracy"] if self.history else self.base["accuracy"]
+
+    def summary(self) -> PruneSummary:
+        """Params, MACs and accuracy before and after, and filters per layer."""
+        before = {layer: len(self.removed[layer]) + len(self.kept[layer]) for layer in self.kept}
+        return PruneSummary(self.stats["before"]["params"], self.stats["after"]["params"],
+                            self.stats["before"]["macs"], self.stats["after"]["macs"], self.base["accuracy"],
+                            self.accuracy, before, {layer: len(k) for layer, k in self.kept.items()},
+                            self.finetuned_accuracy)
+
+    def record(self) -> dict:
+        """Everything but the model, as plain data (JSON-able)."""
+        return {"format": _FORMAT, "removed": self.removed, "kept": self.kept, "history": self.history,
+                "base": self.base, "settings": self.settings, "stats": self.stats,
+                "finetuned_accuracy": self.finetuned_accuracy,
+                "scores": {layer: s.to_dict() for layer, s in self.scores.items()}}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the pruned model and the run's record to ``path`` (atomically); see ``load_pruned``."""
+        save_pruned(self.model, path, extra=self.record())
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{k}: {len(v)} kept" for k, v in self.kept.items())
+        return f"PruneResult({layers}; {len(self.history)} removals)\n{self.summary()}"
+
+
+def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> PruneResult:
+    """Load a ``PruneResult`` written by ``PruneResult.save``.
+
+    The architecture is rebuilt from the file's record for carfast's own models; for another model pass
+    ``model=``, an unpruned instance of the same architecture (it is copied, not changed), and the
+    recorded pruned shapes and weights are applied to the copy.
+    """
+    pruned, extra = load_pruned_model(path, model=model)
+    if not isinstance(extra, dict) or extra.get("format") != _FORMAT:
+        raise ValueError(f"load_pruned: {os.fspath(path)!r} holds a pruned model but no prune record "
+                         f"(format {extra.get('format') if isinstance(extra, dict) else None!r}); load it with "
+                         "carfast.pruned_io.load_pruned_model instead")
+    return PruneResult(pruned, extra["removed"], extra["kept"], extra["history"], extra["base"], extra["settings"],
+                       extra.get("stats", {}), extra.get("finetuned_accuracy"),
+                       {layer: LayerScores.from_dict(d) for layer, d in extra.get("scores", {}).items()})

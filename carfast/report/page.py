@@ -1,0 +1,397 @@
+"""The pruning report: one self-contained HTML page, its figures as PNG files, and ``summary.json``.
+
+``write_report(result, out_dir, ...)`` reads a ``PruneResult`` (``carfast.prune``'s or
+``carfast.load_pruned``'s) and writes into ``out_dir``:
+
+- ``index.html``: run settings; the summary table (params, MACs, accuracy on the scoring data before
+  and after, held-out accuracy and latency when given the means); the accuracy curve; for each layer
+  with CAR scores the class-wise heatmap and a per-filter interpretation table; for each pruned layer
+  that reads the RGB image (weight ``[F, 3, kh, kw]``) the removed and kept filters as pictures, each
+  filter beside the classes that depend on it, and the colour-selectivity index of removed vs kept
+  filters (``filter_images.py``); the removal history. Images are embedded as base64 data URIs and
+  there is no external CSS or JS: the page is one file that can be mailed. All text is HTML-escaped.
+- the same figures as ``*.png`` beside it, and ``summary.json`` (the page's numbers as plain data).
+
+Every file is written atomically (``atomic.py``), ``index.html`` last, so a reader never sees a
+half-written page. Nothing of the models is changed (evaluation and latency run in eval mode with
+their flags restored).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+
+import torch
+from torch import nn
+
+from carfast.report import figures
+from carfast.batching import model_device
+from carfast.report.html_page import CSS, Page, count, e, pct, plain, ratio, safe_name, table
+from carfast.atomic import atomic_path, write_json_atomic
+from carfast.scoring.classwise import ClassImportance
+from carfast.pruning.evaluate import evaluate
+from carfast.report.filter_images import colour_selectivity
+from carfast.surgery.measure import latency
+from carfast.pruning.result import PruneResult
+
+__all__ = ["write_report", "history_curves"]
+
+_FN = "write_report"
+_FORMAT = "carfast-report/1"
+
+def history_curves(result: PruneResult) -> dict:
+    """{layer: [(filters remaining, accuracy), ...]} from ``result.history``: each layer's curve starts at
+    its full size with the accuracy just before its first removal (the input model's, or after the
+    layers pruned before it) and has one point per removal. Layers without removals are left out."""
+    sizes = {layer: len(result.removed.get(layer, [])) + len(kept) for layer, kept in result.kept.items()}
+    curves, prev = {}, result.base["accuracy"]
+    for row in result.history:
+        layer = row["layer"]
+        if layer not in curves:
+            curves[layer] = [(sizes.get(layer, row["remaining"] + 1), prev)]
+        curves[layer].append((row["remaining"], row["accuracy"]))
+        prev = row["accuracy"]
+    return curves
+
+
+def _importance(result: PruneResult, layer: str, class_names) -> tuple[ClassImportance, str]:
+    """The layer's ClassImportance with ORIGINAL filter indices, and a note when it was scored late.
+
+    ``result.scores[layer]`` is the layer's first CAR scoring. Normally that is all filters of the intact
+    layer (indices = original). A sequential run resumed from a checkpoint in the middle of a layer scores
+    it first after the replayed removals: the filters then left, still by original index. (The global
+    schedule records a layer's scores only while the layer is intact.)
+    """
+    scores = result.scores[layer]
+    imp = ClassImportance.from_scores(scores, class_names)
+    total = len(result.removed.get(layer, [])) + len(result.kept.get(layer, []))
+    if len(scores.filters) == total or total == 0:
+        return imp, ""
+    early = result.removed[layer][:total - len(scores.filters)]
+    note = (f"Scored after {len(early)} removals replayed from a checkpoint: these scores cover the "
+            f"{len(scores.filters)} filters then left.")
+    return imp, note
+
+
+def _check_args(result, original, heldout, curves, class_names):
+    if not isinstance(result, PruneResult):
+        raise TypeError(f"{_FN}: result must be a PruneResult (carfast.prune or carfast.load_pruned), got "
+                        f"{type(result).__name__}")
+    if original is not None and not isinstance(original, nn.Module):
+        raise TypeError(f"{_FN}: original must be the unpruned nn.Module or None, got {type(original).__name__}")
+    if heldout is not None:
+        if not (isinstance(heldout, (tuple, list)) and len(heldout) == 2 and
+                all(isinstance(t, torch.Tensor) for t in heldout)):
+            raise TypeError(f"{_FN}: heldout must be (inputs [N, ...], labels [N]) tensors, got "
+                            f"{type(heldout).__name__}")
+        if heldout[0].shape[0] != heldout[1].shape[0] or heldout[0].shape[0] == 0:
+            raise ValueError(f"{_FN}: heldout has {heldout[0].shape[0]} inputs and {heldout[1].shape[0]} labels; "
+                             "pass the same positive number of each")
+    if curves is not None and (not isinstance(curves, dict) or
+                               not all(isinstance(v, (list, tuple)) for v in curves.values())):
+        raise TypeError(f"{_FN}: curves must be a dict {{name: [(remaining, accuracy), ...]}}")
+    if class_names is not None:
+        for layer, s in result.scores.items():
+            if len(class_names) != s.num_classes:
+                raise ValueError(f"{_FN}: {len(class_names)} class names, but {layer!r} was scored on "
+                                 f"{s.num_classes} classes; pass one name per class, in label order")
+
+
+def _example(result, heldout, device) -> torch.Tensor:
+    if heldout is not None:
+        return heldout[0][:1].to(device)
+    shape = result.settings.get("input_shape")
+    if not shape:
+        raise ValueError(f"{_FN}: the result records no input_shape; pass heldout=(x, y) to measure latency")
+    return torch.zeros([1, *list(shape)[1:]], device=device)
+
+
+def _rgb_layers(result: PruneResult) -> list[str]:
+    """Pruned layers whose weight reads 3 input channels (a first layer over the RGB image)."""
+    out = []
+    for layer in result.kept:
+        try:
+            m = result.model.get_submodule(layer)
+        except AttributeError:
+            continue
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and m.weight.shape[1] == 3:
+            out.append(layer)
+    return out
+
+
+# ---- sections ------------------------------------------------------------------------------------------
+def _summary_section(page, result, original, heldout, example) -> dict:
+    s = result.summary()
+    data = {"summary": s.to_dict(), "heldout": None, "latency_s": None}
+    rows = [("parameters", count(s.params_before), count(s.params_after), ratio(s.params_after, s.params_before)),
+            ("MACs per image", count(s.macs_before), count(s.macs_after), ratio(s.macs_after, s.macs_before)),
+            (f"top-1 on the scoring data ({result.base['num_images']:,} images)", pct(s.accuracy_before),
+             pct(s.accuracy_after), f"{100 * (s.accuracy_after - s.accuracy_before):+.2f} pts")]
+    if s.accuracy_finetuned is not None:
+        rows.append(("top-1 on the scoring data after fine-tuning", "", pct(s.accuracy_finetuned),
+                     f"{100 * (s.accuracy_finetuned - s.accuracy_before):+.2f} pts"))
+    if heldout is not None:
+        after = evaluate(result.model, heldout).accuracy
+        before = evaluate(original, heldout).accuracy if original is not None else None
+        data["heldout"] = {"num_images": int(heldout[1].shape[0]), "accuracy_before": before,
+                           "accuracy_after": after}
+        rows.append((f"top-1 held out ({heldout[1].shape[0]:,} images not used for scoring)", pct(before),
+                     pct(after), "-" if before is None else f"{100 * (after - before):+.2f} pts"))
+    bars_before = {"params": s.params_before, "macs": s.macs_before}
+    bars_after = {"params": s.params_after, "macs": s.macs_after}
+    if original is not None:
+        lat_before = latency(original, example.to(model_device(original)))
+        lat_after = latency(result.model, example.to(model_device(result.model)))
+        data["latency_s"] = {"before": lat_before, "after": lat_after, "device": str(example.device),
+                             "batch": 1}
+        rows.append((f"latency, 1 image ({example.device.type}, median of 20)", f"{1e3 * lat_before:.2f} ms",
+                     f"{1e3 * lat_after:.2f} ms", ratio(lat_after, lat_before)))
+        bars_before["latency_s"], bars_after["latency_s"] = lat_before, lat_after
+    for layer, before in s.filters_before.items():
+        rows.append((f"filters of {layer}", str(before), str(s.filters_after[layer]),
+                     ratio(s.filters_after[layer], before)))
+    page.heading(2, "Summary")
+    page.add(table(["", "before", "after", "after / before"], rows, num_cols=(1, 2, 3)))
+    notes = []
+    if heldout is None:
+        notes.append("No held-out data was given: accuracy is on the images the filters were chosen on, which "
+                     "flatters the pruned model (pass heldout=(x, y), or --data / --heldout-n to carfast report).")
+    elif original is None:
+        notes.append("Held-out accuracy of the original model needs the original model (not given).")
+    if original is None:
+        notes.append("Latency needs the original model (not given).")
+    for n in notes:
+        page.note(n)
+    page.figure(figures.summary_bars, "summary.png", "Parameters, MACs and latency before and after pruning",
+                before=bars_before, after=bars_after)
+    return data
+
+
+def _criterion_name(result) -> str:
+    name = str(result.settings.get("criterion", "car"))
+    return "CAR" if name == "car" else name
+
+
+def _curve_section(page, result, curves) -> dict:
+    page.heading(2, "Accuracy while pruning")
+    hist = history_curves(result)
+    drop = result.settings.get("max_accuracy_drop")
+    threshold = None if drop is None else result.base["accuracy"] - drop
+    if hist:
+        page.figure(figures.accuracy_curves, "accuracy.png",
+                    "Accuracy on the scoring data against filters remaining, one line per pruned layer",
+                    curves=hist, baseline=result.base["accuracy"], threshold=threshold,
+                    title=f"Greedy {_criterion_name(result)} pruning: accuracy on the scoring data after each "
+                          "removal")
+    else:
+        page.note('No filter was removed: there is no curve.')
+    if curves:
+        page.figure(figures.accuracy_curves, "accuracy_compare.png", "The accuracy curves passed to the report",
+                    curves=curves, title="Accuracy against filters remaining (given curves)",
+                    baseline=result.base["accuracy"], xlabel="filters remaining")
+    return {"history": {k: [list(p) for p in v] for k, v in hist.items()},
+            "given": {str(k): [[float(a) for a in p] for p in v] for k, v in (curves or {}).items()}}
+
+
+def _classwise_section(page, result, layer, class_names) -> tuple[dict, ClassImportance]:
+    imp, note = _importance(result, layer, class_names)
+    removed = result.removed.get(layer, [])
+    ranks = {f: i + 1 for i, f in enumerate(removed)}
+    page.heading(2, f"Class-wise CAR: {layer}")
+    page.note('For each filter and class: the accuracy of the class lost when the filter alone is '
+             "removed, measured before any filter of this layer was pruned (positive = the class depends on the "
+             "filter). Filters are sorted by CAR, the overall accuracy lost; removed filters are marked with their "
+             "removal order.")
+    if note:
+        page.note(note)
+    page.figure(figures.classwise_heatmap, f"classwise_{safe_name(layer)}.png",
+                f"Class-wise CAR of {layer} (% points)", importance=imp, removed=removed)
+    sel = imp.selectivity().tolist()
+    per = imp.per_filter(3)
+    loss = (result.scores[layer].loss_increase.tolist() if hasattr(result.scores[layer], "loss_increase")
+            else [float("nan")] * len(per))
+    order = sorted(range(len(per)), key=lambda i: (-float(imp.car[i]), per[i]["filter"]))
+    rows, classes = [], []
+    for i in order:
+        f = per[i]["filter"]
+        lose = ", ".join(f"{c} {100 * v:+.1f}" for c, v in per[i]["most"] if v > 0) or "-"
+        gain = ", ".join(f"{c} {100 * v:+.1f}" for c, v in per[i]["least"] if v < 0) or "-"
+        rows.append((f, f"removed #{ranks[f]}" if f in ranks else "kept", f"{100 * float(imp.car[i]):+.2f}",
+                     f"{loss[i]:+.4f}" if math.isfinite(loss[i]) else "-", f"{sel[i]:.2f}", lose, gain))
+        classes.append("removed" if f in ranks else "")
+    page.heading(3, "Per-filter interpretation")
+    page.note('CAR: accuracy lost without the filter (% points); loss +: mean cross-entropy '
+             "increase; class selectivity: 1 = its removal hurts a single class, 0 = all classes alike (or none); "
+             "then the classes that lose most and those that gain (% points).")
+    page.add(table(["filter", "status", "CAR %", "loss +", "class selectivity", "classes that lose most",
+                     "classes that gain"], rows, classes, num_cols=(0, 2, 3, 4)))
+    return {"classwise": imp.to_dict(3), "note": note or None}, imp
+
+
+def _filters_section(page, result, layer, original, imp, input_std) -> dict:
+    pruned_w = result.model.get_submodule(layer).weight.detach().cpu()
+    kept, removed = list(result.kept[layer]), list(result.removed.get(layer, []))
+    page.heading(2, f"First-layer filters: {layer}")
+    orig_w = None
+    if original is not None:
+        try:
+            m = original.get_submodule(layer)
+        except AttributeError:
+            m = None
+        if isinstance(m, nn.Conv2d) and m.weight.shape[0] == len(kept) + len(removed) and \
+                m.weight.shape[1:] == pruned_w.shape[1:]:
+            orig_w = m.weight.detach().cpu()
+        else:
+            page.note(f"The original model given has no matching {layer} "
+                      f"({len(kept) + len(removed)} filters of shape {tuple(pruned_w.shape[1:])}); "
+                     "removed filters are not shown.")
+    if orig_w is None and original is None:
+        page.note('The removed filters\' weights are not in the pruned model: pass the original '
+                 "model (write_report(original=...); carfast report rebuilds it from the run's settings) to see "
+                 "them. Only the kept filters are shown.")
+    if orig_w is None and result.finetuned_accuracy is not None:
+        page.note('The kept filters are shown after fine-tuning.')
+    kept_w = orig_w[kept] if orig_w is not None else pruned_w
+    removed_w = orig_w[removed] if orig_w is not None and removed else None
+    page.figure(figures.filter_images, f"filters_{safe_name(layer)}.png",
+                f"{layer}: removed filters in removal order and kept filters", kept_weight=kept_w, kept=kept,
+                removed_weight=removed_w, removed=removed, input_std=input_std)
+    if imp is not None:
+        ids = kept + removed if removed_w is not None else kept
+        w = torch.cat([kept_w, removed_w]) if removed_w is not None else kept_w
+        page.figure(figures.filter_class_panel, f"filter_classes_{safe_name(layer)}.png",
+                    f"{layer}: each filter beside the classes that lose most and least without it", weight=w,
+                    filters=ids, importance=imp, removed=removed, input_std=input_std)
+    else:
+        page.note('No CAR scores for this layer (another criterion, or all removals replayed '
+                 "from a checkpoint): no class panel.")
+    cs_kept = colour_selectivity(kept_w, input_std).tolist()
+    data = {"colour_selectivity": {"kept": dict(zip(map(str, kept), cs_kept)), "removed": None},
+            "weights": "original" if orig_w is not None else "pruned model"}
+    page.heading(3, "Colour selectivity of removed vs kept filters")
+    page.note('Colour-selectivity index: the share of a filter\'s weight energy orthogonal to the '
+             "luminance axis (1,1,1)/\u221a3 at each position; 0 = grey (responds to brightness only), 1 = pure "
+              "colour opponent (e.g. red minus green). The CAR paper reports that greedy CAR removes "
+              "colour-selective first-layer filters first.")
+    rows = [("kept", len(cs_kept), f"{_mean(cs_kept):.3f}", f"{_median(cs_kept):.3f}")]
+    if removed_w is not None:
+        cs_removed = colour_selectivity(removed_w, input_std).tolist()
+        data["colour_selectivity"]["removed"] = dict(zip(map(str, removed), cs_removed))
+        first = cs_removed[:max(1, len(cs_removed) // 2)]
+        rows.insert(0, ("removed", len(cs_removed), f"{_mean(cs_removed):.3f}", f"{_median(cs_removed):.3f}"))
+        rows.insert(1, (f"first {len(first)} removed", len(first), f"{_mean(first):.3f}", f"{_median(first):.3f}"))
+        median_all = _median(cs_removed + cs_kept)
+        above = sum(v > median_all for v in cs_removed)
+        data["colour_selectivity"]["removed_above_layer_median"] = above
+        page.add(table(["filters", "count", "mean index", "median index"], rows, num_cols=(1, 2, 3)))
+        page.note(f'Removed filters with an index above the median of all the layer\'s filters '
+                 f"({median_all:.3f}): {above} of {len(cs_removed)} (about half by chance).")
+        page.figure(figures.colour_selectivity_plot, f"colour_{safe_name(layer)}.png",
+                    f"{layer}: colour-selectivity index by removal order, and of the kept filters",
+                    removed_index=cs_removed, kept_index=cs_kept)
+    else:
+        page.add(table(["filters", "count", "mean index", "median index"], rows, num_cols=(1, 2, 3)))
+    return data
+
+
+def _mean(v: list) -> float:
+    return sum(v) / len(v) if v else float("nan")
+
+
+def _median(v: list) -> float:
+    if not v:
+        return float("nan")
+    s = sorted(v)
+    m = len(s) // 2
+    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+
+
+def _settings_section(page, result, title) -> None:
+    rows = []
+    for k, v in result.settings.items():
+        rows.append((k, v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)))
+    rows.append(("removals", str(len(result.history))))
+    rows.append(("pruning time", f"{sum(r.get('seconds', 0.0) for r in result.history):.1f} s"))
+    page.heading(2, "Run settings")
+    page.add(table(["setting", "value"], rows))
+
+
+def _history_section(page, result) -> None:
+    page.heading(2, "Removal history")
+    if not result.history:
+        page.note('No removals.')
+        return
+    rows = [(r["step"], r["layer"], r["filter"], f"{100 * r['accuracy']:.2f}", f"{r['loss']:.4f}", r["remaining"],
+             f"{r['seconds']:.2f}") for r in result.history]
+    page.add(f"<details><summary>{len(rows)} removals, in order</summary>")
+    page.add(table(["step", "layer", "filter (original index)", "top-1 % after", "loss after", "remaining",
+                     "seconds"], rows, num_cols=(0, 2, 3, 4, 5, 6)))
+    page.add("</details>")
+
+
+# ---- entry point ---------------------------------------------------------------------------------------
+def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = None, heldout=None,
+                 curves: dict | None = None, class_names=None, title: str | None = None,
+                 input_std=None) -> str:
+    """Write the pruning report of ``result`` into ``out_dir`` (created if needed); return the path of
+    ``index.html``.
+
+    Args:
+        result: a ``PruneResult``.
+        out_dir: folder for ``index.html``, the PNG figures and ``summary.json`` (existing files of the
+            same names are replaced).
+        original: the unpruned model: enables latency before/after, held-out accuracy of the original and
+            the pictures of removed first-layer filters. Not changed.
+        heldout: ``(inputs [N, ...], labels [N])`` not used for scoring: held-out accuracy of the original
+            (when given) and pruned models; its first input also times latency.
+        curves: extra accuracy curves ``{name: [(filters remaining, accuracy fraction), ...]}`` (e.g. other
+            criteria on the same layer), drawn in a second figure.
+        class_names: C class names in label order (default "0" .. "C-1").
+        title: page title (default from the pruned layers).
+        input_std: (3,) per-channel std of the input normalisation, to show and measure first-layer
+            filters in raw RGB terms (``filter_images``); default: the weights as they are.
+    """
+    _check_args(result, original, heldout, curves, class_names)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    layers = list(result.kept)
+    title = title or f"carfast pruning report: {', '.join(layers)}"
+    page = Page(out_dir)
+    example = _example(result, heldout, model_device(result.model))
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    page.heading(1, title)
+    page.note(f"Written {stamp} by carfast. Criterion {_criterion_name(result)}, schedule "
+              f"{result.settings.get('schedule')}, {len(result.history)} filters removed.")
+    _settings_section(page, result, title)
+    data = {"format": _FORMAT, "title": title, "written": stamp, "settings": result.settings,
+            "base": result.base, "stats": result.stats, "finetuned_accuracy": result.finetuned_accuracy}
+    data.update(_summary_section(page, result, original, heldout, example))
+    data["curves"] = _curve_section(page, result, curves)
+    data["layers"] = {layer: {"removed": list(result.removed.get(layer, [])), "kept": list(result.kept[layer])}
+                      for layer in layers}
+    importances = {}
+    for layer in layers:
+        if layer in result.scores:
+            d, importances[layer] = _classwise_section(page, result, layer, class_names)
+            data["layers"][layer].update(d)
+    if not result.scores:
+        page.heading(2, "Class-wise CAR")
+        page.note("The result holds no CAR scores (a baseline criterion, or every removal replayed from a "
+                  "checkpoint): no class-wise view.")
+    for layer in _rgb_layers(result):
+        data["layers"][layer]["filters"] = _filters_section(page, result, layer, original, importances.get(layer),
+                                                           input_std)
+    _history_section(page, result)
+    data["figures"] = list(page.figures)
+    data["history"] = result.history
+    write_json_atomic(os.path.join(out_dir, "summary.json"), plain(data))
+    index = os.path.join(out_dir, "index.html")
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+           f"<title>{e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(page.parts)
+           + "\n</body>\n</html>\n")
+    with atomic_path(index, ".html") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(doc)
+    return index

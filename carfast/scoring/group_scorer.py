@@ -1,0 +1,70 @@
+"""CAR scores of coupled channels: ``score_group`` and ``GroupScorer`` (``graph/groups.py`` says what a group is).
+
+Removing channel i of a coupling group removes it from every member: the channel-flow analysis
+(``carfast.graph``, with units allowed to pair up) gives its readers, and the engine scores it exactly as
+it scores a single layer (``engine.LayerScorer``): the readers whose input no removal changes are cached
+consumers (the consumer delta), the others read the channel through a keep mask inside the suffix, and
+normalisers renormalise over what remains. Each (channel, image) pair thus gives the logits of the
+naive method (remove the channel wherever the stream is read, rerun the whole network), in float32 or,
+with ``precision="bf16"``, in bf16 with the float32 re-run of near ties.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from carfast.scoring.scorer import LayerScorer, ScoreOptions
+from carfast.errors import resolve_layer
+from carfast.graph.groups import members_of
+from carfast.scoring.scores import LayerScores
+
+__all__ = ["GroupScorer", "score_group"]
+
+
+class GroupScorer(LayerScorer):
+    """One coupling group prepared for CAR scoring; ``score(filters=None, per_image=False)`` returns
+    ``LayerScores`` over the group's channels; ``remove(k)`` removes channel k for good (greedy pruning).
+
+    Takes the arguments of ``score_group`` except ``filters`` and ``per_image``.
+    """
+
+    fn = "score_group"
+    as_group = True
+
+    @property
+    def members(self) -> list[dict]:
+        """The group's layers and channel mappings (``groups.GroupMember.to_dict``)."""
+        return [m.to_dict() for m in members_of(self.flow)]
+
+    @property
+    def num_channels(self) -> int:
+        return self.num_filters
+
+    def score(self, filters=None, per_image: bool = False) -> LayerScores:
+        res = super().score(filters, per_image)
+        res.coupled, res.members = self.flow.coupled, self.members
+        return res
+
+
+def score_group(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
+                memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
+                per_image: bool = False, group=None, options: ScoreOptions | None = None) -> LayerScores:
+    """Score each channel of the coupling group of ``layer`` by CAR (``carfast.groups``).
+
+    ``layer`` names any producer of the group (the stem conv, a block's second conv, a 1x1 shortcut
+    conv). Channel i's score is the accuracy lost when channel i is removed from every member of the
+    group (so it is gone wherever the residual stream is read), equal image by image to removing it at
+    every reader and rerunning the whole network. With channel-padding ("option A") shortcuts each stage
+    is its own group (see ``carfast.groups``). A layer coupled with no other gets the scores
+    ``score_layer`` gives.
+
+    Args are those of ``score_layer``; ``filters`` are channel indices of the group; ``group`` is the
+    ``torch.distributed`` process group.
+    Returns:
+        ``LayerScores`` with ``coupled`` True for a real group and ``members``: the layers of the group and
+        how its channels map onto each (``groups.GroupMember``).
+    """
+    if isinstance(model, nn.Module):
+        resolve_layer(model, layer, "score_group")
+    scorer = GroupScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
+                         backend=backend, precision=precision, progress=progress, group=group, options=options)
+    return scorer.score(filters, per_image=per_image)
