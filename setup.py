@@ -173,7 +173,7 @@ setup(
     extras_require={
         # torch-pruning: the Torch-Pruning integration's tests (pip resolves its torch requirement to the
         # torch already installed)
-        "test": ["pytest", "pytest-benchmark", "torch-pruning==1.6.1"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "torch-pruning==1.6.1"],
         "torch-pruning": ["torch-pruning>=1.5"],
         "finetune": ["pillow"],
         "captum": ["captum"],

@@ -2,7 +2,8 @@
 
     . .venv/bin/activate
     pytest benchmarks/bench_closed_form_logits.py --benchmark-only
-    pytest benchmarks/bench_closed_form_logits.py --benchmark-only --benchmark-json=benchmarks/results/closed_form_logits.json
+    pytest benchmarks/bench_closed_form_logits.py --benchmark-only \
+        --benchmark-json=benchmarks/results/closed_form_logits.json
 
 One ResNet-56 layer3-like case, both providers in the same run (compare rows of the same run only:
 numbers from a shared, busy CPU swing between minutes): N=500 images, the consumer a 3x3 conv with

@@ -262,8 +262,8 @@ class Bench:
                 naive_logits(self.model, {case.consumer: 1}, self.x[:self.args.naive_batch], filters[0],
                              self.args.naive_batch)
             for k in filters:
-                t, lg = timed(lambda: naive_logits(self.model, {case.consumer: 1}, self.x, k, self.args.naive_batch),
-                              self.device)
+                t, lg = timed(lambda k=k: naive_logits(self.model, {case.consumer: 1}, self.x, k,
+                                                       self.args.naive_batch), self.device)
                 times.append(t)
                 logits.append(lg)
                 if self.left() < 0 and len(times) >= 2:
@@ -333,7 +333,7 @@ class Bench:
         row.setup_s, scorer = timed(lambda: self.scorer(case.layer, (x, y), backend, precision, channels_last)
                                     .prepare(), dev)
         times, res = [], None
-        for i in range(max(1, self.args.repeat)):
+        for _ in range(max(1, self.args.repeat)):
             t, res = timed(scorer.score, dev)
             times.append(t)
             if sum(times) > self.args.repeat_budget or self.left() < 2 * t + 1:
@@ -467,7 +467,7 @@ class Bench:
 def jobs(args, device) -> list[tuple]:
     """(priority, layer index, kind, backend, precision, channels_last), run in sorted order."""
     out = []
-    for li, layer in enumerate(args.layers):
+    for li, _layer in enumerate(args.layers):
         out.append((0, li, "naive", "naive", "fp32", None))
         out.append((0, li, "carfast", "torch", "fp32", None))     # the exactness reference
         for b in args.backends:
@@ -489,7 +489,7 @@ def jobs(args, device) -> list[tuple]:
 
 def run_all(bench: Bench, args, save) -> None:
     setup_failed: dict[str, str] = {}
-    for prio, li, kind, backend, precision, cl in jobs(args, bench.device):
+    for _prio, li, kind, backend, precision, cl in jobs(args, bench.device):
         layer = args.layers[li]
         prov, lay = (backend, layout_name(cl)) if kind == "carfast" else (kind, "NCHW")
         label = f"[{layer}] {prov} {precision} {lay}"
@@ -697,7 +697,7 @@ def pick_naive_batch(model, x, device) -> tuple[int, dict]:
     times = {}
     for b in sorted({512, 2048, x.shape[0]}):
         naive_logits(model, {}, x[:b], None, b)                      # warm-up: cuDNN plans for this shape
-        times[b] = timed(lambda: naive_logits(model, {}, x, None, b), device)[0]
+        times[b] = timed(lambda b=b: naive_logits(model, {}, x, None, b), device)[0]
     return min(times, key=times.get), times
 
 

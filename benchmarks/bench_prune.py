@@ -4,7 +4,7 @@
 
 Greedy (pretrained ResNet-56, ``--n`` CIFAR-10 test images, ``--layer`` from K filters to ``--keep``):
 
-* carfast  ``carfast.pruning.prune(model, layer, (x, y), keep=...)`` end to end: prefix pass, one CAR scoring of
+* carfast  ``carfast.prune(model, layer, (x, y), keep=...)`` end to end: prefix pass, one CAR scoring of
            the remaining filters per removal with the cached state updated in place, final surgery.
 * naive    the tests' naive greedy loop (``tests/naive.py``): at every step, one full forward pass of
            the network over all images per remaining candidate (the filters removed so far and the
@@ -32,18 +32,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the naive reference
 
+from common import default_data_path, describe_environment, environment, load_cifar10, write_json_atomic  # noqa: E402
+from naive import naive_logits  # noqa: E402
+
 import carfast  # noqa: E402
 from carfast.criteria import l1_norm  # noqa: E402
 from carfast.surgery.measure import count_macs, count_params, latency  # noqa: E402
-from common import default_data_path, describe_environment, environment, load_cifar10, write_json_atomic  # noqa: E402
-from naive import naive_logits  # noqa: E402
 
 
 def bench_greedy(model, layer, x, y, keep, naive_candidates) -> dict:
     consumer = layer.rsplit(".", 1)[0] + ".conv2"
     num = model.get_submodule(layer).out_channels
     t0 = time.perf_counter()
-    result = carfast.pruning.prune(model, layer, (x, y), keep=keep, progress=False)
+    result = carfast.prune(model, layer, (x, y), keep=keep, progress=False)
     t_carfast = time.perf_counter() - t0
     first, second = result.history[0], result.history[1]
     # naive: time candidate passes of step 2, including carfast's pick (checked against carfast's count)

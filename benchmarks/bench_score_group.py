@@ -26,9 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the naive reference
 
-import carfast  # noqa: E402
 from common import default_data_path, describe_environment, environment, load_cifar10, write_json_atomic  # noqa: E402
 from naive import naive_stream_scores  # noqa: E402
+
+import carfast  # noqa: E402
 
 GROUPS = {"conv1": ["bn1"] + [f"layer1.{i}" for i in range(9)],
           "layer2.0.conv2": [f"layer2.{i}" for i in range(9)],
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
     for layer, stream in GROUPS.items():
         rows.append(bench_group(model, layer, stream, x, y, args.naive_channels))
         r = rows[-1]
-        print(f"{layer:<15} {r['channels']:>3} ch  naive ~{r['naive_seconds_est']:7.1f} s  fp32 {r['fp32_seconds']:6.1f} s "
+        print(f"{layer:<15} {r['channels']:>3} ch  naive ~{r['naive_seconds_est']:7.1f} s  "
+              f"fp32 {r['fp32_seconds']:6.1f} s "
               f"({r['fp32_speedup']:.1f}x)  bf16 {r['bf16_seconds']:6.1f} s ({r['bf16_speedup']:.1f}x, "
               f"{100 * r['bf16_rechecked_fraction']:.1f} % re-run)  mismatches {r['mismatches_vs_naive']}  "
               f"bf16 == fp32: {r['bf16_equal_fp32']}", flush=True)

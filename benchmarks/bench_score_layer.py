@@ -40,9 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the naive reference
 
-import torch  # noqa: E402
-
 import common  # noqa: E402
+import torch  # noqa: E402
 from common import GIB, fmt_rate, fmt_seconds, fmt_x  # noqa: E402
 from naive import margin_of, naive_logits, near_tie  # noqa: E402
 

@@ -23,11 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import carfast  # noqa: E402
 from common import default_data_path, describe_environment, environment, load_cifar10, write_json_atomic  # noqa: E402
+
+import carfast  # noqa: E402
 
 try:
     import torch_pruning as tp  # noqa: E402
+
     from carfast.integrations.torch_pruning import CARImportance, channel_map_pruners  # noqa: E402
 except ImportError as err:
     sys.exit(f"bench_torch_pruning: {err}")

@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import describe_environment, environment, write_json_atomic  # noqa: E402
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import describe_environment, environment, write_json_atomic  # noqa: E402
 from torch import nn  # noqa: E402
 
 import carfast  # noqa: E402
@@ -134,7 +133,7 @@ def check_layer(model, info, x, y, n_filters: int, rng: random.Random) -> dict:
 def run_model(spec: str, args, listing: dict) -> list[dict]:
     model = build(spec, args.seed)
     x, y = make_data(model, args.images, args.size, args.seed)
-    infos = [i for i in carfast.graph.layers(model, example=x[:1]) if i.type == "Conv2d"]
+    infos = [i for i in carfast.layers(model, example=x[:1]) if i.type == "Conv2d"]
     listing[spec] = {"alone": sum(i.status == "layer" for i in infos), "group": sum(i.status == "group" for i in infos),
                      "undefined": sum(i.status == "refused" and i.reason_tag in UNDEFINED for i in infos),
                      "refused": sum(i.status == "refused" and i.reason_tag not in UNDEFINED for i in infos),
@@ -183,7 +182,8 @@ def summarise(rows: list[dict]) -> str:
 def summarise_listing(listing: dict) -> str:
     """Every conv layer of every model, as ``carfast.graph.layers`` classifies it (no scoring)."""
     lines = ["All conv layers (carfast.graph.layers, not scored):", "",
-             "| model | conv layers | alone | group | undefined | refused |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| model | conv layers | alone | group | undefined | refused |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     keys = ("alone", "group", "undefined", "refused")
     total = dict.fromkeys(keys, 0)
     for model, c in listing.items():

@@ -11,14 +11,23 @@ network loses when that filter is removed, equal to re-running the network once 
 The package: ``graph`` (the channel-flow analysis), ``scoring``, ``surgery``, ``pruning``, ``report``,
 ``models`` and ``data`` (bundled), ``ops`` (kernels), ``integrations``, ``cli``; ``docs/design.md``.
 """
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 from carfast import criteria, data, finetune, integrations, models, train_data
 from carfast._ext import backends
 from carfast.graph import LayerInfo, layers
 from carfast.pruning import PruneResult, evaluate, load_pruned, prune
 from carfast.report import write_report
-from carfast.scoring import ClassImportance, GroupScorer, LayerScorer, LayerScores, ScoreOptions, score_group, score_layer
+from carfast.scoring import (
+    ClassImportance,
+    GroupScorer,
+    LayerScorer,
+    LayerScores,
+    ScoreOptions,
+    score_group,
+    score_layer,
+)
 from carfast.surgery import remove_filters, remove_groups
 
 try:

@@ -1,4 +1,4 @@
 """``carfast.criteria``: the public face of ``carfast.pruning.criteria``."""
-from carfast.pruning.criteria import random_scores, l1_norm, mean_activation, apoz, taylor, CRITERIA, get_criterion
+from carfast.pruning.criteria import CRITERIA, apoz, get_criterion, l1_norm, mean_activation, random_scores, taylor
 
 __all__ = ["random_scores", "l1_norm", "mean_activation", "apoz", "taylor", "CRITERIA", "get_criterion"]

@@ -12,7 +12,7 @@ def resolve_layer(model: nn.Module, layer, fn: str = "score_layer") -> tuple[str
     """``(name, module)`` for ``layer`` given as a name in ``model.named_modules()`` or a module."""
     names = dict(model.named_modules())
     if isinstance(layer, nn.Module):
-        for name, mod in names.items():
+        for name, mod in names.items():  # noqa: B007 - name is used after the loop breaks
             if mod is layer:
                 break
         else:

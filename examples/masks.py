@@ -18,7 +18,7 @@ def main() -> None:
     args = p.parse_args()
     model = carfast.models.cifar_resnet(20)
     x, y = carfast.data.cifar10_test(args.images)
-    result = carfast.pruning.prune(model, ["layer1.0.conv1", "layer2.0.conv1"], (x, y), keep=0.75, progress=False)
+    result = carfast.prune(model, ["layer1.0.conv1", "layer2.0.conv1"], (x, y), keep=0.75, progress=False)
     masked = to_masks(model, result)                      # a masked copy of the original model
     with torch.no_grad():
         gap = (masked(x) - result.model(x)).abs().max().item()

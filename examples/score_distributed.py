@@ -41,7 +41,7 @@ def main() -> None:
         print(f"{world} processes, {scores.num_images} images")
         print(scores.table(top=10))
     if args.keep is not None:
-        result = carfast.pruning.prune(model, args.layer, shard, keep=args.keep, device=device, progress=False)
+        result = carfast.prune(model, args.layer, shard, keep=args.keep, device=device, progress=False)
         if rank == 0:
             last = result.history[-1]
             print(f"removed filters {result.removed[args.layer]}: accuracy {100 * last['accuracy']:.2f} % on all "

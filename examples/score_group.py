@@ -26,7 +26,7 @@ def main() -> None:
         print(f"  {m['role']:>12}  {m['layer']:<18} channels {m['channels'][:4]}...")
     cut = scores.ranking()[:args.remove].tolist()
     pruned = carfast.remove_groups(model, {args.layer: cut})
-    before, after = carfast.pruning.evaluate(model, (x, y)), carfast.pruning.evaluate(pruned, (x, y))
+    before, after = carfast.evaluate(model, (x, y)), carfast.evaluate(pruned, (x, y))
     params = sum(t.numel() for t in model.parameters()), sum(t.numel() for t in pruned.parameters())
     print(f"removed channels {cut} from {len(scores.members)} members: params {params[0]} -> {params[1]}, "
           f"accuracy {100 * before.accuracy:.2f} % -> {100 * after.accuracy:.2f} %")

@@ -36,7 +36,7 @@ def main() -> None:
         pruner.step()
         macs, _ = tp.utils.count_ops_and_params(model, example)
         print(f"step {step + 1}: {macs0 / macs:.2f}x fewer MACs, held-out accuracy "
-              f"{100 * carfast.pruning.evaluate(model, held).accuracy:.2f} %")
+              f"{100 * carfast.evaluate(model, held).accuracy:.2f} %")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ class Config:
     n_sel: int = 500                # selection images the criteria score on (class-balanced)
     n_tick: int = 50                # images for prune's per-removal bookkeeping with the baselines (criterion_fn)
     n_eval: int = 5000              # evaluation images (the whole evaluation half)
-    n_verify: int = 1000            # images on which the fast evaluation path is checked against carfast.pruning.evaluate
+    n_verify: int = 1000            # images on which the fast evaluation path is checked against carfast.evaluate
     keep_frac: float = 1 / 8        # prune down to this fraction of the layer's filters
     levels: tuple = (0.25, 0.5, 0.75, 0.875)   # fractions removed at which the evaluation half is scored
     random_seeds: tuple = (0, 1, 2)
@@ -328,7 +328,7 @@ def stage_prune(key: str, cfg: Config, data: Data, args, variant: str = "prune")
     if "base" not in rec:
         bits = correct_bits(model_cl, h_ev, y_ev, suffix)
         n = min(cfg.n_verify, cfg.n_eval)
-        ref = carfast.pruning.evaluate(model, (x_ev[:n], y_ev[:n])).correct
+        ref = carfast.evaluate(model, (x_ev[:n], y_ev[:n])).correct
         rec["base"] = {"correct": int(bits.sum()), "accuracy": float(bits.mean()), "bits": pack(bits),
                        "verify": {"images": n, "carfast_evaluate": ref, "fast_path": int(bits[:n].sum())},
                        "prefix_seconds": t_prefix}
@@ -345,10 +345,10 @@ def stage_prune(key: str, cfg: Config, data: Data, args, variant: str = "prune")
         t0 = time.perf_counter()
         if crit == "car":
             car_sel = data.get("sel", n_sel, norm)
-            res = carfast.pruning.prune(model, spec.layer, car_sel, keep=keep, step=step, criterion="car", progress=False,
+            res = carfast.prune(model, spec.layer, car_sel, keep=keep, step=step, criterion="car", progress=False,
                                 checkpoint=ckpt)
         else:
-            res = carfast.pruning.prune(model, spec.layer, tick, keep=keep, step=step, progress=False, checkpoint=ckpt,
+            res = carfast.prune(model, spec.layer, tick, keep=keep, step=step, progress=False, checkpoint=ckpt,
                                 criterion=criterion_fn(crit, seed, sel))
         t_prune = time.perf_counter() - t0
         removed = [int(i) for i in res.removed[spec.layer]]
@@ -372,7 +372,7 @@ def stage_prune(key: str, cfg: Config, data: Data, args, variant: str = "prune")
                                        "accuracy": float(bits.mean()), "bits": pack(bits)}
             if run_id == "car" and k == levels[len(levels) // 2]:     # check the fast path once per layer
                 n = min(cfg.n_verify, cfg.n_eval)
-                ref = carfast.pruning.evaluate(pruned, (x_ev[:n], y_ev[:n])).correct
+                ref = carfast.evaluate(pruned, (x_ev[:n], y_ev[:n])).correct
                 entry["verify"] = {"removed": k, "images": n, "carfast_evaluate": ref, "fast_path": int(bits[:n].sum())}
                 if abs(ref - int(bits[:n].sum())) > 2:
                     raise RuntimeError(f"{_FN}: the cached-prefix evaluation disagrees with carfast.pruning.evaluate "
@@ -510,7 +510,7 @@ def colour_index(weight: torch.Tensor, std) -> tuple[np.ndarray, str]:
     u = (1, 1, 1) / sqrt(3): index = 1 - sum_p (u . w_p)^2 / sum_p |w_p|^2. 0 = a pure luminance
     filter, 1 = a pure colour-opponent one; a filter with isotropic random RGB weights scores 2/3."""
     try:
-        fn = getattr(importlib.import_module("carfast.report.filter_images"), "colour_selectivity")
+        fn = importlib.import_module("carfast.report.filter_images").colour_selectivity
     except (ImportError, AttributeError):
         fn = None
     if fn is not None:
@@ -667,7 +667,7 @@ def _figure_finetune(cfg, args, plt):
     if not recs:
         return
     fig, axes = plt.subplots(1, len(recs), figsize=(7.8 * len(recs), 4.8), dpi=130, squeeze=False)
-    for ax, (key, rec) in zip(axes[0], recs):
+    for ax, (_key, rec) in zip(axes[0], recs):
         names = list(rec["runs"])
         before = [100 * rec["runs"][n]["before_accuracy"] for n in names]
         after = [100 * rec["runs"][n]["after_accuracy"] for n in names]

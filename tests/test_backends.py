@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
+from nets import NETS, make_data
 
 import carfast
 from carfast import _ext
-from nets import NETS, make_data
 
 _WHY = {b["name"]: b["reason"] for b in _ext.backends()}
 needs_triton = pytest.mark.skipif(not _ext.has_backend("triton"), reason=f"triton backend: {_WHY['triton']}")

@@ -72,7 +72,8 @@ def test_empty_data(resnet, data_arg):
 
 def test_lengths_differ(resnet, data):
     x, y = data
-    with pytest.raises(ValueError, match=r"inputs and labels differ in length: inputs \(20, 3, 32, 32\), labels \(19,\)"):
+    with pytest.raises(ValueError,
+                       match=r"inputs and labels differ in length: inputs \(20, 3, 32, 32\), labels \(19,\)"):
         carfast.score_layer(resnet, "layer3.2.conv1", (x, y[:19]))
 
 

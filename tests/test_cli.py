@@ -135,7 +135,7 @@ def test_prune_then_report(tmp_path, capsys):
     x, y = cifar10_test(70)
     assert d["heldout"]["num_images"] == 30
     assert d["layers"]["layer1.0.conv1"]["classwise"]["class_names"][:2] == ["airplane", "automobile"]
-    assert d["heldout"]["accuracy_after"] == carfast.pruning.evaluate(result.model, (x[40:], y[40:])).accuracy
+    assert d["heldout"]["accuracy_after"] == carfast.evaluate(result.model, (x[40:], y[40:])).accuracy
 
     assert main(["report", str(result_path), "--heldout-n", "1961", "--out", str(tmp_path / "r2")]) == 2
     assert "only 1,960 images" in _one_line_error(capsys, "report")
@@ -175,7 +175,8 @@ def test_layers_lists_what_carfast_can_do(tmp_path, capsys):
     assert main(["layers", "--model", "resnet20", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"layer1\.0\.conv1\s+Conv2d\s+16\s+layer", text)
-    assert re.search(r"layer2\.1\.conv2\s+Conv2d\s+32\s+group\s+32 channels with layer2\.0\.conv2, layer2\.1\.conv2", text)
+    assert re.search(r"layer2\.1\.conv2\s+Conv2d\s+32\s+group\s+32 channels with layer2\.0\.conv2, "
+                     r"layer2\.1\.conv2", text)
     assert re.search(r"linear\s+Linear\s+10\s+refused\s+layer 'linear' produces the model's outputs", text)
     rows = {r["name"]: r for r in json.loads(out.read_text())["layers"]}
     assert rows["conv1"]["status"] == "group" and rows["layer3.2.conv1"]["status"] == "layer"
@@ -185,7 +186,7 @@ def test_layers_of_a_users_model(tmp_path, capsys, monkeypatch):
     (tmp_path / "mynet.py").write_text("import torch.nn as nn\n"
                                        "def make():\n"
                                        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3),\n"
-                                       "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n")
+                                       "        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n")
     monkeypatch.chdir(tmp_path)
     assert main(["layers", "--model", "mynet:make", "--input", "3,16,16"]) == 0
     assert "3 layers: 2 alone, 0 in coupling groups, 1 refused" in capsys.readouterr().out

@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import NETS, make_data, randomize
 from torch import nn
 
 from carfast.criteria import CRITERIA, apoz, get_criterion, l1_norm, mean_activation, random_scores, taylor
-from nets import NETS, make_data, randomize
 
 DATA_CRITERIA = [mean_activation, apoz, taylor]
 
@@ -138,7 +138,7 @@ def test_synthetic_nets_against_hooks(name):
     leaves = [seen[c][0] for c in case.consumers]
     grads = torch.autograd.grad(loss, leaves)
     means, zeros, tay = [], [], 0
-    for (leaf, width), g in zip([seen[c] for c in case.consumers], grads):
+    for (leaf, _width), g in zip([seen[c] for c in case.consumers], grads):
         a = leaf.detach().double().reshape(x.shape[0], num, -1)
         means.append(a.mean((0, 2)))
         zeros.append((a == 0).double().mean((0, 2)))

@@ -55,7 +55,7 @@ def _prune_and_group(model, data) -> dict:
     for key, kw in {"sequential": dict(layers=["layer3.2.conv1"], keep=61),
                     "global": dict(layers=["layer3.1.conv1", "layer3.2.conv1"], keep=62, schedule="global"),
                     "apoz": dict(layers=["layer3.2.conv1"], keep=62, criterion="apoz")}.items():
-        r = carfast.pruning.prune(model, kw.pop("layers"), data, progress=False, **kw)
+        r = carfast.prune(model, kw.pop("layers"), data, progress=False, **kw)
         out[key] = {"removed": r.removed, "history": [(h["layer"], h["filter"], h["correct"]) for h in r.history]}
     out["group"] = carfast.score_group(model, "layer3.0.conv2", data, filters=[0, 5, 9], progress=False).to_dict()
     return out

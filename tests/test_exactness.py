@@ -14,6 +14,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from naive import naive_scores, near_tie, per_class_counts
+from nets import NETS, SCORABLE, make_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,8 +24,6 @@ import carfast.data
 import carfast.models
 from carfast.data import cifar10_test
 from carfast.models import cifar_resnet
-from naive import naive_scores, near_tie, per_class_counts
-from nets import NETS, SCORABLE, make_data
 
 N_SYNTH = 200            # images per synthetic net
 N_RESNET = 500           # images of the bundled CIFAR-10 slice for ResNet-20

@@ -14,12 +14,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-
-import carfast
-from carfast.integrations.masks import to_masks
 from naive import naive_removal_logits, naive_removal_scores
 from nets import FAMILIES, make_inputs
 from nets.families import SHAPE, ConvNeXtNet, SENet
+
+import carfast
+from carfast.integrations.masks import to_masks
 
 TARGETS = [(name, t.layer) for name, make in FAMILIES.items() for t in make().targets]
 REFUSED = [(name, layer, False) for name, make in FAMILIES.items() for layer in make().refused] + \
@@ -112,7 +112,7 @@ def test_refusals_name_the_op(name, layer, group):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_layers_listing_agrees(name):
     """``carfast.graph.layers`` says "layer" / "group" for every target as scored here, "refused" naming why."""
-    infos = {i.name: i for i in carfast.graph.layers(family(name).model, example=data(name)[0][:1])}
+    infos = {i.name: i for i in carfast.layers(family(name).model, example=data(name)[0][:1])}
     for t in family(name).targets:
         assert infos[t.layer].status == ("group" if t.group else "layer"), t.layer
         assert infos[t.layer].units == t.units

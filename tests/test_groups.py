@@ -11,13 +11,13 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from naive import naive_stream_scores, near_tie
 from torch import nn
 
 import carfast
-from carfast.surgery import pruned_io
 from carfast.groups import find_group
 from carfast.models import cifar_resnet
-from naive import naive_stream_scores, near_tie
+from carfast.surgery import pruned_io
 
 N = 160
 STAGES = {      # a producer of each ResNet-20 group -> the modules whose outputs are its residual stream

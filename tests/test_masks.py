@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nets import NETS, SCORABLE, make_data
 from torch.nn.utils import prune as torch_prune
 
 import carfast
 from carfast import data, models
 from carfast.graph import target_num_filters
 from carfast.integrations.masks import from_masks, to_masks
-from nets import NETS, SCORABLE, make_data
 
 
 def _state(model):
@@ -42,7 +42,7 @@ def test_resnet20_masks_equal_surgery_and_round_trip():
 def test_a_prune_result_turns_into_masks():
     model = models.cifar_resnet(20).eval()
     x, y = data.cifar10_test(100)
-    result = carfast.pruning.prune(model, ["layer2.0.conv1"], (x, y), keep=28, progress=False)
+    result = carfast.prune(model, ["layer2.0.conv1"], (x, y), keep=28, progress=False)
     masked = to_masks(model, result)
     with torch.no_grad():
         torch.testing.assert_close(masked.eval()(x), result.model.eval()(x), atol=1e-5, rtol=1e-5)

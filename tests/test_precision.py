@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nets import NETS, SCORABLE, make_data
 
 import carfast
 from carfast import data, models
 from carfast.scoring import suffix_eval, suffix_opt
 from carfast.scoring.precision import check_precision, margin_threshold, top1_margin
-from nets import NETS, SCORABLE, make_data
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import time
 
 import pytest
 import torch
+from naive import naive_greedy, naive_logits
+from nets import NETS, make_data
 
 import carfast
 from carfast.criteria import l1_norm
 from carfast.data import cifar10_test
 from carfast.models import cifar_resnet
-from naive import naive_greedy, naive_logits
-from nets import NETS, make_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,7 +47,7 @@ def test_greedy_equals_naive_loop_on_real_layer(resnet20, layer, consumer, n, st
     x, y = cifar10_test(n)
     before = _state(resnet20)
     num = resnet20.get_submodule(layer).out_channels
-    result = carfast.pruning.prune(resnet20, layer, (x, y), keep=num - steps, progress=False)
+    result = carfast.prune(resnet20, layer, (x, y), keep=num - steps, progress=False)
     naive = naive_greedy(resnet20, {consumer: 1}, x, y, num, steps)
     assert result.removed[layer] == [s["filter"] for s in naive]
     assert [r["correct"] for r in result.history] == [s["correct"] for s in naive]
@@ -69,7 +69,7 @@ def test_greedy_equals_naive_loop_on_synthetic_nets(name):
     x, y = make_data(case, 96)
     num = carfast.graph.target_num_filters(case.model.get_submodule(case.layer))
     steps = min(3, num - 1)
-    result = carfast.pruning.prune(case.model, case.layer, (x, y), keep=num - steps, progress=False)
+    result = carfast.prune(case.model, case.layer, (x, y), keep=num - steps, progress=False)
     naive = naive_greedy(case.model, case.consumers, x, y, num, steps)
     assert result.removed[case.layer] == [s["filter"] for s in naive]
     assert [r["correct"] for r in result.history] == [s["correct"] for s in naive]
@@ -78,7 +78,7 @@ def test_greedy_equals_naive_loop_on_synthetic_nets(name):
 def test_step_removes_the_best_of_one_scoring(resnet20):
     x, y = cifar10_test(60)
     s = carfast.score_layer(resnet20, "layer1.0.conv1", (x, y))
-    result = carfast.pruning.prune(resnet20, "layer1.0.conv1", (x, y), keep=12, step=2, progress=False)
+    result = carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=12, step=2, progress=False)
     first = s.ranking()[:2].tolist()
     assert result.removed["layer1.0.conv1"][:2] == first
     assert len(result.history) == 4 and [r["iteration"] for r in result.history] == [0, 0, 1, 1]
@@ -88,7 +88,7 @@ def test_step_removes_the_best_of_one_scoring(resnet20):
 def test_sequential_two_layers_and_summary(resnet20):
     x, y = cifar10_test(60)
     layers = ["layer1.0.conv1", "layer3.1.conv1"]
-    result = carfast.pruning.prune(resnet20, layers, (x, y), keep={"layer1.0.conv1": 14, "layer3.1.conv1": 0.97},
+    result = carfast.prune(resnet20, layers, (x, y), keep={"layer1.0.conv1": 14, "layer3.1.conv1": 0.97},
                            progress=False)
     assert [r["layer"] for r in result.history] == ["layer1.0.conv1"] * 2 + ["layer3.1.conv1"] * 2
     assert len(result.kept["layer3.1.conv1"]) == 62
@@ -96,7 +96,7 @@ def test_sequential_two_layers_and_summary(resnet20):
     assert summary.params_after < summary.params_before and summary.macs_after < summary.macs_before
     assert summary.filters_after == {"layer1.0.conv1": 14, "layer3.1.conv1": 62}
     assert summary.accuracy_after == result.history[-1]["accuracy"]
-    ev = carfast.pruning.evaluate(result.model, (x, y))
+    ev = carfast.evaluate(result.model, (x, y))
     assert ev.correct == result.history[-1]["correct"]
     assert "params" in str(summary)
 
@@ -104,7 +104,7 @@ def test_sequential_two_layers_and_summary(resnet20):
 def test_global_picks_the_best_filter_across_layers(resnet20):
     x, y = cifar10_test(40)
     layers = ["layer1.0.conv1", "layer2.0.conv1"]
-    result = carfast.pruning.prune(resnet20, layers, (x, y), keep={"layer1.0.conv1": 15, "layer2.0.conv1": 31},
+    result = carfast.prune(resnet20, layers, (x, y), keep={"layer1.0.conv1": 15, "layer2.0.conv1": 31},
                            schedule="global", progress=False)
     scores = [carfast.score_layer(resnet20, name, (x, y)) for name in layers]
     best = min(((-int(s.correct[i].sum()), float(s.loss_sum[i]), li, int(s.filters[i]))
@@ -117,8 +117,8 @@ def test_global_picks_the_best_filter_across_layers(resnet20):
 
 def test_max_accuracy_drop_stops_before_the_drop(resnet20):
     x, y = cifar10_test(100)
-    base = carfast.pruning.evaluate(resnet20, (x, y)).accuracy
-    result = carfast.pruning.prune(resnet20, "layer3.2.conv1", (x, y), keep=1, max_accuracy_drop=0.0, progress=False)
+    base = carfast.evaluate(resnet20, (x, y)).accuracy
+    result = carfast.prune(resnet20, "layer3.2.conv1", (x, y), keep=1, max_accuracy_drop=0.0, progress=False)
     assert all(r["accuracy"] >= base for r in result.history)
     assert len(result.kept["layer3.2.conv1"]) > 1          # stopped early
     nxt = carfast.score_layer(result.model, "layer3.2.conv1", (x, y))
@@ -127,20 +127,20 @@ def test_max_accuracy_drop_stops_before_the_drop(resnet20):
 
 def test_criterion_runs_through_the_same_loop(resnet20):
     x, y = cifar10_test(50)
-    result = carfast.pruning.prune(resnet20, "layer2.0.conv1", (x, y), keep=28, criterion="l1", progress=False)
+    result = carfast.prune(resnet20, "layer2.0.conv1", (x, y), keep=28, criterion="l1", progress=False)
     l1 = l1_norm(resnet20, "layer2.0.conv1")
     assert result.removed["layer2.0.conv1"] == torch.argsort(l1, stable=True)[:4].tolist()
     assert result.settings["criterion"] == "l1_norm"
-    ev = carfast.pruning.evaluate(result.model, (x, y))
+    ev = carfast.evaluate(result.model, (x, y))
     assert ev.correct == result.history[-1]["correct"]
-    custom = carfast.pruning.prune(resnet20, "layer2.0.conv1", (x, y), keep=30, progress=False,
+    custom = carfast.prune(resnet20, "layer2.0.conv1", (x, y), keep=30, progress=False,
                            criterion=lambda m, layer, d: torch.arange(m.get_submodule(layer).out_channels).flip(0))
     assert custom.removed["layer2.0.conv1"] == [31, 30]
 
 
 def test_save_and_load_in_a_fresh_process(resnet20, tmp_path):
     x, y = cifar10_test(30)
-    result = carfast.pruning.prune(resnet20, "layer1.1.conv1", (x, y), keep=14, progress=False)
+    result = carfast.prune(resnet20, "layer1.1.conv1", (x, y), keep=14, progress=False)
     path = tmp_path / "pruned.pt"
     result.save(path)
     with torch.no_grad():
@@ -168,7 +168,7 @@ _KILLED_RUN = """
 import sys, torch, carfast
 torch.set_num_threads(1)
 x, y = carfast.data.cifar10_test(128)
-carfast.pruning.prune(carfast.models.cifar_resnet(20), ["layer1.0.conv1", "layer3.2.conv1"], (x, y), keep=KEEP, step={step},
+carfast.prune(carfast.models.cifar_resnet(20), ["layer1.0.conv1", "layer3.2.conv1"], (x, y), keep=KEEP, step={step},
               checkpoint=sys.argv[1], progress=False)
 """
 
@@ -195,8 +195,8 @@ def test_resume_after_kill_gives_the_same_result(resnet20, tmp_path, step):
     assert 4 <= rows < 12, f"the run was not killed mid-way ({rows} removals recorded)"
     torch.set_num_threads(1)
     try:
-        resumed = carfast.pruning.prune(resnet20, _LAYERS, (x, y), keep=_KEEP, step=step, checkpoint=ckpt, progress=False)
-        fresh = carfast.pruning.prune(resnet20, _LAYERS, (x, y), keep=_KEEP, step=step, progress=False)
+        resumed = carfast.prune(resnet20, _LAYERS, (x, y), keep=_KEEP, step=step, checkpoint=ckpt, progress=False)
+        fresh = carfast.prune(resnet20, _LAYERS, (x, y), keep=_KEEP, step=step, progress=False)
     finally:
         torch.set_num_threads(2)
     assert resumed.removed == fresh.removed
@@ -208,22 +208,22 @@ def test_resume_after_kill_gives_the_same_result(resnet20, tmp_path, step):
 def test_resume_redoes_an_iteration_cut_short(resnet20, tmp_path):
     x, y = cifar10_test(50)
     ckpt = tmp_path / "run.json"
-    full = carfast.pruning.prune(resnet20, "layer1.0.conv1", (x, y), keep=10, step=3, checkpoint=ckpt, progress=False)
+    full = carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=10, step=3, checkpoint=ckpt, progress=False)
     saved = json.loads(ckpt.read_text())
     saved["history"] = saved["history"][:4]               # killed after the first removal of iteration 1
     ckpt.write_text(json.dumps(saved))
-    again = carfast.pruning.prune(resnet20, "layer1.0.conv1", (x, y), keep=10, step=3, checkpoint=ckpt, progress=False)
+    again = carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=10, step=3, checkpoint=ckpt, progress=False)
     assert again.removed == full.removed and again.history[:3] == full.history[:3]
 
 
 def test_checkpoint_from_other_settings_is_refused(resnet20, tmp_path):
     x, y = cifar10_test(40)
     ckpt = tmp_path / "run.json"
-    carfast.pruning.prune(resnet20, "layer1.0.conv1", (x, y), keep=15, checkpoint=ckpt, progress=False)
+    carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=15, checkpoint=ckpt, progress=False)
     with pytest.raises(ValueError, match="other settings.*keep"):
-        carfast.pruning.prune(resnet20, "layer1.0.conv1", (x, y), keep=14, checkpoint=ckpt, progress=False)
+        carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=14, checkpoint=ckpt, progress=False)
     with pytest.raises(ValueError, match="data_digest"):
-        carfast.pruning.prune(resnet20, "layer1.0.conv1", (x[:39], y[:39]), keep=15, checkpoint=ckpt, progress=False)
+        carfast.prune(resnet20, "layer1.0.conv1", (x[:39], y[:39]), keep=15, checkpoint=ckpt, progress=False)
 
 
 def test_finetune_callable_and_model_untouched(resnet20):
@@ -235,7 +235,7 @@ def test_finetune_callable_and_model_untouched(resnet20):
         seen.append(model.layer1[0].conv1.out_channels)
         return model
 
-    result = carfast.pruning.prune(resnet20, "layer1.0.conv1", (x, y), keep=15, finetune=tune, progress=False)
+    result = carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=15, finetune=tune, progress=False)
     assert seen == [15] and result.finetuned_accuracy is not None
     assert _same_state(before, resnet20.state_dict())
 
@@ -260,11 +260,11 @@ def test_bad_arguments(resnet20, kwargs, err, match):
     x, y = cifar10_test(20)
     before = _state(resnet20)
     with pytest.raises(err, match=match):
-        carfast.pruning.prune(resnet20, data=(x, y), progress=False, **kwargs)
+        carfast.prune(resnet20, data=(x, y), progress=False, **kwargs)
     assert _same_state(before, resnet20.state_dict())
 
 
 def test_one_shot_iterator_is_refused(resnet20):
     x, y = cifar10_test(20)
     with pytest.raises(ValueError, match="one-shot iterator"):
-        carfast.pruning.prune(resnet20, "layer1.0.conv1", iter([(x, y)]), keep=8)
+        carfast.prune(resnet20, "layer1.0.conv1", iter([(x, y)]), keep=8)

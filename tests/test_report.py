@@ -8,15 +8,15 @@ import re
 
 import pytest
 import torch
+from nets import make_alexnet_head, make_data
 
 import carfast
-from carfast.report import figures
-from carfast.scoring.classwise import ClassImportance
 from carfast.data import cifar10_classes, cifar10_test
-from carfast.report.filter_images import colour_selectivity, filter_tiles
 from carfast.models import cifar_resnet
+from carfast.report import figures
+from carfast.report.filter_images import colour_selectivity, filter_tiles
 from carfast.report.page import _importance, history_curves, write_report
-from nets import make_alexnet_head, make_data
+from carfast.scoring.classwise import ClassImportance
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -89,7 +89,7 @@ def test_filter_helpers_refuse_non_rgb_weights(bad):
 def resnet_run():
     model = cifar_resnet(20)
     x, y = cifar10_test(80)
-    result = carfast.pruning.prune(model, "layer1.0.conv1", (x[:40], y[:40]), keep=14, progress=False)
+    result = carfast.prune(model, "layer1.0.conv1", (x[:40], y[:40]), keep=14, progress=False)
     return model, result, (x[40:], y[40:])
 
 
@@ -97,7 +97,7 @@ def resnet_run():
 def rgb_run():
     case = make_alexnet_head()
     x, y = make_data(case, 60)
-    result = carfast.pruning.prune(case.model, "features.0", (x, y), keep=5, progress=False)
+    result = carfast.prune(case.model, "features.0", (x, y), keep=5, progress=False)
     return case.model, result
 
 
@@ -136,8 +136,8 @@ def test_report_on_resnet_run(resnet_run, tmp_path):
     # the numbers
     d = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert d["heldout"]["num_images"] == 40
-    assert d["heldout"]["accuracy_after"] == carfast.pruning.evaluate(result.model, heldout).accuracy
-    assert d["heldout"]["accuracy_before"] == carfast.pruning.evaluate(model, heldout).accuracy
+    assert d["heldout"]["accuracy_after"] == carfast.evaluate(result.model, heldout).accuracy
+    assert d["heldout"]["accuracy_before"] == carfast.evaluate(model, heldout).accuracy
     assert d["latency_s"]["before"] > 0 and d["latency_s"]["after"] > 0
     assert d["summary"]["params_after"] == result.stats["after"]["params"] < result.stats["before"]["params"]
     cw = d["layers"]["layer1.0.conv1"]["classwise"]

@@ -39,7 +39,7 @@ def test_progress_callback_counts_every_pair():
     for layer in ("layer2.2.conv1", "layer3.2.conv1"):          # suffix and closed-form paths
         calls = []
         carfast.score_layer(model, layer, (x, y), filters=[0, 3, 5],
-                            progress=lambda done, total: calls.append((done, total)))
+                            progress=lambda done, total, calls=calls: calls.append((done, total)))
         assert calls and calls[-1] == (3 * 30, 3 * 30)
         assert all(b[0] >= a[0] for a, b in zip(calls, calls[1:]))
 

@@ -13,14 +13,14 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import NETS, SCORABLE, make_data
 from torch import fx, nn
 
 from carfast.data import cifar10_test
-from carfast.surgery.measure import ModelStats, count_macs, count_params, latency
 from carfast.models import cifar_resnet
-from carfast.surgery.pruned_io import load_pruned_model, save_pruned
 from carfast.surgery import remove_filters
-from nets import NETS, SCORABLE, make_data
+from carfast.surgery.measure import ModelStats, count_macs, count_params, latency
+from carfast.surgery.pruned_io import load_pruned_model, save_pruned
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

@@ -12,8 +12,7 @@ from carfast.groups import find_group
 from carfast.models import cifar_resnet
 
 tp = pytest.importorskip("torch_pruning", reason="Torch-Pruning is not installed (pip install '.[test]')")
-from carfast.integrations.torch_pruning import (CARImportance, car_importance,  # noqa: E402
-                                                channel_map_pruners)
+from carfast.integrations.torch_pruning import CARImportance, car_importance, channel_map_pruners  # noqa: E402
 
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 

@@ -20,10 +20,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from carfast.graph.masking import MaskedNorm, UnitMask
 from carfast.graph.checks import profile, unit_axis
 from carfast.graph.flow import FlowError
 from carfast.graph.ir import is_leaf_module
+from carfast.graph.masking import MaskedNorm, UnitMask
 
 __all__ = ["intercept", "applied", "reader_profile", "masked_norm"]
 

@@ -45,7 +45,7 @@ def profile(codes: torch.Tensor, axis: int) -> torch.Tensor:
 
 def check_separable(w, name: str, fn: str) -> None:
     from carfast.graph.flow import FlowError
-    for key, codes in w.codes.items():
+    for key in w.codes:
         if key[0] == "param" or key[0].kind != "function" and key[0].kind != "module":
             continue
         c = w.of(*key)
@@ -130,11 +130,11 @@ def check_moves(w, name: str, fn: str) -> None:
             except Exception:  # noqa: BLE001 - the op cannot even run with one channel fewer
                 ok = False
             if not ok:
-                raise FlowError(f"{fn}: layer {name!r}: with filter {_first_filter(w, u)} deleted, {op.label} would not "
-                                "select the same channels (it splits, slices or reshapes them by a size the forward "
-                                "does not recompute, e.g. x.view(-1, 256 * 6 * 6) or x.split(64, 1)), so the smaller "
-                                "network would compute something else; removal of that filter is not defined here "
-                                "(write sizes that follow the tensor, e.g. x.flatten(1))", "sizes")
+                raise FlowError(f"{fn}: layer {name!r}: with filter {_first_filter(w, u)} deleted, {op.label} would "
+                                "not select the same channels (it splits, slices or reshapes them by a size the "
+                                "forward does not recompute, e.g. x.view(-1, 256 * 6 * 6) or x.split(64, 1)), so the "
+                                "smaller network would compute something else; removal of that filter is not defined "
+                                "here (write sizes that follow the tensor, e.g. x.flatten(1))", "sizes")
 
 
 def _first(op: Op) -> int:

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from carfast.graph import Flow, FlowError, Reader, TraceError, analyze as analyze_flow, from_fx
-from carfast.graph.ir import trace_fx
+from carfast.graph import Flow, FlowError, Reader, TraceError, from_fx
+from carfast.graph import analyze as analyze_flow
 from carfast.graph.apply import masked_norm, reader_profile
+from carfast.graph.ir import trace_fx
 from carfast.graph.masking import UnitMask
 from carfast.ops.consumer_delta import LayerSpec
 
@@ -110,8 +111,12 @@ def reader_spec(reader: Reader, modules: dict) -> LayerSpec:
     if reader.kind == "linear":
         return LayerSpec("linear", w)
     a = list(op.args) + [None] * 7
-    get = (lambda i, k, d: a[i] if a[i] is not None else op.kwargs.get(k, d))
-    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v))
+
+    def get(i, key, default):          # F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+        return a[i] if a[i] is not None else op.kwargs.get(key, default)
+
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
     padding = get(4, "padding", 0)
     return LayerSpec("conv", w, pair(get(3, "stride", 1)), padding if isinstance(padding, str) else pair(padding),
                      pair(get(5, "dilation", 1)), get(6, "groups", 1))
@@ -241,7 +246,7 @@ def split(flow: Flow, model: nn.Module, fn: str = "score_layer") -> LayerGraph:
         raise FlowError(f"{fn}: layer {flow.layer!r} has no consumer (Conv2d or Linear) on the path to the output; "
                         "score a layer that feeds one", "output")
     consumers = []
-    for i, r in enumerate(cached):
+    for r in cached:
         owned = r.owned
         index = torch.cat(owned) if owned else torch.zeros(0, dtype=torch.long)
         offsets = torch.tensor([0] + [len(o) for o in owned]).cumsum(0)

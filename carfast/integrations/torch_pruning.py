@@ -27,9 +27,9 @@ import math
 import torch
 from torch import nn
 
-from carfast.scoring.scorer import score_layer
-from carfast.scoring.group_scorer import score_group
 from carfast.graph import is_channel_map
+from carfast.scoring.group_scorer import score_group
+from carfast.scoring.scorer import score_layer
 from carfast.surgery.slicers import remap_channel_map
 
 try:

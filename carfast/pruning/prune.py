@@ -33,14 +33,14 @@ from torch import nn
 
 from carfast.atomic import write_json_atomic
 from carfast.batching import Progress, as_batches, check_batch, model_device
-from carfast.pruning.criteria import get_criterion
-from carfast.scoring.scorer import LayerScorer
 from carfast.distributed import all_reduce_sum, resolve_group
 from carfast.errors import resolve_layer
-from carfast.pruning.evaluate import evaluate
 from carfast.graph.split import target_num_filters
-from carfast.surgery.measure import ModelStats
+from carfast.pruning.criteria import get_criterion
+from carfast.pruning.evaluate import evaluate
 from carfast.pruning.result import PruneResult
+from carfast.scoring.scorer import LayerScorer
+from carfast.surgery.measure import ModelStats
 from carfast.surgery.remove import remove_filters
 
 __all__ = ["prune"]

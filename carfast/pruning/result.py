@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from carfast.surgery.pruned_io import load_pruned_model, save_pruned
 from carfast.scoring.scores import LayerScores
+from carfast.surgery.pruned_io import load_pruned_model, save_pruned
 
 __all__ = ["PruneResult", "PruneSummary", "load_pruned"]
 

@@ -26,15 +26,15 @@ import os
 import torch
 from torch import nn
 
-from carfast.report import figures
-from carfast.batching import model_device
-from carfast.report.html_page import CSS, Page, count, e, pct, plain, ratio, safe_name, table
 from carfast.atomic import atomic_path, write_json_atomic
-from carfast.scoring.classwise import ClassImportance
+from carfast.batching import model_device
 from carfast.pruning.evaluate import evaluate
-from carfast.report.filter_images import colour_selectivity
-from carfast.surgery.measure import latency
 from carfast.pruning.result import PruneResult
+from carfast.report import figures
+from carfast.report.filter_images import colour_selectivity
+from carfast.report.html_page import CSS, Page, count, e, pct, plain, ratio, safe_name, table
+from carfast.scoring.classwise import ClassImportance
+from carfast.surgery.measure import latency
 
 __all__ = ["write_report", "history_curves"]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from carfast.scoring.closed_form import consumer_epilogue, gathered_weight
 from carfast.graph.split import LayerGraph, subgraph
+from carfast.scoring.closed_form import consumer_epilogue, gathered_weight
 
 __all__ = ["FusedConsumer", "find_fused_consumer"]
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from carfast.scoring.scorer import LayerScorer, ScoreOptions
 from carfast.errors import resolve_layer
 from carfast.graph.groups import members_of
+from carfast.scoring.scorer import LayerScorer, ScoreOptions
 from carfast.scoring.scores import LayerScores
 
 __all__ = ["GroupScorer", "score_group"]

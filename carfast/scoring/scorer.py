@@ -34,19 +34,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from carfast.batching import (Progress, as_batches, check_batch, check_finite, check_labels, check_work_sizes,
-                       default_memory_budget, eval_mode, iter_chunks, model_dtype)
-from carfast.scoring.closed_form import find_closed_form
+from carfast.batching import (
+    Progress,
+    as_batches,
+    check_batch,
+    check_finite,
+    check_labels,
+    check_work_sizes,
+    default_memory_budget,
+    eval_mode,
+    iter_chunks,
+    model_dtype,
+)
 from carfast.distributed import resolve_group
-from carfast.scoring.checks import check_filters, count_images, meta_bytes, nbytes, pick_backend, work_model
 from carfast.errors import resolve_layer
-from carfast.graph import analyze as analyze_flow, from_recording
-from carfast.graph.split import TraceError, analyze, target_num_filters
-from carfast.scoring.fused_suffix import find_fused_consumer
+from carfast.graph import analyze as analyze_flow
+from carfast.graph import from_recording
 from carfast.graph.masking import keep_mask
+from carfast.graph.split import TraceError, analyze, target_num_filters
 from carfast.ops.consumer_delta import consumer_delta, owned_weight
-from carfast.scoring.method_evaluators import ClosedFormEvaluator, FullNetworkEvaluator, split_outputs
 from carfast.ops.score_reduce import pair_results
+from carfast.scoring.checks import check_filters, count_images, meta_bytes, nbytes, pick_backend, work_model
+from carfast.scoring.closed_form import find_closed_form
+from carfast.scoring.fused_suffix import find_fused_consumer
+from carfast.scoring.method_evaluators import ClosedFormEvaluator, FullNetworkEvaluator, split_outputs
 from carfast.scoring.pairs import Accumulator, suffix_base_logits
 from carfast.scoring.precision import check_precision
 from carfast.scoring.scores import LayerScores

@@ -23,9 +23,9 @@ import os
 import torch
 from torch import nn
 
-from carfast.models import cifar as models
 from carfast.atomic import atomic_path
 from carfast.graph import is_channel_map
+from carfast.models import cifar as models
 
 __all__ = ["save_pruned", "load_pruned_model"]
 

@@ -13,10 +13,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from compare import assert_close_verbose
 
 from carfast import _ext
 from carfast.ops.closed_form_logits import ACTIVATIONS, closed_form_logits, closed_form_logits_ref
-from compare import assert_close_verbose
 
 _CPU_OK = _ext.has_backend("cpu")
 _CPU_WHY = next(b["reason"] for b in _ext.backends() if b["name"] == "cpu")
@@ -194,11 +194,13 @@ def test_public_function_backends():
 
 @needs_cpu
 @pytest.mark.parametrize("change, pattern", [
-    (lambda c: c.update(a=c["a"].double()), r"closed_form_logits: `a` must be float32, got Double; fix: pass `a.float\(\)`"),
+    (lambda c: c.update(a=c["a"].double()),
+     r"closed_form_logits: `a` must be float32, got Double; fix: pass `a.float\(\)`"),
     (lambda c: c.update(filters=c["filters"].int()), r"`filters` must be int64"),
     (lambda c: c.update(filters=torch.tensor([0, 4])), r"`filters\[1\]` must be an input channel in \[0, 4\), got 4"),
     (lambda c: c.update(filters=torch.tensor([-1])), r"`filters\[0\]` must be an input channel"),
-    (lambda c: c.update(z=c["z"][:, :, :-1]), r"`z` must have shape \[N, O, Ho, Wo\] = \[3, 5, 6, 6\], got \[3, 5, 5, 6\]"),
+    (lambda c: c.update(z=c["z"][:, :, :-1]),
+     r"`z` must have shape \[N, O, Ho, Wo\] = \[3, 5, 6, 6\], got \[3, 5, 5, 6\]"),
     (lambda c: c.update(residual=c["residual"][:1]), r"`residual` must have shape"),
     (lambda c: c.update(tail=c["tail"][:3]), r"`tail` must have shape \[classes, O, Ho, Wo\]"),
     (lambda c: c.update(logits=c["logits"][:, :2]), r"`tail` must have shape|`logits` must have shape"),

@@ -13,15 +13,14 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
+from compare import assert_close_verbose
+from test_closed_form_logits import SHAPES, make_case
 
 from carfast import _ext
 from carfast.ops.ablated_consumer import ablated_consumer, ablated_consumer_ref
 from carfast.ops.closed_form_logits import closed_form_logits_ref
 from carfast.ops.closed_form_score import closed_form_score, closed_form_score_ref
 from carfast.ops.score_reduce import score_reduce, score_reduce_ref
-from compare import assert_close_verbose
-from test_closed_form_logits import SHAPES, make_case
 
 _CUDA_OK = _ext.has_backend("cuda")
 _CUDA_WHY = "" if _CUDA_OK else next(b["reason"] for b in _ext.backends() if b["name"] == "cuda")
@@ -137,7 +136,8 @@ def test_ablated_consumer_strides_mixed_dtypes_and_out_dtype():
     assert_close_verbose(run_consumer(m).cpu(), ref_m, atol=tol(ref_m), rtol=1e-5, what="mixed")
     # an out_dtype the kernel does not write directly (float64): float32, then cast, as the reference
     out64 = run_consumer(c, torch.float64)
-    assert out64.dtype == torch.float64 and out64.stride() == ablated_consumer_ref(**c, out_dtype=torch.float64).stride()
+    ref64 = ablated_consumer_ref(**c, out_dtype=torch.float64)
+    assert out64.dtype == torch.float64 and out64.stride() == ref64.stride()
     assert torch.equal(out64.cpu(), run_consumer(c).cpu().double())
 
 

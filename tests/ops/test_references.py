@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from compare import assert_close_verbose
 
 from carfast import _ext
 from carfast.ops.ablated_consumer import ablated_consumer_ref
@@ -16,7 +17,6 @@ from carfast.ops.closed_form_logits import closed_form_logits_ref
 from carfast.ops.closed_form_score import closed_form_score_ref
 from carfast.ops.epilogue import epilogue
 from carfast.ops.score_reduce import check_score_reduce_args, score_reduce_ref
-from compare import assert_close_verbose
 
 needs_ops = pytest.mark.skipif(not _ext.has_op("score_reduce"), reason="carfast._C (the op schemas) is not built")
 
@@ -30,7 +30,8 @@ def _case(N=3, K=4, O=5, H=7, W=5, k=3, stride=1, padding=1, dilation=1, C=6, se
     bias = torch.randn(O, generator=g)
     z = F.conv2d(a, weight, bias, stride, padding, dilation)
     Ho, Wo = z.shape[2:]
-    return dict(a=a, weight=weight, bias=bias, z=z, scale=torch.rand(O, generator=g) + 0.5, shift=torch.randn(O, generator=g),
+    return dict(a=a, weight=weight, bias=bias, z=z, scale=torch.rand(O, generator=g) + 0.5,
+                shift=torch.randn(O, generator=g),
                 residual=torch.randn(N, O, Ho, Wo, generator=g), act=1,
                 tail=torch.randn(C, O, Ho, Wo, generator=g) / math.sqrt(O * Ho * Wo),
                 logits=torch.randn(N, C, generator=g) * 3, stride=(stride, stride), padding=(padding, padding),
