@@ -13,7 +13,6 @@ Every benchmark in this folder uses these helpers so that numbers are taken and 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -31,7 +30,7 @@ if str(REPO) not in sys.path:          # run as `python benchmarks/xxx.py` from 
 import torch  # noqa: E402
 
 import carfast  # noqa: E402
-from carfast.atomic import atomic_path  # noqa: E402
+from carfast import atomic  # noqa: E402
 
 #: the full CIFAR-10 test set shared beside the repository (10,000 images)
 SHARED_CIFAR10 = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"
@@ -145,14 +144,8 @@ def describe_environment(env: dict) -> str:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as JSON to ``path`` atomically (``carfast.atomic``), tensors and paths as plain data."""
-    path = Path(path)
-    with atomic_path(path, ".json") as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-    return path
+    atomic.write_json_atomic(path, obj, indent=2, default=_json_default)
+    return Path(path)
 
 
 def _json_default(o):

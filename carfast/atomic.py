@@ -30,10 +30,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ""):
         raise
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically."""
+def write_json_atomic(path: str | os.PathLike, obj, *, indent: int = 1, default=None) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically; ``default`` turns other objects into JSON data."""
     with atomic_path(path, ".json") as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(obj, f, indent=indent, default=default)
+            f.write("\n")
             f.flush()
             os.fsync(f.fileno())

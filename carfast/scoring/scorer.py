@@ -160,7 +160,7 @@ class LayerScorer:
         opt = self.options
         self.fused = None
         if self.lg is None:
-            self.method, self.kernel, self.cf = "full_network", "torch", None
+            self.method, self.cf = "full_network", None     # score_reduce runs on the backend picked
             per_image = 8 * nbytes(example.shape)     # inputs and logits are cached; activations transient
             self.cache_bytes_per_image = nbytes(example.shape)
             per_pair = 0
