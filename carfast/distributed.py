@@ -9,9 +9,25 @@ RuntimeError that says so instead of hanging.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-__all__ = ["resolve_group", "all_reduce_sum"]
+__all__ = ["resolve_group", "process_group_argument", "all_reduce_sum"]
+
+#: the default of the deprecated ``group=`` argument: "not given"
+UNSET = object()
+
+
+def process_group_argument(process_group, group, fn: str):
+    """``process_group=``, or the deprecated ``group=`` (with a DeprecationWarning); not both."""
+    if group is UNSET:
+        return process_group
+    if process_group is not None:
+        raise TypeError(f"{fn}: pass process_group= only (group= is its deprecated name)")
+    warnings.warn(f"{fn}: group= is deprecated (it named the torch.distributed process group); pass process_group=",
+                  DeprecationWarning, stacklevel=3)
+    return group
 
 
 def resolve_group(group, fn: str):
@@ -28,7 +44,7 @@ def resolve_group(group, fn: str):
             return dist.group.WORLD
         return None
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"{fn}: group={group!r} was given but torch.distributed is not initialised; call "
+        raise ValueError(f"{fn}: process_group={group!r} was given but torch.distributed is not initialised; call "
                          "torch.distributed.init_process_group first (torchrun does it with the env:// method)")
     return group
 

@@ -1,7 +1,7 @@
 // The `carfast` operator library: schemas only, shared by every backend.
 //
 // Each backend registers its kernels in its own file with TORCH_LIBRARY_IMPL(carfast, <Key>, m)
-// (csrc/cpu/*.cpp for CPU; csrc/cuda/* later). The fake (meta) kernels used by torch.compile and
+// (csrc/cpu/*.cpp for CPU; csrc/cuda/bindings.cpp for CUDA). The fake (meta) kernels used by torch.compile and
 // torch.library.opcheck live in Python next to each op's reference (carfast/ops/<op>.py);
 // set_python_module tells the dispatcher which module to import to find them.
 #include <torch/library.h>

@@ -126,7 +126,7 @@ def test_group_without_init_is_refused():
     model = models.cifar_resnet(20)
     x, y = data.cifar10_test(8)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
-        carfast.score_layer(model, "layer3.2.conv1", (x, y), group=object(), progress=False)
+        carfast.score_layer(model, "layer3.2.conv1", (x, y), process_group=object(), progress=False)
 
 
 def test_the_readme_torchrun_example_runs(tmp_path):
@@ -142,3 +142,14 @@ def test_the_readme_torchrun_example_runs(tmp_path):
     assert "2 processes, 100 images" in run.stdout
     assert "CAR scores of 'layer3.8.conv1': 64 filters on 100 images" in run.stdout
     assert "on all 100 images (every process made the same removals)" in run.stdout
+
+
+def test_group_is_the_deprecated_name_of_process_group():
+    model = carfast.models.cifar_resnet(20)
+    x, y = carfast.data.cifar10_test(8)
+    with pytest.warns(DeprecationWarning, match="pass process_group="):
+        a = carfast.score_layer(model, "layer3.2.conv1", (x, y), group=False, progress=False)
+    b = carfast.score_layer(model, "layer3.2.conv1", (x, y), process_group=False, progress=False)
+    assert torch.equal(a.correct, b.correct)
+    with pytest.raises(TypeError, match="pass process_group= only"):
+        carfast.score_layer(model, "layer3.2.conv1", (x, y), group=False, process_group=False, progress=False)

@@ -41,7 +41,7 @@ except ImportError as err:   # the rest of carfast works without it
 __all__ = ["CARImportance", "ChannelMapPruner", "channel_map_pruners", "car_importance"]
 
 _FN = "CARImportance"
-_OPTIONS = {"device", "batch_size", "memory_budget", "backend", "precision", "progress", "group", "options"}
+_OPTIONS = {"device", "batch_size", "memory_budget", "backend", "precision", "progress", "process_group", "options"}
 
 
 def car_importance(scores, rank_by: str = "accuracy") -> torch.Tensor:

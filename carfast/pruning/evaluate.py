@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from carfast.batching import eval_mode, iter_chunks, model_device
-from carfast.distributed import all_reduce_sum, resolve_group
+from carfast.distributed import UNSET, all_reduce_sum, process_group_argument, resolve_group
 from carfast.ops.score_reduce import pair_results
 
 __all__ = ["Evaluation", "evaluate"]
@@ -29,15 +29,17 @@ class Evaluation:
         return self.loss_sum / self.num_images
 
 
-def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, group=False) -> Evaluation:
+def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, process_group=False,
+             group=UNSET) -> Evaluation:
     """Evaluate ``model`` on ``data`` ((inputs [N, ...], labels [N]) or an iterable of such batches).
 
     The model runs in eval mode under ``torch.no_grad`` and its train/eval flags are restored. Uses the
     scoring reduction of the engine (``ops/score_reduce.py``), so the figures match ``LayerScores``.
-    ``group``: False (default) this process's data only; None (the default process group when
+    ``process_group``: False (default) this process's data only; None (the default process group when
     ``torch.distributed`` is initialised) or a process group: the counts of every process's data, summed.
+    ``group`` is its deprecated name.
     """
-    group = resolve_group(group, "evaluate")
+    group = resolve_group(process_group_argument(process_group, group, "evaluate"), "evaluate")
     device = model_device(model) if device is None else device
     correct, loss, n = 0, 0.0, 0
     with eval_mode(model), torch.no_grad():

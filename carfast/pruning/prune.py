@@ -33,7 +33,7 @@ from torch import nn
 
 from carfast.atomic import write_json_atomic
 from carfast.batching import Progress, as_batches, check_batch, model_device
-from carfast.distributed import all_reduce_sum, resolve_group
+from carfast.distributed import UNSET, all_reduce_sum, process_group_argument, resolve_group
 from carfast.errors import resolve_layer
 from carfast.graph.split import target_num_filters
 from carfast.pruning.criteria import get_criterion
@@ -46,7 +46,7 @@ from carfast.surgery.remove import remove_filters
 __all__ = ["prune"]
 
 _FN = "prune"
-_SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "options", "group")
+_SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "options", "process_group", "group")
 _CHECKPOINT_FORMAT = "carfast-prune-checkpoint/1"
 
 
@@ -238,7 +238,7 @@ class _Run:
         now = self.model
         if scorer.removed:     # the criterion sees the model as it is now
             now = remove_filters(self.model, {layer: list(scorer.removed)}, example=self.example)
-        imp = _importance(self.criterion, now, layer, self.data, len(scorer.remaining), self.score_kw["group"])
+        imp = _importance(self.criterion, now, layer, self.data, len(scorer.remaining), self.score_kw["process_group"])
         rem = scorer.remaining
         return sorted(rem, key=lambda j: (float(imp[rem.index(j)]), start[j])), {}
 
@@ -265,7 +265,7 @@ class _Run:
                         cands.append(((-c, l, pos, self.orig[n][k]), n, self.orig[n][k], (c, l, s.num_images)))
                 else:
                     imp = _importance(self.criterion, self.model, n, self.data, len(self.orig[n]),
-                                      self.score_kw["group"])
+                                      self.score_kw["process_group"])
                     cands += [((float(v), pos, self.orig[n][i]), n, self.orig[n][i], None) for i, v in enumerate(imp)]
             cands.sort(key=lambda c: c[0])
             budget = {n: len(self.orig[n]) - self.targets[n] for n in open_layers}
@@ -277,7 +277,7 @@ class _Run:
             for i, (_, n, o, ev) in enumerate(picks):
                 tentative = remove_filters(self.model, {n: [self.orig[n].index(o)]}, example=self.example)
                 if i > 0 or ev is None:
-                    e = evaluate(tentative, self.data, group=self.score_kw["group"])
+                    e = evaluate(tentative, self.data, process_group=self.score_kw["process_group"])
                     ev = (e.correct, e.loss_sum, e.num_images)
                 if self.threshold is not None and ev[0] / ev[2] < self.threshold:
                     self.stopped = True
@@ -287,13 +287,13 @@ class _Run:
                 self.record(n, o, ev, len(self.orig[n]), time.perf_counter() - t0, len(picks))
 
 
-def _importance(criterion, model, layer, data, expected: int, group=False) -> torch.Tensor:
+def _importance(criterion, model, layer, data, expected: int, process_group=False) -> torch.Tensor:
     """A baseline criterion's [F] importance; with several processes, its mean over them (each computes it
     on its own shard), so every process ranks the same way."""
     imp = torch.as_tensor(criterion(model, layer, data), dtype=torch.float64).flatten().cpu()
-    if group is not False and group is not None:
-        world = torch.distributed.get_world_size(group)
-        imp = all_reduce_sum([imp], group, _FN)[0] / world
+    if process_group is not False and process_group is not None:
+        world = torch.distributed.get_world_size(process_group)
+        imp = all_reduce_sum([imp], process_group, _FN)[0] / world
     if imp.numel() != expected:
         raise ValueError(f"{_FN}: criterion {getattr(criterion, '__name__', criterion)!r} returned {imp.numel()} "
                          f"scores for {layer!r}, which has {expected} filters; it must return one per filter")
@@ -340,7 +340,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         checkpoint: a JSON path written after every removal; an existing one is resumed.
         progress: None (a bar when stderr is a terminal), True, False, or ``callable(done, total)``.
         **score_options: ``device``, ``batch_size``, ``memory_budget``, ``backend``, ``precision``, ``options``,
-            ``group`` of ``score_layer``. ``group`` (default: the default process group when
+            ``process_group`` of ``score_layer`` (``group`` is its deprecated name). ``process_group`` (default:
+            the default process group when
             ``torch.distributed`` is initialised; False: this process alone): each process passes its own
             shard of the images; scores and accuracy checks are summed over the processes, so every process
             makes the same removals and returns the same result, equal to one process on all the shards
@@ -389,16 +390,17 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     # scorers are kept for use while the model is still the input model
     # several processes: the scores and every accuracy check are summed over the group, so each process
     # makes the same removals (each scores its own shard of the images)
-    group = resolve_group(score_options.get("group"), _FN)
+    group = resolve_group(process_group_argument(score_options.pop("process_group", None),
+                                                 score_options.pop("group", UNSET), _FN), _FN)
     if group is not None and checkpoint is not None:
         raise ValueError(f"{_FN}: checkpoint= is not supported with several processes (torch.distributed); "
-                         "pass group=False to prune on each process alone, or drop checkpoint")
+                         "pass process_group=False to prune on each process alone, or drop checkpoint")
     if group is not None and finetune is not None:
         raise ValueError(f"{_FN}: finetune= with several processes would fine-tune each process's copy on its own "
                          "data; fine-tune result.model yourself (e.g. with DistributedDataParallel)")
-    score_options = {**score_options, "group": group if group is not None else False}
+    score_options = {**score_options, "process_group": group if group is not None else False}
     prebuilt = {n: LayerScorer(work, n, data, progress=False, **score_options) for n in names}
-    base = evaluate(work, data, group=score_options["group"])
+    base = evaluate(work, data, process_group=score_options["process_group"])
     threshold = None if max_accuracy_drop is None else base.accuracy - max_accuracy_drop
     settings = {"layers": names, "keep": targets, "step": step, "schedule": schedule, "criterion": crit_name,
                 "max_accuracy_drop": max_accuracy_drop, "num_images": base.num_images,

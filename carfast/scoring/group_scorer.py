@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from carfast.distributed import UNSET
 from carfast.errors import resolve_layer
 from carfast.graph.groups import members_of
 from carfast.scoring.scorer import LayerScorer, ScoreOptions
@@ -47,7 +48,8 @@ class GroupScorer(LayerScorer):
 
 def score_group(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
                 memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                per_image: bool = False, group=None, options: ScoreOptions | None = None) -> LayerScores:
+                per_image: bool = False, process_group=None, options: ScoreOptions | None = None,
+                group=UNSET) -> LayerScores:
     """Score each channel of the coupling group of ``layer`` by CAR (``carfast.groups``).
 
     ``layer`` names any producer of the group (the stem conv, a block's second conv, a 1x1 shortcut
@@ -57,8 +59,7 @@ def score_group(model: nn.Module, layer, data, *, filters=None, device=None, bat
     is its own group (see ``carfast.groups``). A layer coupled with no other gets the scores
     ``score_layer`` gives.
 
-    Args are those of ``score_layer``; ``filters`` are channel indices of the group; ``group`` is the
-    ``torch.distributed`` process group.
+    Args are those of ``score_layer``; ``filters`` are channel indices of the group.
     Returns:
         ``LayerScores`` with ``coupled`` True for a real group and ``members``: the layers of the group and
         how its channels map onto each (``groups.GroupMember``).
@@ -66,5 +67,6 @@ def score_group(model: nn.Module, layer, data, *, filters=None, device=None, bat
     if isinstance(model, nn.Module):
         resolve_layer(model, layer, "score_group")
     scorer = GroupScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                         backend=backend, precision=precision, progress=progress, group=group, options=options)
+                         backend=backend, precision=precision, progress=progress, process_group=process_group,
+                         options=options, group=group)
     return scorer.score(filters, per_image=per_image)

@@ -46,7 +46,7 @@ from carfast.batching import (
     iter_chunks,
     model_dtype,
 )
-from carfast.distributed import resolve_group
+from carfast.distributed import UNSET, process_group_argument, resolve_group
 from carfast.errors import resolve_layer
 from carfast.graph import analyze as analyze_flow
 from carfast.graph import from_recording
@@ -111,9 +111,9 @@ class LayerScorer:
 
     def __init__(self, model: nn.Module, layer, data, *, device=None, batch_size: int | None = None,
                  memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                 group=None, options: ScoreOptions | None = None):
+                 process_group=None, options: ScoreOptions | None = None, group=UNSET):
         self.options = options or ScoreOptions()
-        self.group = resolve_group(group, self.fn)
+        self.process_group = resolve_group(process_group_argument(process_group, group, self.fn), self.fn)
         self.dtype = check_precision(precision, self.fn)
         self.precision = precision
         if not isinstance(model, nn.Module):
@@ -336,8 +336,8 @@ class LayerScorer:
                 correct, loss_sum, img_correct = res
                 acc.add(y, base_correct, base_loss, correct, loss_sum, img_correct, C)
         bar.close()
-        if self.group is not None:   # every process scored its shard: add the counts up, exactly
-            stats = acc.all_reduce(self.group, stats, self.fn)
+        if self.process_group is not None:   # every process scored its shard: add the counts up, exactly
+            stats = acc.all_reduce(self.process_group, stats, self.fn)
         low = self.method == "suffix" and self.dtype != torch.float32
         return acc.result(self.name, filt, method=self.method, backend=self.kernel, pairs_evaluated=stats[0],
                           pairs_skipped=stats[1], seconds=time.perf_counter() - t0,
@@ -348,7 +348,8 @@ class LayerScorer:
 
 def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
                 memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                per_image: bool = False, group=None, options: ScoreOptions | None = None) -> LayerScores:
+                per_image: bool = False, process_group=None, options: ScoreOptions | None = None,
+                group=UNSET) -> LayerScores:
     """Score each filter of ``layer`` by CAR: the accuracy the model loses when that filter is removed.
 
     Removing filter k means what docs/design.md section 2 says: the channel disappears from every consumer
@@ -378,15 +379,16 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
         progress: None (a bar on stderr when it is a terminal), True, False, or ``callable(done, total)``.
         per_image: also return ``image_correct`` [F, N] bool and ``base_image_correct`` [N] bool (with
             several processes: of this process's images).
-        group: several processes (``torch.distributed``), each passing its own shard of the data: the
+        process_group: several processes (``torch.distributed``), each passing its own shard of the data: the
             counts are all-reduced, so every process returns the scores of all the shards, equal to one
             process scoring them all (counts exactly; loss sums up to float rounding). None (default):
             the default process group when ``torch.distributed`` is initialised, else this process alone;
             a ``ProcessGroup``; or False for this process alone. A process that fails makes the others
             raise RuntimeError after the process group's timeout (``carfast.distributed``).
         options: ``ScoreOptions`` engine settings.
+        group: the deprecated name of ``process_group``.
     Returns:
-        ``LayerScores`` (see ``carfast.scores``).
+        ``LayerScores`` (see ``carfast.scoring.scores``).
     Raises:
         ValueError / TypeError for bad input, each naming the problem and the fix.
     """
@@ -395,5 +397,6 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
         check_filters(filters, target_num_filters(module), name)
     options = dataclasses.replace(options or ScoreOptions(), cache=False)   # one score: nothing to keep
     scorer = LayerScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                         backend=backend, precision=precision, progress=progress, group=group, options=options)
+                         backend=backend, precision=precision, progress=progress, process_group=process_group,
+                         options=options, group=group)
     return scorer.score(filters, per_image=per_image)
