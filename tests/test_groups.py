@@ -260,7 +260,7 @@ def test_small_memory_budget_and_batches_give_the_same_scores():
     b = carfast.score_group(model, "layer3.1.conv2", [(x[:25], y[:25]), (x[25:], y[25:])], filters=[0, 7, 63],
                             memory_budget=1 << 20, batch_size=5, progress=False)
     scorer = carfast.GroupScorer(model, "layer3.1.conv2", (x, y), memory_budget=1 << 20, progress=False)
-    assert scorer.chunk < 40 and scorer.pair_batch < 128
+    assert scorer.chunk_images < 40 and scorer.pair_batch < 128
     assert torch.equal(a.correct, b.correct) and torch.allclose(a.loss_sum, b.loss_sum, rtol=1e-5)
 
 

@@ -1,14 +1,14 @@
-"""The closed-form and full-network methods of the engine, each as an evaluator object beside
-``suffix_eval.SuffixEvaluator``: what one prepared layer needs to score a chunk of images.
+"""The scoring methods besides the suffix (``suffix_eval.SuffixMethod``), one object each, with the same
+face: ``prefix(x) -> Chunk``, ``remove(chunk, k, removed)`` (a greedy removal applied to a cached chunk in
+place), ``catch_up(chunk, removed)`` (a fresh chunk gets the removals made so far) and
+``score_chunk(chunk, filt, removed, per_image, stats, bar) -> (counts [F, C], loss sums [F], correct [F, n])``.
 
-- ``ClosedFormEvaluator``: the consumer is followed by an elementwise epilogue and an affine tail
+- ``ClosedFormMethod``: the consumer is followed by an elementwise epilogue and an affine tail
   (``closed_form.py``); one fused op computes the ablated logits of all (filter, image) pairs and reduces
   them to counts (``ops/closed_form_score.py``), or, for a Linear consumer, the reference computes them
   and ``score_reduce`` counts.
-- ``FullNetworkEvaluator``: for models torch.fx cannot trace, the whole network reruns per filter with
-  the removal applied at the readers (``graph.apply``), the naive method, exact by construction.
-
-Both return, per chunk, (counts [F, C] int64, loss sums [F] float64, correct [F, n] bool).
+- ``FullNetworkMethod``: for models torch.fx cannot trace, the whole network reruns per filter with the
+  removal applied at the readers (``graph.apply``), the naive method, exact by construction.
 """
 from __future__ import annotations
 
@@ -21,86 +21,118 @@ from carfast.ops.closed_form_linear import closed_form_linear_ref
 from carfast.ops.closed_form_logits import closed_form_logits
 from carfast.ops.closed_form_score import closed_form_score
 from carfast.ops.score_reduce import score_reduce
+from carfast.scoring.chunks import Chunk, remove_at_consumers
 from carfast.scoring.pairs import active_pairs
 
-__all__ = ["ClosedFormEvaluator", "FullNetworkEvaluator", "split_outputs"]
+__all__ = ["ClosedFormMethod", "FullNetworkMethod", "prefix_chunk"]
 
 _WHAT = "the model's output with a filter removed"
 
 
-def split_outputs(outs, consumers: int):
-    """The prefix's outputs as (A, Z, B, logits): consumers' gathered inputs and outputs, boundary values."""
-    return outs[:consumers], outs[consumers:2 * consumers], outs[2 * consumers:-1], outs[-1]
+def prefix_chunk(lg, x: torch.Tensor, y: torch.Tensor, batch: int) -> Chunk:
+    """The ``Chunk`` of images ``x`` [n, ...] (labels ``y``): ``lg.prefix`` run ``batch`` images at a time."""
+    parts = [lg.prefix(x[s:s + batch]) for s in range(0, x.shape[0], batch)]
+    outs = [torch.cat(p) for p in zip(*parts)] if len(parts) > 1 else list(parts[0])
+    u = len(lg.consumers)
+    return Chunk(y, outs[-1], A=outs[:u], Z=outs[u:2 * u], B=outs[2 * u:-1])
 
 
-class ClosedFormEvaluator:
+class ClosedFormMethod:
     """The closed form of one prepared layer: ``lg`` its ``LayerGraph``, ``cf`` its ``ClosedForm``,
-    ``kernel`` the backend, ``fn`` the public function named in errors."""
+    ``backend`` of the ops, ``prefix_batch`` images per prefix call, ``fn`` the function named in errors."""
 
-    def __init__(self, lg, cf, kernel: str, fn: str):
-        self.lg, self.cf, self.kernel, self.fn = lg, cf, kernel, fn
+    name = "closed_form"
+    precision = "fp32"
+    margin_threshold = 0.0
 
-    def ablated(self, outs, filt) -> torch.Tensor:
+    def __init__(self, lg, cf, backend: str, prefix_batch: int, fn: str):
+        self.lg, self.cf, self.backend, self.prefix_batch, self.fn = lg, cf, backend, prefix_batch, fn
+
+    def prefix(self, x, y) -> Chunk:
+        return prefix_chunk(self.lg, x, y, self.prefix_batch)
+
+    def ablated(self, chunk: Chunk, filt) -> torch.Tensor:
         """[F, n, classes] ablated logits of ``filt`` (the torch / cpu kernels)."""
-        A, Z, B, logits = split_outputs(outs, len(self.lg.consumers))
-        cf = self.cf
-        R = B[cf.residual_index] if cf.residual_index is not None else None
+        cf, A, Z, logits = self.cf, chunk.A, chunk.Z, chunk.logits
+        R = chunk.B[cf.residual_index] if cf.residual_index is not None else None
         if cf.kind == "linear":
             return closed_form_linear_ref(A[0], cf.weight, cf.width, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
                                           logits, filt.to(logits.device))
         return closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
                                   filt.to(logits.device), cf.stride, cf.padding, cf.dilation,
-                                  backend="cpu" if self.kernel == "cpu" else "torch")
+                                  backend="cpu" if self.backend == "cpu" else "torch")
 
-    def score_chunk(self, outs, y, filt, stats, bar):
-        """(counts, loss sums, correct) of one chunk, fused with the reduction; ``stats`` [evaluated,
-        skipped, re-run] updated (pairs whose filter is zero on the image count as skipped)."""
-        A, Z, B, logits = split_outputs(outs, len(self.lg.consumers))
-        cf = self.cf
+    def remove(self, chunk: Chunk, k: int, removed) -> None:
+        chunk.set_logits(self.ablated(chunk, torch.tensor([k]))[0])   # the removal's closed form is the new base
+        remove_at_consumers(chunk, self.lg.consumers, k)
+
+    def catch_up(self, chunk: Chunk, removed) -> None:
+        for i, k in enumerate(removed):
+            self.remove(chunk, k, removed[:i + 1])
+
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar):
+        cf, y = self.cf, chunk.y
         F_, n = len(filt), y.numel()
         if cf.kind == "conv":
-            R = B[cf.residual_index] if cf.residual_index is not None else None
-            counts, loss, correct = closed_form_score(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
-                                                      logits, filt.to(y.device), y, cf.stride, cf.padding,
-                                                      cf.dilation, backend=self.kernel)
+            R = chunk.B[cf.residual_index] if cf.residual_index is not None else None
+            counts, loss, correct = closed_form_score(chunk.A[0], cf.weight, chunk.Z[0], cf.scale, cf.shift, R, cf.act,
+                                                      cf.tail, chunk.logits, filt.to(y.device), y, cf.stride,
+                                                      cf.padding, cf.dilation, backend=self.backend)
             if not bool(torch.isfinite(loss).all()):   # a non-finite logit makes its loss non-finite
-                check_finite(self.ablated(outs, filt), self.fn, _WHAT)
+                check_finite(self.ablated(chunk, filt), self.fn, _WHAT)
         else:
-            abl = self.ablated(outs, filt).reshape(F_ * n, -1)          # [F * n, classes]
+            abl = self.ablated(chunk, filt).reshape(F_ * n, -1)          # [F * n, classes]
             check_finite(abl, self.fn, _WHAT)
             slots = torch.arange(F_, device=abl.device).repeat_interleave(n)
-            counts, loss, correct = score_reduce(abl, y.repeat(F_), slots, F_, backend=self.kernel)
-        n_active = int(active_pairs(A, self.lg.consumers, filt).sum())
-        stats[0] += n_active
-        stats[1] += F_ * n - n_active
+            counts, loss, correct = score_reduce(abl, y.repeat(F_), slots, F_, backend=self.backend)
+        n_active = int(active_pairs(chunk.A, self.lg.consumers, filt).sum())
+        stats.evaluated += n_active
+        stats.skipped += F_ * n - n_active
         bar.update(F_ * n)
         return counts, loss.sum(1), correct.view(F_, n)
 
 
-class FullNetworkEvaluator:
+class FullNetworkMethod:
     """The whole model rerun per filter: ``model`` (the scorer's copy), ``flow`` (recorded front end),
-    ``pair_batch`` images per run, ``kernel`` the backend of ``score_reduce``."""
+    ``pair_batch`` images per run, ``backend`` of ``score_reduce``."""
 
-    def __init__(self, model, flow, pair_batch: int, kernel: str, fn: str):
-        self.model, self.flow, self.pair_batch, self.kernel, self.fn = model, flow, pair_batch, kernel, fn
+    name = "full_network"
+    precision = "fp32"
+    margin_threshold = 0.0
+
+    def __init__(self, model, flow, pair_batch: int, backend: str, fn: str):
+        self.model, self.flow, self.pair_batch, self.backend, self.fn = model, flow, pair_batch, backend, fn
 
     def run_removed(self, x, units) -> torch.Tensor:
-        """Logits [n, classes] of the whole model with ``units`` removed."""
-        keep = keep_mask(None, units, self.flow.num_units, x.device)
-        with applied(self.model, self.flow, keep):
+        """Logits [n, classes] of the whole model with ``units`` removed (none: the model as it is)."""
+        def run():
             return torch.cat([self.model(x[s:s + self.pair_batch]) for s in range(0, x.shape[0], self.pair_batch)])
+        if not units:
+            return run()
+        with applied(self.model, self.flow, keep_mask(None, units, self.flow.num_units, x.device)):
+            return run()
 
-    def score_chunk(self, x, y, filt, removed, num_classes: int, stats, bar):
-        """(counts, loss sums, correct) of one chunk of images ``x``: one rerun per filter, with ``removed``."""
-        counts = torch.zeros(len(filt), num_classes, dtype=torch.long, device=y.device)
+    def prefix(self, x, y) -> Chunk:
+        return Chunk(y, self.run_removed(x, []), x=x)
+
+    def remove(self, chunk: Chunk, k: int, removed) -> None:
+        chunk.set_logits(self.run_removed(chunk.x, removed))
+
+    def catch_up(self, chunk: Chunk, removed) -> None:
+        if removed:                        # one rerun with every removal made so far
+            chunk.set_logits(self.run_removed(chunk.x, removed))
+
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar):
+        y = chunk.y
+        counts = torch.zeros(len(filt), chunk.num_classes, dtype=torch.long, device=y.device)
         loss = torch.zeros(len(filt), dtype=torch.float64, device=y.device)
         correct = torch.zeros(len(filt), y.numel(), dtype=torch.bool, device=y.device)
         slots = torch.zeros_like(y)
         for f, k in enumerate(filt.tolist()):
-            abl = self.run_removed(x, list(removed) + [k])
+            abl = self.run_removed(chunk.x, list(removed) + [k])
             check_finite(abl, self.fn, _WHAT)
-            c, l, correct[f] = score_reduce(abl, y, slots, 1, backend=self.kernel)
+            c, l, correct[f] = score_reduce(abl, y, slots, 1, backend=self.backend)
             counts[f], loss[f] = c[0], l.sum()
-            bar.update(x.shape[0])
-        stats[0] += x.shape[0] * len(filt)
+            bar.update(y.numel())
+        stats.evaluated += y.numel() * len(filt)
         return counts, loss, correct

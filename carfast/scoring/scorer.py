@@ -13,8 +13,11 @@ scored filter, the ablated logits come from one of three methods:
   one op gives the consumer's output after its epilogue for all pairs of a batch
   (``ops/ablated_consumer.py``, ``fused_suffix.py``). The suffix may run in bf16/fp16 with an exact
   float32 re-run of the pairs whose top-1 margin is too small to trust (``precision.py``).
-- ``full_network``: for models torch.fx cannot trace, the whole network reruns with the owned input
-  slice of each consumer zeroed by a hook (the naive method, exact by construction).
+- ``full_network``: for models torch.fx cannot trace, the whole network reruns with the removal applied
+  at its readers (the naive method, exact by construction).
+
+Each method is an object with one face (``method_evaluators.py``, ``suffix_eval.py``) over the typed
+record of what a chunk keeps (``chunks.Chunk``).
 
 Pairs whose filter is all zero on an image equal the intact result and are not evaluated (3.5). Each
 batch of ablated logits reduces to per-(filter, class) counts and loss sums (``ops/score_reduce.py``).
@@ -50,18 +53,16 @@ from carfast.distributed import UNSET, process_group_argument, resolve_group
 from carfast.errors import resolve_layer
 from carfast.graph import analyze as analyze_flow
 from carfast.graph import from_recording
-from carfast.graph.masking import keep_mask
 from carfast.graph.split import TraceError, analyze, target_num_filters
-from carfast.ops.consumer_delta import consumer_delta, owned_weight
-from carfast.ops.score_reduce import pair_results
 from carfast.scoring.checks import check_filters, count_images, meta_bytes, nbytes, pick_backend, work_model
+from carfast.scoring.chunks import PairStats
 from carfast.scoring.closed_form import find_closed_form
 from carfast.scoring.fused_suffix import find_fused_consumer
-from carfast.scoring.method_evaluators import ClosedFormEvaluator, FullNetworkEvaluator, split_outputs
-from carfast.scoring.pairs import Accumulator, suffix_base_logits
+from carfast.scoring.method_evaluators import ClosedFormMethod, FullNetworkMethod
+from carfast.scoring.pairs import Accumulator
 from carfast.scoring.precision import check_precision
 from carfast.scoring.scores import LayerScores
-from carfast.scoring.suffix_eval import SuffixEvaluator
+from carfast.scoring.suffix_eval import SuffixMethod
 from carfast.scoring.suffix_opt import optimized_suffix
 
 __all__ = ["ScoreOptions", "LayerScorer", "score_layer"]
@@ -95,15 +96,16 @@ class ScoreOptions:
 
 
 class LayerScorer:
-    """One layer prepared for CAR scoring: graph split, memory plan, and the prefix cache.
+    """One layer prepared for CAR scoring: graph split, memory plan, the scoring method, the prefix cache.
 
     ``LayerScorer(model, layer, data, ...)`` takes the arguments of ``score_layer`` except ``filters``
     and ``per_image``; ``score(filters=None, per_image=False)`` returns ``LayerScores``. The first
     ``score`` runs the prefix over the data and keeps it when it fits the memory budget, so later calls
-    only evaluate ablations. The model must not change between calls (the scorer holds a folded copy
+    only evaluate removals. The model must not change between calls (the scorer holds a folded copy
     of the suffix). A one-shot iterator as data can be scored once unless its prefix was kept.
     ``remove(k)`` removes filter k for good (greedy pruning): later scores are those of the model
-    without the removed filters, and score only the filters that remain.
+    without the removed filters, and score only the filters that remain. ``GroupScorer`` is this
+    scorer on a coupling group's channels.
     """
 
     fn = "score_layer"     # the public function named in messages
@@ -112,146 +114,68 @@ class LayerScorer:
     def __init__(self, model: nn.Module, layer, data, *, device=None, batch_size: int | None = None,
                  memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
                  process_group=None, options: ScoreOptions | None = None, group=UNSET):
-        self.options = options or ScoreOptions()
-        self.process_group = resolve_group(process_group_argument(process_group, group, self.fn), self.fn)
-        self.dtype = check_precision(precision, self.fn)
-        self.precision = precision
+        self._options = options or ScoreOptions()
+        self._process_group = resolve_group(process_group_argument(process_group, group, self.fn), self.fn)
+        self._dtype = check_precision(precision, self.fn)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self.fn}: model must be a torch.nn.Module, got {type(model).__name__}")
-        self.name, module = resolve_layer(model, layer, self.fn)
-        self.num_filters = target_num_filters(module)
+        self.name, _ = resolve_layer(model, layer, self.fn)
         check_work_sizes(batch_size, memory_budget, self.fn)
-        self.model, self.device = work_model(model, device)
-        self.in_dtype = model_dtype(self.model, self.fn)
-        self.kernel = pick_backend(backend, self.device, self.fn)
-        self.budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self.device)
-        self.progress = progress
-        self.data = data
+        self._model, self._device = work_model(model, device)
+        self._in_dtype = model_dtype(self._model, self.fn)
+        self._backend = pick_backend(backend, self._device, self.fn)
+        self._budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self._device)
+        self._progress, self._data = progress, data
         batches = iter(as_batches(data, self.fn))
         first = next(batches, None)
         if first is None:
             raise ValueError(f"{self.fn}: data holds no images; pass at least one (inputs, labels) pair")
-        x0, _ = check_batch(first, self.fn, self.in_dtype)
+        x0, _ = check_batch(first, self.fn, self._in_dtype)
         if x0.shape[0] == 0:
             raise ValueError(f"{self.fn}: the first batch of data is empty; pass non-empty batches")
         self._first_pass = itertools.chain([first], batches)
-        self.num_images_hint = count_images(data)    # for the progress bar; None when unknown
+        self._num_images_hint = count_images(data)    # for the progress bar; None when unknown
         self._one_shot = isinstance(data, collections.abc.Iterator)   # a generator: can be read once
-        example = x0[:1].to(self.device)
-        cpu = self.device.type == "cpu"
-        self.prefix_batch = self.options.prefix_batch or (128 if cpu else 1024)
-        self.trace_error = None
-        with eval_mode(self.model), torch.no_grad():
+        example = x0[:1].to(self._device)
+        self.removed: list[int] = []
+        with eval_mode(self._model), torch.no_grad():
             try:
-                self.lg = analyze(self.model, self.name, example, fn=self.fn, group=self.as_group)
-                self.flow = self.lg.flow
-            except TraceError as err:
-                self.lg, self.trace_error = None, str(err)
-                self.flow = analyze_flow(self.model, self.name, example, self.fn, group=self.as_group,
-                                         graph=from_recording(self.model, example))
+                lg = analyze(self._model, self.name, example, fn=self.fn, group=self.as_group)
+                self.flow = lg.flow
+            except TraceError:
+                lg = None
+                self.flow = analyze_flow(self._model, self.name, example, self.fn, group=self.as_group,
+                                         graph=from_recording(self._model, example))
             self.num_filters = self.flow.num_units
-            self.removed: list[int] = []
-            self._plan(example, batch_size, cpu)
-        self._cache: list | None = [] if self.options.cache else None
+            self._plan(lg, example, batch_size, precision)
+        self._cache: list | None = [] if self._options.cache else None
         self._cache_complete = False
 
-    # ---- planning -------------------------------------------------------------------------------------
-    def _plan(self, example, batch_size, cpu):
-        opt = self.options
-        self.fused = None
-        if self.lg is None:
-            self.method, self.cf = "full_network", None     # score_reduce runs on the backend picked
-            per_image = 8 * nbytes(example.shape)     # inputs and logits are cached; activations transient
-            self.cache_bytes_per_image = nbytes(example.shape)
-            per_pair = 0
-            self.pair_batch = batch_size or self.prefix_batch
-            self.evaluator = FullNetworkEvaluator(self.model, self.flow, self.pair_batch, self.kernel, self.fn)
-        else:
-            lg = self.lg
-            self.cf = find_closed_form(lg)
-            self.method = "closed_form" if self.cf is not None else "suffix"
-            if self.kernel == "cpu" and (self.cf is None or self.cf.kind == "linear"):
-                self.kernel = "torch"  # no C++ kernel for a general suffix or a Linear consumer
-            # channels_last: oneDNN's fast layout on CPU, and cuDNN's for bf16/fp16 tensor-core convolutions
-            self.channels_last = opt.channels_last if opt.channels_last is not None else \
-                cpu or self.dtype != torch.float32
-            self.suffix = optimized_suffix(lg.suffix, self.channels_last) \
-                if opt.fold_bn and self.cf is None else lg.suffix
-            fuse = opt.fused_consumer if opt.fused_consumer is not None else self.kernel in ("triton", "cuda")
-            if self.cf is None and fuse:
-                self.fused = find_fused_consumer(lg)
-                if self.fused is not None and opt.fold_bn:
-                    self.fused.post = optimized_suffix(self.fused.post, self.channels_last)
-            cached = [c.node.args[0] for c in lg.consumers] + [c.node for c in lg.consumers] + lg.boundary
-            widest = max(meta_bytes(n for n in lg.gm.graph.nodes if n.op != "get_attr"))
-            self.cache_bytes_per_image = sum(meta_bytes(cached))
-            per_image = 2 * self.cache_bytes_per_image + 3 * widest
-            per_pair = 4 * max(meta_bytes(lg.changed) + [1]) + 2 * sum(meta_bytes(cached[len(lg.consumers):]))
-            if self.cf is not None:   # the closed form works on whole chunks: a few Z-sized temporaries
-                per_image += 4 * meta_bytes([lg.consumers[0].node])[0]
-            self.pair_batch = batch_size or (128 if cpu else 4096)
-            self.pair_batch = max(1, min(self.pair_batch, (self.budget // 2) // per_pair))
-            self.evaluator = ClosedFormEvaluator(lg, self.cf, self.kernel, self.fn) if self.cf is not None else \
-                SuffixEvaluator(lg, self.suffix, self.fused, self.channels_last, self.dtype, self.kernel,
-                                self.pair_batch, self.removed)
-        if self.budget < per_image + per_pair:
-            raise ValueError(f"{self.fn}: memory_budget={self.budget} bytes is too small for one image at layer "
-                             f"{self.name!r} (needs at least {per_image + per_pair}); raise memory_budget")
-        work = self.pair_batch * per_pair
-        # at most a quarter of what is left for the transient chunk, the rest for the cache
-        self.chunk = opt.chunk_images or max(1, min(2048, (self.budget - work) // (4 * per_image)))
-        self.cache_budget = self.budget - work - self.chunk * per_image
+    # ---- what the caller may read -----------------------------------------------------------------------
+    @property
+    def method(self) -> str:
+        """"closed_form", "suffix" or "full_network" (see the module docstring)."""
+        return self._method.name
 
-    # ---- the prefix, cached when it fits ------------------------------------------------------------------
-    def _prefix(self, x: torch.Tensor) -> tuple:
-        """Run the prefix over a chunk in sub-batches; returns the concatenated outputs."""
-        parts = []
-        for s in range(0, x.shape[0], self.prefix_batch):
-            xb = x[s:s + self.prefix_batch]
-            parts.append(self.lg.prefix(xb) if self.lg is not None else (xb, self.model(xb)))
-        return tuple(torch.cat(p) for p in zip(*parts)) if len(parts) > 1 else parts[0]
+    @property
+    def backend(self) -> str:
+        """The backend the method's ops run on."""
+        return self._method.backend
 
-    def _chunks(self):
-        """Yield (y, outputs, base_correct, base_loss) per chunk, from the cache or by running the prefix."""
-        if self._cache_complete:
-            yield from self._cache
-            return
-        if self._first_pass is not None:
-            stream, self._first_pass = self._first_pass, None
-        elif self._one_shot:
-            raise ValueError(f"{self.fn}: data is a one-shot iterator and was consumed by the first score (its "
-                             "prefix did not fit the memory budget); pass a list, tensors or a DataLoader")
-        else:
-            stream = self.data
-        if self._cache is not None:
-            self._cache = []     # a pass cut short before (an exception) must not leave chunks behind
-        used = 0
-        for x, y in iter_chunks(stream, self.chunk, self.device, self.fn, self.in_dtype):
-            outs = self._prefix(x)
-            logits = outs[-1]
-            check_finite(logits, self.fn)
-            check_labels(y, logits.shape[1], self.fn)
-            entry = (y, outs, *pair_results(logits, y))
-            if self._cache is not None:
-                used += y.numel() * self.cache_bytes_per_image
-                if used <= self.cache_budget:
-                    self._cache.append(entry)
-                else:
-                    self._cache = None   # does not fit: stream the prefix on every score
-            # a fresh chunk gets the removals made so far, in order (the full network reruns once, with all)
-            for k in (self.removed if self.lg is not None else self.removed[-1:]):
-                entry = self._remove_from(entry, k)
-            yield entry
-        if self._cache is not None:
-            self._cache_complete = True
+    @property
+    def pair_batch(self) -> int:
+        """(filter, image) pairs per evaluation of the network's suffix."""
+        return self._pair_batch
 
-    def prepare(self) -> "LayerScorer":
-        """Run the prefix over the data now, keeping it when it fits (so ``score`` times only ablations)."""
-        if not self._cache_complete:
-            with eval_mode(self.model), torch.no_grad():
-                for _ in self._chunks():
-                    pass
-        return self
+    @property
+    def chunk_images(self) -> int:
+        """Images per prefix chunk (from the memory budget)."""
+        return self._chunk
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the suffix runs channels_last."""
+        return getattr(self._method, "channels_last", False)
 
     @property
     def cached(self) -> bool:
@@ -263,6 +187,100 @@ class LayerScorer:
         """Filter indices not removed, ascending."""
         gone = set(self.removed)
         return [k for k in range(self.num_filters) if k not in gone]
+
+    # ---- planning -------------------------------------------------------------------------------------
+    def _plan(self, lg, example, batch_size, precision):
+        """Pick the method and size the work: pairs per call, images per chunk, the cache's share."""
+        opt, cpu = self._options, self._device.type == "cpu"
+        prefix_batch = opt.prefix_batch or (128 if cpu else 1024)
+        if lg is None:
+            self._cache_bytes = nbytes(example.shape)   # inputs and logits are cached; activations transient
+            per_image, per_pair = 8 * self._cache_bytes, 0
+            self._pair_batch = batch_size or prefix_batch
+            self._method = FullNetworkMethod(self._model, self.flow, self._pair_batch, self._backend, self.fn)
+        else:
+            cf = find_closed_form(lg)
+            per_image, per_pair = self._plan_split(lg, cf, batch_size, cpu)
+            self._method = self._split_method(lg, cf, cpu, prefix_batch, precision)
+        if self._budget < per_image + per_pair:
+            raise ValueError(f"{self.fn}: memory_budget={self._budget} bytes is too small for one image at layer "
+                             f"{self.name!r} (needs at least {per_image + per_pair}); raise memory_budget")
+        work = self._pair_batch * per_pair
+        # at most a quarter of what is left for the transient chunk, the rest for the cache
+        self._chunk = opt.chunk_images or max(1, min(2048, (self._budget - work) // (4 * per_image)))
+        self._cache_budget = self._budget - work - self._chunk * per_image
+
+    def _plan_split(self, lg, cf, batch_size, cpu) -> tuple[int, int]:
+        """(bytes per image, bytes per pair) of the suffix / closed-form methods; sets the pair batch."""
+        cached = [c.node.args[0] for c in lg.consumers] + [c.node for c in lg.consumers] + lg.boundary
+        widest = max(meta_bytes(n for n in lg.gm.graph.nodes if n.op != "get_attr"))
+        self._cache_bytes = sum(meta_bytes(cached))
+        per_image = 2 * self._cache_bytes + 3 * widest
+        if cf is not None:   # the closed form works on whole chunks: a few Z-sized temporaries
+            per_image += 4 * meta_bytes([lg.consumers[0].node])[0]
+        per_pair = 4 * max(meta_bytes(lg.changed) + [1]) + 2 * sum(meta_bytes(cached[len(lg.consumers):]))
+        self._pair_batch = max(1, min(batch_size or (128 if cpu else 4096), (self._budget // 2) // per_pair))
+        return per_image, per_pair
+
+    def _split_method(self, lg, cf, cpu, prefix_batch, precision):
+        """The closed form where it applies, else the suffix (fused with the consumer on GPU backends)."""
+        opt, backend = self._options, self._backend
+        if backend == "cpu" and (cf is None or cf.kind == "linear"):
+            backend = "torch"  # no C++ kernel for a general suffix or a Linear consumer
+        if cf is not None:
+            return ClosedFormMethod(lg, cf, backend, prefix_batch, self.fn)
+        # channels_last: oneDNN's fast layout on CPU, and cuDNN's for bf16/fp16 tensor-core convolutions
+        channels_last = opt.channels_last if opt.channels_last is not None else cpu or self._dtype != torch.float32
+        suffix = optimized_suffix(lg.suffix, channels_last) if opt.fold_bn else lg.suffix
+        fused = None
+        if opt.fused_consumer if opt.fused_consumer is not None else backend in ("triton", "cuda"):
+            fused = find_fused_consumer(lg)
+            if fused is not None and opt.fold_bn:
+                fused.post = optimized_suffix(fused.post, channels_last)
+        low = self._dtype != torch.float32
+        return SuffixMethod(lg, suffix, fused, channels_last, self._dtype, backend, self._pair_batch, prefix_batch,
+                            precision if low else "fp32", self.fn)
+
+    # ---- the prefix, cached when it fits ------------------------------------------------------------------
+    def _chunks(self):
+        """Yield the ``Chunk`` of every chunk of images, from the cache or by running the prefix."""
+        if self._cache_complete:
+            yield from self._cache
+            return
+        if self._first_pass is not None:
+            stream, self._first_pass = self._first_pass, None
+        elif self._one_shot:
+            raise ValueError(f"{self.fn}: data is a one-shot iterator and was consumed by the first score (its "
+                             "prefix did not fit the memory budget); pass a list, tensors or a DataLoader")
+        else:
+            stream = self._data
+        if self._cache is not None:
+            self._cache = []     # a pass cut short before (an exception) must not leave chunks behind
+        used = 0
+        for x, y in iter_chunks(stream, self._chunk, self._device, self.fn, self._in_dtype):
+            chunk = self._method.prefix(x, y)
+            check_finite(chunk.logits, self.fn)
+            check_labels(y, chunk.num_classes, self.fn)
+            chunk.set_logits(chunk.logits)                 # the per-image results of the intact model
+            if self._cache is not None:
+                used += y.numel() * self._cache_bytes
+                if used <= self._cache_budget:
+                    self._cache.append(chunk)
+                else:
+                    self._cache = None   # does not fit: stream the prefix on every score
+            self._method.catch_up(chunk, self.removed)     # a fresh chunk gets the removals made so far
+            self._check_removed(chunk)
+            yield chunk
+        if self._cache is not None:
+            self._cache_complete = True
+
+    def prepare(self) -> "LayerScorer":
+        """Run the prefix over the data now, keeping it when it fits (so ``score`` times only removals)."""
+        if not self._cache_complete:
+            with eval_mode(self._model), torch.no_grad():
+                for _ in self._chunks():
+                    pass
+        return self
 
     # ---- incremental removal (greedy pruning) ------------------------------------------------------------
     def remove(self, k: int) -> None:
@@ -277,37 +295,18 @@ class LayerScorer:
             raise ValueError(f"{self.fn}: filter {k} of {self.name!r} is already removed")
         self.removed.append(k)
         if self._cache_complete:
-            with eval_mode(self.model), torch.no_grad():
-                self._cache = [self._remove_from(entry, k) for entry in self._cache]
+            with eval_mode(self._model), torch.no_grad():
+                for chunk in self._cache:
+                    self._method.remove(chunk, k, self.removed)
+                    self._check_removed(chunk)
 
-    def _remove_from(self, entry, k: int):
-        """One chunk's (y, outs, base_correct, base_loss) with filter k removed (tensors updated in place)."""
-        y, outs = entry[0], list(entry[1])
-        if self.lg is None:   # full network: rerun with every removed filter zeroed at its consumers
-            outs[-1] = self.evaluator.run_removed(outs[0], self.removed[:self.removed.index(k) + 1])
-        else:
-            u = len(self.lg.consumers)
-            A, Z = outs[:u], outs[u:2 * u]
-            if self.cf is not None:   # the closed form of removing k is the new base (before Z changes)
-                outs[-1] = self.evaluator.ablated(outs, torch.tensor([k]))[0]
-            for a, z, c in zip(A, Z, self.lg.consumers):
-                s, e = c.owned(k)
-                if s == e:
-                    continue
-                owned = a.narrow(c.axis, s, e - s)
-                z.sub_(consumer_delta(c.spec, owned, owned_weight(c.spec, c.index[s:e])))
-                owned.zero_()
-            if self.cf is None:
-                keep = keep_mask(None, self.removed[:self.removed.index(k) + 1], self.num_filters, y.device) \
-                    if self.lg.masked else None
-                outs[-1] = suffix_base_logits(self.suffix, Z, outs[2 * u:-1], self.pair_batch, self.channels_last,
-                                              keep)
-        check_finite(outs[-1], self.fn, f"the model's output with filters {self.removed} removed")
-        return (y, tuple(outs), *pair_results(outs[-1], y))
+    def _check_removed(self, chunk) -> None:
+        if self.removed:
+            check_finite(chunk.logits, self.fn, f"the model's output with filters {self.removed} removed")
 
     # ---- scoring -------------------------------------------------------------------------------------
     def score(self, filters=None, per_image: bool = False) -> LayerScores:
-        """CAR scores of ``filters`` (default all), see ``score_layer``."""
+        """CAR scores of ``filters`` (default all that remain), see ``score_layer``."""
         t0 = time.perf_counter()
         filt = check_filters(self.remaining if filters is None else filters, self.num_filters, self.name, self.fn)
         gone = sorted(set(filt.tolist()) & set(self.removed))
@@ -315,35 +314,21 @@ class LayerScorer:
             raise ValueError(f"{self.fn}: filters {gone[:5]} of {self.name!r} were removed; score the remaining ones "
                              "(filters=None scores all that remain)")
         acc = Accumulator(len(filt), per_image)
-        total = len(filt) * self.num_images_hint if self.num_images_hint else None
-        bar = Progress(self.progress, total, f"scoring {self.name}")
-        stats = [0, 0, 0]                    # pairs evaluated, skipped (free zeros), re-run in float32
-        weights = None
-        if self.method == "suffix":   # each consumer's weight restricted to each filter's inputs, [u][f]
-            weights = [[owned_weight(c.spec, c.index[slice(*c.owned(int(k)))]).detach() for k in filt]
-                       for c in self.lg.consumers]
-        with eval_mode(self.model), torch.no_grad():
-            for y, outs, base_correct, base_loss in self._chunks():
-                C = outs[-1].shape[1]
-                if self.cf is not None:
-                    res = self.evaluator.score_chunk(outs, y, filt, stats, bar)
-                elif self.lg is None:
-                    res = self.evaluator.score_chunk(outs[0], y, filt, self.removed, C, stats, bar)
-                else:
-                    A, Z, B, _ = split_outputs(outs, len(self.lg.consumers))
-                    res = self.evaluator.score_chunk(A, Z, B, y, C, base_correct, base_loss, filt, weights, per_image,
-                                                     stats, bar)
-                correct, loss_sum, img_correct = res
-                acc.add(y, base_correct, base_loss, correct, loss_sum, img_correct, C)
+        total = len(filt) * self._num_images_hint if self._num_images_hint else None
+        bar = Progress(self._progress, total, f"scoring {self.name}")
+        stats = PairStats()
+        with eval_mode(self._model), torch.no_grad():
+            for chunk in self._chunks():
+                counts, loss_sum, img_correct = self._method.score_chunk(chunk, filt, self.removed, per_image, stats,
+                                                                         bar)
+                acc.add(chunk.y, chunk.base_correct, chunk.base_loss, counts, loss_sum, img_correct, chunk.num_classes)
         bar.close()
-        if self.process_group is not None:   # every process scored its shard: add the counts up, exactly
-            stats = acc.all_reduce(self.process_group, stats, self.fn)
-        low = self.method == "suffix" and self.dtype != torch.float32
-        return acc.result(self.name, filt, method=self.method, backend=self.kernel, pairs_evaluated=stats[0],
-                          pairs_skipped=stats[1], seconds=time.perf_counter() - t0,
-                          precision=self.precision if low else "fp32", pairs_rechecked=stats[2],
-                          margin_threshold=float(self.evaluator.threshold or 0.0) if low else 0.0)
-
+        if self._process_group is not None:   # every process scored its shard: add the counts up, exactly
+            stats = PairStats(*acc.all_reduce(self._process_group, stats.as_list(), self.fn))
+        return acc.result(self.name, filt, method=self.method, backend=self.backend, pairs_evaluated=stats.evaluated,
+                          pairs_skipped=stats.skipped, seconds=time.perf_counter() - t0,
+                          precision=self._method.precision, pairs_rechecked=stats.rechecked,
+                          margin_threshold=self._method.margin_threshold)
 
 
 def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,

@@ -1,11 +1,14 @@
-"""Evaluating (filter, image) pairs through the suffix, many per call, optionally in low precision.
+"""The suffix method: (filter, image) pairs through the rest of the network, many per call, optionally in
+low precision.
 
-``SuffixEvaluator`` holds what one layer's suffix needs across ``score`` calls: the optimised suffix
-(or, with the fused consumer of ``fused_suffix.py``, the ``ablated_consumer`` op and the network after
-the consumer's epilogue), its low-precision copies, and the calibrated re-run margin of
-``precision.py``. Per chunk of images it evaluates only the active pairs (the filter is not all zero
-on the image), in batches, and reduces each batch's logits to per-(filter, class) counts and loss sums
-(``ops/score_reduce.py``); the inactive pairs take the intact result (``pairs.intact_counts``).
+``SuffixMethod`` holds what one layer's suffix needs across ``score`` calls: the optimised suffix (or,
+with the fused consumer of ``fused_suffix.py``, the ``ablated_consumer`` op and the network after the
+consumer's epilogue), its low-precision copies, the calibrated re-run margin of ``precision.py``, and
+each consumer's weight restricted to each filter's inputs. Per chunk of images it evaluates only the
+active pairs (the filter is not all zero on the image; every pair where readers inside the suffix read
+the filter through a mask), in batches, and reduces each batch's logits to per-(filter, class) counts
+and loss sums (``ops/score_reduce.py``); the inactive pairs take the intact result
+(``pairs.intact_counts``). Its face is that of ``method_evaluators``' methods.
 """
 from __future__ import annotations
 
@@ -15,41 +18,81 @@ import torch
 
 from carfast.graph.masking import keep_mask
 from carfast.ops.ablated_consumer import ablated_consumer
-from carfast.scoring.pairs import active_pairs, intact_counts, reduce_pair_batch, run_suffix, suffix_logits
+from carfast.ops.consumer_delta import owned_weight
+from carfast.scoring.chunks import Chunk, PairStats, remove_at_consumers
+from carfast.scoring.method_evaluators import prefix_chunk
+from carfast.scoring.pairs import (
+    active_pairs,
+    intact_counts,
+    reduce_pair_batch,
+    run_suffix,
+    suffix_base_logits,
+    suffix_logits,
+)
 from carfast.scoring.precision import CALIBRATION_PAIRS, margin_threshold, top1_margin
 
-__all__ = ["SuffixEvaluator"]
+__all__ = ["SuffixMethod"]
 
-_FN = "score_layer"
+_WHAT = "the model's output with a filter removed"
 
 
-class SuffixEvaluator:
+class SuffixMethod:
     """The suffix method of one prepared layer (see the module docstring).
 
-    lg: the ``LayerGraph``; suffix: its optimised float32 suffix (Z, B) -> logits; fused: a
+    lg: the ``LayerGraph``; suffix: its optimised float32 suffix (Z, B[, keep]) -> logits; fused: a
     ``FusedConsumer`` or None; channels_last: the suffix's layout; dtype: the suffix's arithmetic
-    (float32, bfloat16 or float16); kernel: the backend of the ops; pair_batch: pairs per call.
-    ``threshold`` is the re-run margin, set on the first chunk scored in low precision.
+    (float32, bfloat16 or float16); backend: of the ops; pair_batch: pairs per call; prefix_batch: images
+    per prefix call; fn: the function named in errors. ``threshold`` is the re-run margin, set on the
+    first chunk scored in low precision.
     """
 
-    def __init__(self, lg, suffix, fused, channels_last: bool, dtype: torch.dtype, kernel: str, pair_batch: int,
-                 removed: list):
-        self.lg, self.suffix, self.fused, self.removed = lg, suffix, fused, removed
-        self.channels_last, self.dtype, self.kernel, self.pair_batch = channels_last, dtype, kernel, pair_batch
+    name = "suffix"
+
+    def __init__(self, lg, suffix, fused, channels_last: bool, dtype: torch.dtype, backend: str, pair_batch: int,
+                 prefix_batch: int, precision: str, fn: str):
+        self.lg, self.suffix, self.fused = lg, suffix, fused
+        self.channels_last, self.dtype, self.backend, self.pair_batch = channels_last, dtype, backend, pair_batch
+        self.prefix_batch, self.precision, self.fn = prefix_batch, precision, fn
         self.threshold: float | None = None
-        self._low = {}   # low-precision copies of the suffix (or of fused.post), made on first use
+        self._low = {}       # low-precision copies of the suffix (or of fused.post), made on first use
+        self._weights = {}   # (consumer index, unit) -> the consumer's weight over the unit's inputs
 
-    def score_chunk(self, A, Z, B, y, num_classes: int, base_correct, base_loss, filt, weights, per_image, stats,
-                    bar):
-        """(counts [F, C], loss sums [F], correct [F, n] or None) of one chunk of images.
+    @property
+    def margin_threshold(self) -> float:
+        return float(self.threshold or 0.0)
 
-        A, Z: each consumer's cached input and output; B: the boundary values; y [n] labels of
-        ``num_classes`` classes;
-        base_correct [n] bool, base_loss [n] float64: the intact results; filt [F] filter indices;
-        weights[u][f]: consumer u's weight restricted to filter f's inputs; stats: [evaluated, skipped,
-        re-run in float32] counters, updated; bar: the progress bar.
-        """
-        F_, C = len(filt), num_classes
+    # ---- the chunk ---------------------------------------------------------------------------------------
+    def prefix(self, x, y) -> Chunk:
+        return prefix_chunk(self.lg, x, y, self.prefix_batch)
+
+    def remove(self, chunk: Chunk, k: int, removed) -> None:
+        remove_at_consumers(chunk, self.lg.consumers, k)
+        keep = keep_mask(None, removed, self.lg.num_filters, chunk.y.device) if self.lg.masked else None
+        chunk.set_logits(suffix_base_logits(self.suffix, chunk.Z, chunk.B, self.pair_batch, self.channels_last,
+                                            keep))
+
+    def catch_up(self, chunk: Chunk, removed) -> None:
+        for i, k in enumerate(removed):
+            self.remove(chunk, k, removed[:i + 1])
+
+    # ---- scoring -------------------------------------------------------------------------------------------
+    def _weights_of(self, filt) -> list:
+        """weights[u][f]: consumer u's weight restricted to filter filt[f]'s inputs (made once per filter)."""
+        out = []
+        for ui, c in enumerate(self.lg.consumers):
+            row = []
+            for k in filt.tolist():
+                if (ui, k) not in self._weights:
+                    self._weights[(ui, k)] = owned_weight(c.spec, c.index[slice(*c.owned(k))]).detach()
+                row.append(self._weights[(ui, k)])
+            out.append(row)
+        return out
+
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar):
+        """(counts [F, C], loss sums [F], correct [F, n] or None) of one chunk, ``removed`` made already."""
+        y, A = chunk.y, chunk.A
+        F_, C = len(filt), chunk.num_classes
+        weights = self._weights_of(filt)
         if self.lg.masked:   # readers inside the suffix: a filter zero at the consumers may still matter there
             active = torch.ones(F_, y.numel(), dtype=torch.bool, device=y.device)
         else:
@@ -57,26 +100,25 @@ class SuffixEvaluator:
         fi, ni = active.nonzero(as_tuple=True)
         low = self.dtype != torch.float32
         if low and self.threshold is None and fi.numel():
-            self._calibrate(A, Z, B, filt, weights, fi, ni)
+            self._calibrate(chunk, filt, weights, removed, fi, ni)
         counts = torch.zeros(F_, C, dtype=torch.long, device=y.device)
         loss = torch.zeros(F_, dtype=torch.float64, device=y.device)
-        img_correct = base_correct.expand(F_, -1).clone() if per_image else None
+        img_correct = chunk.base_correct.expand(F_, -1).clone() if per_image else None
         for s in range(0, fi.numel(), self.pair_batch):
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
-            abl = self._pair_logits(A, Z, B, filt, weights, f_b, n_b, self.dtype)
+            abl = self._pair_logits(chunk, filt, weights, removed, f_b, n_b, self.dtype)
             if low:
                 redo = (top1_margin(abl) <= self.threshold).nonzero().flatten()
                 abl = abl.float()
                 if redo.numel():
-                    abl[redo] = self._exact_logits(A, Z, B, filt, weights, f_b[redo], n_b[redo])
-                stats[2] += redo.numel()
-            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, img_correct, self.kernel, _FN,
-                              "the model's output with a filter removed")
+                    abl[redo] = self._exact_logits(chunk, filt, weights, removed, f_b[redo], n_b[redo])
+                stats.rechecked += redo.numel()
+            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, img_correct, self.backend, self.fn, _WHAT)
             bar.update(f_b.numel())
-        c, l = intact_counts(~active, base_correct, base_loss, y, C)
+        c, l = intact_counts(~active, chunk.base_correct, chunk.base_loss, y, C)
         total = F_ * y.numel()
-        stats[0] += fi.numel()
-        stats[1] += total - fi.numel()
+        stats.evaluated += fi.numel()
+        stats.skipped += total - fi.numel()
         bar.update(total - fi.numel())
         return counts + c, loss + l, img_correct
 
@@ -87,34 +129,34 @@ class SuffixEvaluator:
             self._low[key] = copy.deepcopy(module).to(self.dtype)
         return self._low[key]
 
-    def _keep(self, filt, f_b):
+    def _keep(self, filt, removed, f_b):
         """The suffix's keep mask for pairs of filters filt[f_b] (None when it masks no reader)."""
         if not self.lg.masked:
             return None
-        return keep_mask(filt.to(f_b.device)[f_b], self.removed, self.lg.num_filters, f_b.device)
+        return keep_mask(filt.to(f_b.device)[f_b], removed, self.lg.num_filters, f_b.device)
 
-    def _pair_logits(self, A, Z, B, filt, weights, f_b, n_b, dtype) -> torch.Tensor:
+    def _pair_logits(self, chunk, filt, weights, removed, f_b, n_b, dtype) -> torch.Tensor:
         """Ablated logits [P, classes] of pairs (filt[f_b], n_b), the suffix in ``dtype``."""
-        fc = self.fused
+        A, Z, B, fc = chunk.A, chunk.Z, chunk.B, self.fused
         if fc is None:
             suffix = self.suffix if dtype == torch.float32 else self._low_copy(self.suffix)
             return suffix_logits(suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last,
-                                 dtype, self._keep(filt, f_b))
+                                 dtype, self._keep(filt, removed, f_b))
         R = B[fc.residual_index] if fc.residual_index is not None else None
         y_abl = ablated_consumer(A[0], fc.weight, Z[0], fc.scale, fc.shift, R, fc.act, filt.to(A[0].device)[f_b],
-                                 n_b, fc.stride, fc.padding, fc.dilation, out_dtype=dtype, backend=self.kernel)
+                                 n_b, fc.stride, fc.padding, fc.dilation, out_dtype=dtype, backend=self.backend)
         post = fc.post if dtype == torch.float32 else self._low_copy(fc.post)
         return run_suffix(post, [y_abl], [b[n_b] for b in B], self.channels_last, dtype)
 
-    def _exact_logits(self, A, Z, B, filt, weights, f_b, n_b) -> torch.Tensor:
+    def _exact_logits(self, chunk, filt, weights, removed, f_b, n_b) -> torch.Tensor:
         """Float32 logits of pairs by the plain suffix path (the low-precision fallback and its calibration)."""
-        return suffix_logits(self.suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last,
-                             keep=self._keep(filt, f_b))
+        return suffix_logits(self.suffix, self.lg.consumers, weights, filt, chunk.A, chunk.Z, chunk.B, f_b, n_b,
+                             self.channels_last, keep=self._keep(filt, removed, f_b))
 
-    def _calibrate(self, A, Z, B, filt, weights, fi, ni) -> None:
+    def _calibrate(self, chunk, filt, weights, removed, fi, ni) -> None:
         """Set the re-run margin from CALIBRATION_PAIRS random pairs evaluated both ways (``precision.py``)."""
         g = torch.Generator().manual_seed(0)
         pick = torch.randperm(fi.numel(), generator=g)[:CALIBRATION_PAIRS].sort().values.to(fi.device)
         f_b, n_b = fi[pick], ni[pick]
-        low = self._pair_logits(A, Z, B, filt, weights, f_b, n_b, self.dtype)
-        self.threshold = margin_threshold(low, self._exact_logits(A, Z, B, filt, weights, f_b, n_b))
+        low = self._pair_logits(chunk, filt, weights, removed, f_b, n_b, self.dtype)
+        self.threshold = margin_threshold(low, self._exact_logits(chunk, filt, weights, removed, f_b, n_b))
