@@ -190,3 +190,16 @@ def test_gate_removal_is_a_smaller_squeeze_and_excitation():
     with torch.no_grad():
         assert torch.allclose(small(x), naive_removal_logits(f.model, removal, x, k), atol=1e-5)
     assert F.relu(torch.ones(1)).item() == 1.0
+
+
+def test_a_pruned_convnext_saves_and_loads(tmp_path):
+    """LayerNorm sizes, per-channel norms' entries and a layer scale come back at their pruned shapes."""
+    from carfast.surgery.pruned_io import load_pruned_model, save_pruned
+    f = FAMILIES["convnext"]()
+    x = data("convnext")[0]
+    pruned = carfast.remove_groups(f.model, {"stem": [1, 6]}, example=x[:1])
+    save_pruned(pruned, tmp_path / "p.pt")
+    again, _ = load_pruned_model(tmp_path / "p.pt", model=FAMILIES["convnext"]().model)
+    assert again.block.norm.normalized_shape == (6,) and again.block.gamma.shape == (6,)
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x))

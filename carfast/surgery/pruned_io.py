@@ -9,11 +9,11 @@ load into a fresh instance. ``save_pruned`` writes, with ``torch.save``, a dict 
      "modules": {name: {"type": "Conv2d", "in_channels": 8, "out_channels": 5, "groups": 1}, ...},
      "state_dict": {...}, "extra": {...}}
 
-recording the sizes of every Conv, Linear and BatchNorm module (and the channel map of every
-channel-map shortcut, ``models.OptionAShortcut``). ``load_pruned_model`` builds the
-unpruned network (from ``arch`` through an allow-list of carfast builders, or a deep copy of the
-``model=`` the caller passes), gives each recorded module its recorded sizes and parameters of the
-saved shapes, and loads the state dict strictly.
+recording the sizes of every Conv, Linear, BatchNorm, LayerNorm, GroupNorm, InstanceNorm and PReLU module
+(and the channel map of every channel-map shortcut, ``models.OptionAShortcut``). ``load_pruned_model``
+builds the unpruned network (from ``arch`` through an allow-list of carfast builders, or a deep copy of
+the ``model=`` the caller passes), gives each recorded module its recorded sizes and every parameter
+and buffer its saved shape (a layer scale too), and loads the state dict strictly.
 """
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ _FORMAT, _VERSION = "carfast.pruned_model", 1
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _SIZES = ((_CONVS, ("in_channels", "out_channels", "groups")), ((nn.Linear,), ("in_features", "out_features")),
-          (_BATCHNORMS, ("num_features",)))
+          (_BATCHNORMS, ("num_features",)), ((nn.LayerNorm,), ("normalized_shape",)),
+          ((nn.GroupNorm,), ("num_groups", "num_channels")), ((nn.PReLU,), ("num_parameters",)),
+          ((nn.modules.instancenorm._InstanceNorm,), ("num_features",)))
 #: builders load_pruned_model may call to rebuild an architecture: name -> (function, allowed kwargs, fixed kwargs)
 _BUILDERS = {
     "cifar_resnet": (models.cifar_resnet, {"depth"}, {"pretrained": False}),
@@ -61,7 +63,7 @@ def _check_plain(obj, where: str, fn: str) -> None:
 def _sizes(m: nn.Module) -> dict | None:
     for types, attrs in _SIZES:
         if isinstance(m, types):
-            return {"type": type(m).__name__, **{a: int(getattr(m, a)) for a in attrs}}
+            return {"type": type(m).__name__, **{a: _plain_size(getattr(m, a)) for a in attrs}}
     if is_channel_map(m) and callable(getattr(m, "set_channel_map", None)):   # e.g. models.OptionAShortcut
         try:
             n_in, n_out, src, dst = m.carfast_channel_map()
@@ -69,6 +71,10 @@ def _sizes(m: nn.Module) -> dict | None:
             return None
         return {"type": type(m).__name__, "channel_map": [n_in, n_out, list(src), list(dst)]}
     return None
+
+
+def _plain_size(v):
+    return [int(s) for s in v] if isinstance(v, (tuple, list)) else int(v)
 
 
 def save_pruned(model: nn.Module, path: str | os.PathLike, *, extra: dict | None = None) -> None:
@@ -126,7 +132,8 @@ def _reshape(model: nn.Module, sizes: dict, state: dict, path) -> None:
             if attr == "channel_map":
                 m.set_channel_map(*value)
             elif attr != "type":
-                setattr(m, attr, value)
+                setattr(m, attr, tuple(value) if isinstance(value, list) else value)
+    for name, m in modules.items():       # every tensor to its saved shape (layer scales, norms' entries...)
         for attr, old in [*m._parameters.items(), *m._buffers.items()]:
             saved = state.get(f"{name}.{attr}" if name else attr)
             if old is None or saved is None or saved.shape == old.shape:
