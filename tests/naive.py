@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NaiveResult", "naive_scores", "naive_stream_scores", "naive_logits", "naive_greedy", "per_class_counts",
-           "naive_removal_logits", "naive_removal_scores",
+__all__ = ["NaiveResult", "naive_scores", "naive_stream_scores", "naive_stream_logits", "RESNET20_STREAMS",
+           "naive_logits", "naive_greedy", "per_class_counts",
+           "naive_removal_logits", "naive_removal_scores", "naive_greedy_by",
            "near_tie", "margin_of"]
 
 
@@ -140,39 +141,50 @@ def naive_scores(model: nn.Module, consumers: dict[str, int], data_x: torch.Tens
     return _result(filters, data_y, base_logits, logits)
 
 
-def naive_stream_scores(model: nn.Module, stream: list[str], data_x: torch.Tensor, data_y: torch.Tensor,
-                        channels, batch_size: int = 256) -> NaiveResult:
-    """The naive reference of a coupling group: for each channel in turn, zero that channel of the output
-    of every module in ``stream`` (given by hand: the modules that produce the residual stream, e.g. a
-    ResNet's stem BatchNorm and its blocks), run the whole model in eval mode, record per-image results."""
-    channels = torch.as_tensor(list(channels), dtype=torch.int64)
-    data_y = torch.as_tensor(data_y, dtype=torch.int64)
+def naive_stream_logits(model: nn.Module, stream: list[str], data_x: torch.Tensor, channels,
+                        batch_size: int = 256) -> torch.Tensor:
+    """[N, C] logits of the model in eval mode with ``channels`` (an int or a list) of a residual stream
+    zeroed where the stream is produced: at the output of every module in ``stream`` (given by hand, e.g.
+    a ResNet's stem BatchNorm and its blocks). Hooks and train/eval flags are restored afterwards."""
+    channels = [channels] if isinstance(channels, int) else list(channels)
     modules = dict(model.named_modules())
     flags = {name: m.training for name, m in modules.items()}
 
-    def zero_output(k):
-        def hook(_module, _args, out):
-            out = out.clone()
-            out[:, k] = 0
-            return out
-        return hook
+    def zero_output(_module, _args, out):
+        out = out.clone()
+        out[:, channels] = 0
+        return out
 
-    logits = []
+    handles = [modules[name].register_forward_hook(zero_output) for name in stream] if channels else []
     try:
         model.eval()
         with torch.no_grad():
-            base_logits = _run(model, data_x, batch_size)
-            for k in channels.tolist():
-                handles = [modules[name].register_forward_hook(zero_output(k)) for name in stream]
-                try:
-                    logits.append(_run(model, data_x, batch_size))
-                finally:
-                    for h in handles:
-                        h.remove()
+            return _run(model, data_x, batch_size)
     finally:
+        for h in handles:
+            h.remove()
         for name, m in modules.items():
             m.training = flags[name]
-    return _result(channels, data_y, base_logits, torch.stack(logits))
+
+
+def naive_stream_scores(model: nn.Module, stream: list[str], data_x: torch.Tensor, data_y: torch.Tensor,
+                        channels, batch_size: int = 256) -> NaiveResult:
+    """The naive reference of a coupling group: for each channel in turn, zero it on the stream
+    (``naive_stream_logits``), run the whole model, record per-image results."""
+    channels = torch.as_tensor(list(channels), dtype=torch.int64)
+    data_y = torch.as_tensor(data_y, dtype=torch.int64)
+    base_logits = naive_stream_logits(model, stream, data_x, [], batch_size)
+    logits = [naive_stream_logits(model, stream, data_x, k, batch_size) for k in channels.tolist()]
+    logits = torch.stack(logits) if logits else torch.zeros(0, *base_logits.shape)
+    return _result(channels, data_y, base_logits, logits)
+
+
+#: a producer of each ResNet-20 coupling group -> the modules whose outputs are its residual stream
+RESNET20_STREAMS = {
+    "conv1": ["bn1", "layer1.0", "layer1.1", "layer1.2"],
+    "layer2.1.conv2": ["layer2.0", "layer2.1", "layer2.2"],
+    "layer3.2.conv2": ["layer3.0", "layer3.1", "layer3.2"],
+}
 
 
 def _result(filters, data_y, base_logits, logits) -> NaiveResult:
@@ -190,19 +202,23 @@ def _result(filters, data_y, base_logits, logits) -> NaiveResult:
 
 def naive_greedy(model: nn.Module, consumers: dict[str, int], data_x: torch.Tensor, labels: torch.Tensor,
                  num_filters: int, num_remove: int, batch_size: int = 256) -> list[dict]:
-    """The naive greedy CAR loop: at every step run the whole network once per remaining candidate (with
-    the filters removed so far and the candidate zeroed at each consumer) and remove the candidate that
-    keeps the most images correct, then the smallest summed cross-entropy, then the lowest index.
+    """The naive greedy CAR loop with the filters zeroed at each consumer (``naive_logits``)."""
+    return naive_greedy_by(lambda gone: naive_logits(model, consumers, data_x, None, batch_size, removed=gone),
+                           labels, num_filters, num_remove)
 
-    Returns one dict per removal: ``filter``, ``correct`` (images correct after it), ``loss_sum``.
-    """
+
+def naive_greedy_by(logits_without, labels: torch.Tensor, num_units: int, num_remove: int) -> list[dict]:
+    """The naive greedy CAR loop: at every step run the whole network once per remaining candidate, with the
+    units removed so far and the candidate (``logits_without(list of units) -> [N, C]``), and remove the
+    candidate that keeps the most images correct, then the smallest summed cross-entropy, then the lowest
+    index. Returns one dict per removal: ``filter``, ``correct`` (images correct after it), ``loss_sum``."""
     removed, steps = [], []
     for _ in range(num_remove):
         best = None
-        for k in range(num_filters):
+        for k in range(num_units):
             if k in removed:
                 continue
-            logits = naive_logits(model, consumers, data_x, k, batch_size, removed=removed)
+            logits = logits_without(removed + [k])
             correct = int((logits.argmax(1) == labels).sum())
             loss = float(F.cross_entropy(logits.double(), labels, reduction="sum"))
             key = (-correct, loss, k)
@@ -230,14 +246,15 @@ def _drop_and_renormalise(norm: nn.Module, inp: torch.Tensor, drop: list[int], d
     return out.movedim(-1, dim)
 
 
-def naive_removal_logits(model: nn.Module, removal, data_x: torch.Tensor, unit: int | None,
+def naive_removal_logits(model: nn.Module, removal, data_x: torch.Tensor, unit,
                          batch_size: int = 256) -> torch.Tensor:
-    """[N, C] logits of the model in eval mode with ``unit`` removed by hand as ``removal`` (a
-    ``nets.Removal``) says: its input indices zeroed at each reader module (a forward pre-hook on a
-    clone), each normaliser's output recomputed without it, and the weight columns of functional readers
-    zeroed (a conv or linear is linear in its input, so a zero column is a zero input channel). None:
-    the intact model. Hooks, weights and flags are restored afterwards."""
-    if unit is None:
+    """[N, C] logits of the model in eval mode with ``unit`` (an int, or a list of them) removed by hand as
+    ``removal`` (a ``nets.Removal``) says: its input indices zeroed at each reader module (a forward
+    pre-hook on a clone), each normaliser's output recomputed without it, and the weight columns of
+    functional readers zeroed (a conv or linear is linear in its input, so a zero column is a zero input
+    channel). None or []: the intact model. Hooks, weights and flags are restored afterwards."""
+    units = [] if unit is None else [unit] if isinstance(unit, int) else list(unit)
+    if not units:
         with torch.no_grad():
             flags = {n: m.training for n, m in model.named_modules()}
             model.eval()
@@ -259,15 +276,18 @@ def naive_removal_logits(model: nn.Module, removal, data_x: torch.Tensor, unit: 
     def renorm(idx, dim):
         return lambda m, args, out: _drop_and_renormalise(m, args[0], idx, dim)
 
+    def all_of(owned):
+        return sorted({i for k in units for i in owned(k)})
+
     try:
         for name, owned in removal.readers.items():
-            handles.append(modules[name].register_forward_pre_hook(zero(owned(unit), removal.dims.get(name, 1))))
+            handles.append(modules[name].register_forward_pre_hook(zero(all_of(owned), removal.dims.get(name, 1))))
         for name, owned in removal.norms.items():
-            handles.append(modules[name].register_forward_hook(renorm(owned(unit), removal.dims.get(name, 1))))
+            handles.append(modules[name].register_forward_hook(renorm(all_of(owned), removal.dims.get(name, 1))))
         with torch.no_grad():
             for name, owned in removal.columns.items():
                 saved[name] = params[name].detach().clone()
-                params[name][:, owned(unit)] = 0
+                params[name][:, all_of(owned)] = 0
         return naive_removal_logits(model, removal, data_x, None, batch_size)
     finally:
         for h in handles:

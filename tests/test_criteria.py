@@ -179,11 +179,40 @@ def test_bad_inputs():
         apoz(net, "0", (x, y), batch_size=0)
     with pytest.raises(TypeError, match="random_scores: seed must be an int"):
         random_scores(net, "0", seed=1.5)
+    shared = nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU())
+    twice = nn.Sequential(shared, shared, nn.Flatten(), nn.LazyLinear(3))   # a layer called twice
+    twice(x[:1, :, :2, :2])
+    with pytest.raises(ValueError, match=r"mean_activation: layer '0.0' is called 2 times"):
+        mean_activation(twice, "0.0", (x[:4, :, :2, :2], y[:4] % 3))
+    small = (x[:4, :, :2, :2], y[:4] % 3)
+    assert l1_norm(twice, "0.0", small).shape == (3,)    # weight-only criteria score any layer per filter
+    with pytest.raises(ValueError, match=r"l1_norm: cannot infer an input for Sequential .* pass data"):
+        l1_norm(twice, "0.0")
+
+
+def test_coupled_layer_is_scored_per_channel_of_its_group():
+    """block.conv2's channels enter a residual add with the stem's: the criteria score the group's
+    channels, read where the stream is read (block.conv1's input and the classifier's, after pooling)."""
     case = NETS["residual_target"]()
-    rx, ry = make_data(case, 4)
-    with pytest.raises(ValueError, match=r"^taylor: layer 'block.conv2' cannot be scored on its own"):
-        taylor(case.model, case.layer, (rx, ry))
-    assert l1_norm(case.model, case.layer).shape == (8,)      # weight-only criteria accept any layer
+    model, (x, y) = case.model, make_data(case, 24)
+    work = copy.deepcopy(model).eval()
+    seen = {}
+    handles = [m.register_forward_pre_hook(lambda m, a, k=k: seen.__setitem__(k, a[0].detach().double()))
+               for k, m in (("conv1", work.block.conv1), ("fc", work.fc))]
+    with torch.no_grad():
+        work(x)
+    for h in handles:
+        h.remove()
+    means = [seen["conv1"].mean((0, 2, 3)), seen["fc"].mean(0)]
+    zeros = [(seen["conv1"] == 0).double().mean((0, 2, 3)), (seen["fc"] == 0).double().mean(0)]
+    torch.testing.assert_close(mean_activation(model, case.layer, (x, y)), torch.stack(means).mean(0))
+    torch.testing.assert_close(apoz(model, case.layer, (x, y)), 1 - torch.stack(zeros).mean(0))
+    rows = lambda m: m.weight.detach().double().abs().flatten(1).sum(1)   # noqa: E731
+    torch.testing.assert_close(l1_norm(model, case.layer, (x, y)), rows(model.stem) + rows(model.block.conv2))
+    torch.testing.assert_close(l1_norm(model, "stem"), l1_norm(model, case.layer))   # one group, named by any layer
+    assert random_scores(model, case.layer).shape == (8,)
+    tay = taylor(model, case.layer, (x, y))
+    assert tay.shape == (8,) and bool((tay > 0).all())
 
 
 def test_get_criterion():

@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from naive import naive_stream_scores, near_tie
+from naive import RESNET20_STREAMS, naive_stream_scores, near_tie
 from torch import nn
 
 import carfast
@@ -20,11 +20,7 @@ from carfast.models import cifar_resnet
 from carfast.surgery import pruned_io
 
 N = 160
-STAGES = {      # a producer of each ResNet-20 group -> the modules whose outputs are its residual stream
-    "conv1": ["bn1", "layer1.0", "layer1.1", "layer1.2"],
-    "layer2.1.conv2": ["layer2.0", "layer2.1", "layer2.2"],
-    "layer3.2.conv2": ["layer3.0", "layer3.1", "layer3.2"],
-}
+STAGES = RESNET20_STREAMS
 
 
 @functools.lru_cache(maxsize=None)

@@ -123,6 +123,21 @@ def test_max_accuracy_drop_stops_before_the_drop(resnet20):
     assert len(result.kept["layer3.2.conv1"]) > 1          # stopped early
     nxt = carfast.score_layer(result.model, "layer3.2.conv1", (x, y))
     assert float(nxt.accuracy.max()) < base                 # the next removal would have dropped accuracy
+    stop = result.stops["layer3.2.conv1"]
+    assert stop["reason"] == "max_accuracy_drop" and stop["remaining"] == len(result.kept["layer3.2.conv1"])
+    assert "layer3.2.conv1: stopped at" in str(result.summary())
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "global"])
+def test_a_budget_per_layer_stops_only_that_layer(resnet20, schedule):
+    """A layer that hits its budget stops; the next layer still prunes (with no budget, to its keep)."""
+    x, y = cifar10_test(60)
+    layers = ["layer3.2.conv1", "layer1.0.conv1"]
+    result = carfast.prune(resnet20, layers, (x, y), keep={"layer3.2.conv1": 1, "layer1.0.conv1": 14},
+                           max_accuracy_drop={"layer3.2.conv1": 0.0, "layer1.0.conv1": None}, schedule=schedule,
+                           progress=False)
+    assert "layer3.2.conv1" in result.stops and "layer1.0.conv1" not in result.stops
+    assert len(result.kept["layer1.0.conv1"]) == 14 and len(result.kept["layer3.2.conv1"]) > 1
 
 
 def test_criterion_runs_through_the_same_loop(resnet20):
@@ -220,10 +235,30 @@ def test_checkpoint_from_other_settings_is_refused(resnet20, tmp_path):
     x, y = cifar10_test(40)
     ckpt = tmp_path / "run.json"
     carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=15, checkpoint=ckpt, progress=False)
-    with pytest.raises(ValueError, match="other settings.*keep"):
-        carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=14, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="other settings.*step"):
+        carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=15, step=2, checkpoint=ckpt, progress=False)
     with pytest.raises(ValueError, match="data_digest"):
         carfast.prune(resnet20, "layer1.0.conv1", (x[:39], y[:39]), keep=15, checkpoint=ckpt, progress=False)
+    glob = tmp_path / "global.json"
+    carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=15, schedule="global", checkpoint=glob, progress=False)
+    with pytest.raises(ValueError, match="global schedule cannot be continued"):
+        carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=14, schedule="global", checkpoint=glob, progress=False)
+
+
+def test_a_finished_run_continues_to_a_smaller_keep(resnet20, tmp_path):
+    """Sequential: the recorded removals are replayed and the run goes on; the result equals a fresh run."""
+    x, y = cifar10_test(50)
+    layers = ["layer1.0.conv1", "layer2.0.conv1"]
+    ckpt = tmp_path / "run.json"
+    carfast.prune(resnet20, layers, (x, y), keep={"layer1.0.conv1": 15, "layer2.0.conv1": 31}, checkpoint=ckpt,
+                  progress=False)
+    more = carfast.prune(resnet20, layers, (x, y), keep={"layer1.0.conv1": 13, "layer2.0.conv1": 30},
+                         checkpoint=ckpt, progress=False)
+    fresh = carfast.prune(resnet20, layers, (x, y), keep={"layer1.0.conv1": 13, "layer2.0.conv1": 30},
+                          progress=False)
+    assert more.removed == fresh.removed and [r["correct"] for r in more.history] == \
+        [r["correct"] for r in fresh.history]
+    assert json.loads(ckpt.read_text())["settings"]["keep"] == {"layer1.0.conv1": 13, "layer2.0.conv1": 30}
 
 
 def test_finetune_callable_and_model_untouched(resnet20):
@@ -246,7 +281,8 @@ def test_finetune_callable_and_model_untouched(resnet20):
     (dict(layers="layer1.0.conv1", keep=1.5), ValueError, "fraction"),
     (dict(layers="layer1.0.conv1", keep="8"), TypeError, "keep"),
     (dict(layers="layer1.0.cnv1", keep=8), ValueError, "did you mean 'layer1.0.conv1'"),
-    (dict(layers="layer1.0.conv2", keep=8), ValueError, "residual add"),
+    (dict(layers="linear", keep=8), ValueError, "produces the model's outputs"),
+    (dict(layers=["conv1", "layer1.2.conv2"], keep=8), ValueError, "one coupling group"),
     (dict(layers=["layer1.0.conv1", "layer1.0.conv1"], keep=8), ValueError, "more than once"),
     (dict(layers="layer1.0.conv1", keep={"layer2.0.conv1": 8}), ValueError, "missing"),
     (dict(layers="layer1.0.conv1", keep=8, step=0), ValueError, "step"),

@@ -9,7 +9,7 @@ tensors surgery deletes from, and refuses, naming the op, what cannot be removed
 cached prefix and the suffix scoring runs per removal; ``groups.py`` lists a coupling group's members
 and ``layers.py`` what carfast can do with every layer. ``docs/channel_flow.md`` explains it all.
 """
-from carfast.graph.flow import Flow, FlowError, Producer, Reader, analyze, build_graph, find_target
+from carfast.graph.flow import Flow, FlowError, Producer, Reader, analyze, analyze_units, build_graph, find_target
 from carfast.graph.groups import CouplingGroup, GroupMember, find_group
 from carfast.graph.ir import (
                               FlowGraph,
@@ -24,6 +24,7 @@ from carfast.graph.ir import (
 from carfast.graph.layers import LayerInfo, layers
 from carfast.graph.split import LayerGraph, split, target_num_filters, trace
 
-__all__ = ["Flow", "FlowError", "Producer", "Reader", "analyze", "build_graph", "find_target", "FlowGraph", "Op",
-           "TensorMeta", "TraceError", "from_fx", "from_recording", "is_channel_map", "is_leaf_module", "LayerGraph",
-           "split", "target_num_filters", "trace", "CouplingGroup", "GroupMember", "find_group", "LayerInfo", "layers"]
+__all__ = ["Flow", "FlowError", "Producer", "Reader", "analyze", "analyze_units", "build_graph", "find_target",
+           "FlowGraph", "Op", "TensorMeta", "TraceError", "from_fx", "from_recording", "is_channel_map",
+           "is_leaf_module", "LayerGraph", "split", "target_num_filters", "trace", "CouplingGroup", "GroupMember",
+           "find_group", "LayerInfo", "layers"]

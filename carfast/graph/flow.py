@@ -149,6 +149,20 @@ def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str, group: 
     return Flow(name, graph, w, readers, producers, entry is not None, modules)
 
 
+def analyze_units(model: nn.Module, name: str, example: torch.Tensor, fn: str, graph: FlowGraph | None = None,
+                  cut_checks: bool = True) -> tuple[Flow, bool]:
+    """(flow, group): the flow of layer ``name``'s filters, or, where they are coupled with other layers'
+    channels or merge (``FlowError`` reason "coupled" / "merge"), of its coupling group (``group`` True:
+    the units are the group's channels). Any other refusal raises ``FlowError``."""
+    graph = graph if graph is not None else build_graph(model, example)
+    try:
+        return analyze(model, name, example, fn, graph=graph, cut_checks=cut_checks), False
+    except FlowError as err:
+        if err.reason not in ("coupled", "merge"):
+            raise
+    return analyze(model, name, example, fn, group=True, graph=graph, cut_checks=cut_checks), True
+
+
 def _describe(op: Op) -> str:
     return f"a {type(op.target).__name__}" if op.kind == "module" else f"{op.name}"
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from carfast.batching import eval_mode
-from carfast.graph import FlowError, analyze, build_graph
+from carfast.graph import analyze_units, build_graph
 from carfast.graph.example import infer_example
 from carfast.surgery.remove import parse_removals
 
@@ -64,16 +64,6 @@ def _input_mask(w: torch.Tensor, kind: str, groups: int, inputs: list[int]) -> t
 def _mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
     """Apply ``mask`` to ``module.<param>`` (combined with a mask already there, as torch.nn.utils.prune does)."""
     torch_prune.custom_from_mask(module, param, mask.to(getattr(module, param).device))
-
-
-def _flow(work, name, ex, graph):
-    """The layer's flow; a layer coupled with others is taken as its coupling group (as remove_groups does)."""
-    try:
-        return analyze(work, name, ex, _FN, graph=graph)
-    except FlowError as err:
-        if "score_group" not in str(err):
-            raise
-        return analyze(work, name, ex, _FN, group=True, graph=graph)
 
 
 def _weight_owner(op, modules) -> tuple[nn.Module, str]:
@@ -117,8 +107,11 @@ def to_masks(model: nn.Module, result_or_removals, *, example: torch.Tensor | No
         ex, _ = infer_example(work, example, _FN)
         graph = build_graph(work, ex)
         for name, filters in targets.items():    # every flow found before any mask changes the graph
-            flow = _flow(work, name, ex, graph)
-            units = sorted({int(flow.unit_of[k]) for k in filters})
+            flow, group = analyze_units(work, name, ex, _FN, graph=graph)
+            units = sorted(set(filters)) if group else sorted({int(flow.unit_of[k]) for k in filters})
+            if group and (units[-1] >= flow.num_units or len(units) == flow.num_units):
+                raise ValueError(f"{_FN}: the coupling group of {name!r} has {flow.num_units} channels; give between "
+                                 f"1 and {flow.num_units - 1} of its channel indices (0..{flow.num_units - 1})")
             for r in flow.readers:
                 if r.kind in ("norm", "channel_map"):
                     what = "a normaliser, which renormalises over the channels that remain" if r.kind == "norm" \

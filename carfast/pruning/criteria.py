@@ -12,9 +12,11 @@ analysis ``carfast.graph`` finds), i.e. after the per-channel chain (BatchNorm, 
 dropout, depthwise conv, flatten, concatenation...) -- the same place where CAR removes the filter.
 "Positions" below are all the entries of a reader's input that carry the filter on one image (its
 channel, or its block of features after a flatten). A layer whose channels are coupled with other
-layers' (a residual add) is refused, as ``score_layer`` refuses it (``l1_norm`` and ``random_scores``
-read no activations and accept any Conv2d / Linear). With several readers the per-reader values are
-combined as each criterion says.
+layers' (a residual add), or that merge, is scored as ``carfast.prune`` prunes it: per channel of its
+coupling group (``score_group``'s units), read at every reader of the group's stream (``l1_norm`` sums
+the weights of every filter that makes the channel). ``l1_norm`` and ``random_scores`` read no
+activations and score any other Conv2d / Linear per filter, even one the analysis cannot follow. With
+several readers the per-reader values are combined as each criterion says.
 
 ``data`` takes the forms ``score_layer`` takes: ``(inputs [N, ...], labels [N] int)`` or an iterable
 of such batches; it is re-chunked into batches of ``batch_size`` images (default 256).
@@ -30,8 +32,9 @@ from torch import nn
 
 from carfast.batching import check_finite, check_labels, eval_mode, iter_chunks, model_device
 from carfast.errors import resolve_layer
-from carfast.graph import analyze, from_recording
+from carfast.graph import FlowError, analyze_units, from_recording
 from carfast.graph.apply import intercept, reader_profile
+from carfast.graph.example import infer_example
 from carfast.graph.split import target_num_filters
 
 __all__ = ["random_scores", "l1_norm", "mean_activation", "apoz", "taylor", "CRITERIA", "get_criterion"]
@@ -44,27 +47,70 @@ def _resolve(model, layer, fn: str) -> tuple[str, nn.Module, int]:
     return name, module, target_num_filters(module)
 
 
+def _first_image(data, model: nn.Module, fn: str) -> torch.Tensor:
+    """One input [1, ...]: the first of ``data``, or (``data`` None) one inferred from the model."""
+    if data is None:
+        try:
+            return infer_example(model, None, fn)[0]
+        except ValueError:
+            raise ValueError(f"{fn}: cannot infer an input for {type(model).__name__} to find whether the layer's "
+                             "channels are coupled with other layers'; pass data (one batch is enough)") from None
+    (x, _), _ = _chunks(data, 1, model_device(model), fn)
+    return x[:1]
+
+
+def _group_flow(model: nn.Module, name: str, data, fn: str):
+    """The coupling group's flow when layer ``name``'s filters are coupled or merge, else None (a layer
+    the analysis refuses for another reason is scored per filter: its weights need no flow)."""
+    work = copy.deepcopy(model)
+    with eval_mode(work), torch.no_grad():
+        example = _first_image(data, work, fn)
+        try:
+            flow, group = analyze_units(work, name, example, fn, cut_checks=False)
+        except FlowError:
+            return None
+    return flow if group else None
+
+
 def random_scores(model: nn.Module, layer, data=None, *, seed: int = 0) -> torch.Tensor:
-    """[F] float64 uniform in [0, 1) from a ``torch.Generator`` seeded with ``seed``; ``data`` is unused.
+    """[F] float64 uniform in [0, 1) from a ``torch.Generator`` seeded with ``seed``; F is the layer's
+    filters, or its coupling group's channels (found on ``data``'s first image, or an inferred input).
 
     The chance baseline: any criterion worth using must beat it.
     """
-    _, _, num = _resolve(model, layer, "random_scores")
+    name, _, num = _resolve(model, layer, "random_scores")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"random_scores: seed must be an int, got {type(seed).__name__}")
+    flow = _group_flow(model, name, data, "random_scores")
+    num = flow.num_units if flow is not None else num
     return torch.rand(num, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def l1_norm(model: nn.Module, layer, data=None) -> torch.Tensor:
     """[F] float64: the L1 norm of each filter's weights, sum |W[k]| (Li et al. 2017, "Pruning Filters
-    for Efficient ConvNets"); ``data`` is unused.
+    for Efficient ConvNets").
 
     Conv2d: ``weight[k]`` is [in / groups, kh, kw]; Linear: ``weight[k]`` is [in]. The bias is left out,
-    as in Li et al., who rank the kernels.
+    as in Li et al., who rank the kernels. For a coupled layer (found on ``data``'s first image, or an
+    inferred input) F is its coupling group's channels, each scored by the summed L1 norms of the
+    filters that make it in every producer of the group (the stem and each block's last conv of a
+    ResNet stage).
     """
-    _, module, num = _resolve(model, layer, "l1_norm")
-    w = module.weight.detach()
-    return w.reshape(num, -1).abs().sum(1, dtype=torch.float64).cpu()
+    name, module, num = _resolve(model, layer, "l1_norm")
+    flow = _group_flow(model, name, data, "l1_norm")
+    if flow is None:
+        w = module.weight.detach()
+        return w.reshape(num, -1).abs().sum(1, dtype=torch.float64).cpu()
+    out = torch.zeros(flow.num_units, dtype=torch.float64)
+    modules = dict(model.named_modules())
+    for p in flow.producers:
+        if p.kind not in ("conv", "linear"):
+            continue                      # a channel-map shortcut has no weights
+        w = modules[p.op.name].weight.detach()
+        per_row = w.reshape(w.shape[0], -1).abs().sum(1, dtype=torch.float64).cpu()
+        for u, rows in enumerate(p.rows):
+            out[u] += per_row[torch.as_tensor(rows, dtype=torch.long).flatten()].sum()
+    return out
 
 
 # ---- activations at the consumers ---------------------------------------------------------------------
@@ -74,9 +120,10 @@ def _check_batch_size(batch_size, fn: str) -> None:
 
 
 def _flow(model: nn.Module, name: str, example: torch.Tensor, fn: str):
-    """The channel flow of layer ``name`` on a recording of ``model`` (``carfast.graph``): its readers are
-    where the criteria read each filter's activation, and ``graph.apply.intercept`` hooks them."""
-    return analyze(model, name, example, fn, graph=from_recording(model, example), cut_checks=False)
+    """The channel flow of layer ``name`` (or of its coupling group) on a recording of ``model``
+    (``carfast.graph``): its readers are where the criteria read each unit's activation, and
+    ``graph.apply.intercept`` hooks them."""
+    return analyze_units(model, name, example, fn, graph=from_recording(model, example), cut_checks=False)[0]
 
 
 def _per_unit(v: torch.Tensor, reader, num: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,11 +151,12 @@ def _chunks(data, batch_size: int, device, fn: str):
 def _consumer_stats(model, layer, data, batch_size: int, fn: str):
     """Per reader u: (sum of activations [F] float64, zeros [F] int64, entries per filter [F]) over data."""
     _check_batch_size(batch_size, fn)
-    name, _, num = _resolve(model, layer, fn)
+    name, _, _ = _resolve(model, layer, fn)
     work = copy.deepcopy(model)                # hooks go on a copy: the caller's model is never touched
     with eval_mode(work), torch.no_grad():
         (x0, _), chunks = _chunks(data, batch_size, model_device(work), fn)
         flow = _flow(work, name, x0[:1], fn)
+        num = flow.num_units
         readers = {id(r): i for i, r in enumerate(flow.readers)}
         sums = [torch.zeros(num, dtype=torch.float64) for _ in readers]
         zeros = [torch.zeros(num, dtype=torch.float64) for _ in readers]
@@ -172,11 +220,12 @@ def taylor(model: nn.Module, layer, data, *, batch_size: int = 256) -> torch.Ten
     """
     fn = "taylor"
     _check_batch_size(batch_size, fn)
-    name, _, num = _resolve(model, layer, fn)
+    name, _, _ = _resolve(model, layer, fn)
     work = copy.deepcopy(model).eval().requires_grad_(False)   # no graph through the prefix, no .grad
     (x0, _), chunks = _chunks(data, batch_size, model_device(model), fn)
     with eval_mode(work), torch.no_grad():
         flow = _flow(work, name, x0[:1], fn)
+    num = flow.num_units
     total = torch.zeros(num, dtype=torch.float64)
     images, captured = 0, []
 

@@ -30,6 +30,8 @@ class PruneSummary:
     filters_before: dict
     filters_after: dict
     accuracy_finetuned: float | None = None
+    stops: dict = field(default_factory=dict)     # {layer: why it stopped before its keep}
+    groups: list = field(default_factory=list)    # layers pruned as their coupling group (rows in channels)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -47,11 +49,16 @@ class PruneSummary:
             rows.append(("fine-tuned %", "", f"{100 * self.accuracy_finetuned:.2f}",
                          f"{100 * (self.accuracy_finetuned - self.accuracy_before):+.2f} pts"))
         for layer, before in self.filters_before.items():
-            rows.append((f"{layer} filters", str(before), str(self.filters_after[layer]),
+            unit = "group channels" if layer in self.groups else "filters"
+            rows.append((f"{layer} {unit}", str(before), str(self.filters_after[layer]),
                          ratio(self.filters_after[layer], before)))
         w0 = max(len(r[0]) for r in rows)
         w = [max(len(r[i]) for r in rows) for i in (1, 2, 3)]
-        return "\n".join(f"{r[0]:<{w0}}  {r[1]:>{w[0]}}  {r[2]:>{w[1]}}  {r[3]:>{w[2]}}" for r in rows)
+        lines = [f"{r[0]:<{w0}}  {r[1]:>{w[0]}}  {r[2]:>{w[1]}}  {r[3]:>{w[2]}}" for r in rows]
+        for layer, why in self.stops.items():
+            lines.append(f"{layer}: stopped at {why['remaining']} by max_accuracy_drop (the next removal would "
+                         f"leave {100 * why['accuracy_after_next']:.2f} % < {100 * why['threshold']:.2f} %)")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -71,6 +78,10 @@ class PruneResult:
     scores:   {layer: LayerScores} of each layer's first CAR scoring (all its filters, before any of them
               was removed): the class-wise view of the layer (``carfast.ClassImportance``). Empty for
               other criteria and for layers whose removals were all replayed from a checkpoint.
+    stops:    {layer: {"reason", "remaining", "accuracy_after_next", "threshold", "iteration"}} for each
+              layer that stopped before its ``keep`` (``max_accuracy_drop``).
+    A layer listed as a coupling group (``settings["groups"]``) has its group's channels in ``removed`` /
+    ``kept`` (``score_group``'s indices).
     """
     model: nn.Module
     removed: dict
@@ -81,6 +92,7 @@ class PruneResult:
     stats: dict = field(default_factory=dict)
     finetuned_accuracy: float | None = None
     scores: dict = field(default_factory=dict)
+    stops: dict = field(default_factory=dict)
 
     @property
     def accuracy(self) -> float:
@@ -88,18 +100,18 @@ class PruneResult:
         return self.history[-1]["accuracy"] if self.history else self.base["accuracy"]
 
     def summary(self) -> PruneSummary:
-        """Params, MACs and accuracy before and after, and filters per layer."""
+        """Params, MACs and accuracy before and after, and filters (a group's channels) per layer."""
         before = {layer: len(self.removed[layer]) + len(self.kept[layer]) for layer in self.kept}
         return PruneSummary(self.stats["before"]["params"], self.stats["after"]["params"],
                             self.stats["before"]["macs"], self.stats["after"]["macs"], self.base["accuracy"],
                             self.accuracy, before, {layer: len(k) for layer, k in self.kept.items()},
-                            self.finetuned_accuracy)
+                            self.finetuned_accuracy, dict(self.stops), list(self.settings.get("groups", [])))
 
     def record(self) -> dict:
         """Everything but the model, as plain data (JSON-able)."""
         return {"format": _FORMAT, "removed": self.removed, "kept": self.kept, "history": self.history,
                 "base": self.base, "settings": self.settings, "stats": self.stats,
-                "finetuned_accuracy": self.finetuned_accuracy,
+                "finetuned_accuracy": self.finetuned_accuracy, "stops": self.stops,
                 "scores": {layer: s.to_dict() for layer, s in self.scores.items()}}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -125,4 +137,5 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> Prun
                          "carfast.pruned_io.load_pruned_model instead")
     return PruneResult(pruned, extra["removed"], extra["kept"], extra["history"], extra["base"], extra["settings"],
                        extra.get("stats", {}), extra.get("finetuned_accuracy"),
-                       {layer: LayerScores.from_dict(d) for layer, d in extra.get("scores", {}).items()})
+                       {layer: LayerScores.from_dict(d) for layer, d in extra.get("scores", {}).items()},
+                       extra.get("stops", {}))

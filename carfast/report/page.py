@@ -178,6 +178,9 @@ def _curve_section(page, result, curves) -> dict:
     page.heading(2, "Accuracy while pruning")
     hist = history_curves(result)
     drop = result.settings.get("max_accuracy_drop")
+    if isinstance(drop, dict):       # a budget per layer: draw the line where they all agree
+        drops = {d for d in drop.values()}
+        drop = drops.pop() if len(drops) == 1 else None
     threshold = None if drop is None else result.base["accuracy"] - drop
     if hist:
         page.figure(figures.accuracy_curves, "accuracy.png",

@@ -5,7 +5,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LayerScores"]
+__all__ = ["LayerScores", "removal_key"]
+
+
+def removal_key(correct: int, loss_sum: float, *ties) -> tuple:
+    """The order in which greedy CAR removes: most images still correct without the filter first, then
+    the smallest summed loss, then ``ties`` (e.g. the target's position, the filter's index)."""
+    return (-correct, loss_sum, *ties)
 
 
 @dataclass
@@ -100,8 +106,9 @@ class LayerScores:
         Order: most images still correct without the filter, then smallest loss increase, then
         lowest filter index. The greedy CAR step removes ``ranking()[0]``.
         """
+        correct, loss = self.correct.sum(1).tolist(), self.loss_sum.tolist()
         keys = sorted(range(len(self.filters)),
-                      key=lambda i: (-int(self.correct[i].sum()), float(self.loss_sum[i]), int(self.filters[i])))
+                      key=lambda i: removal_key(correct[i], loss[i], int(self.filters[i])))
         return self.filters[torch.tensor(keys, dtype=torch.long)]
 
     # ---- export --------------------------------------------------------------------------
