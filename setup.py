@@ -90,7 +90,7 @@ def _cuda_extension(torch, cpp_extension):
     if os.path.isdir(wheel_include):
         include_dirs.append(wheel_include)
     # csrc/cuda registers kernels for ops defined by csrc/ops.cpp in carfast._C; it must not repeat
-    # TORCH_LIBRARY(carfast, ...). carfast/_ext.py imports _C first. csrc/module.cpp is compiled again
+    # TORCH_LIBRARY(carfast, ...). carfast/extensions.py imports _C first. csrc/module.cpp is compiled again
     # here, with TORCH_EXTENSION_NAME=_C_cuda (BuildExtension defines it), as this module's init.
     return cpp_extension.CUDAExtension(
         ext,

@@ -295,9 +295,9 @@ class Bench:
 
     def run_carfast(self, case: LayerCase, backend: str, precision: str, channels_last) -> Row:
         row = Row(case.layer, backend, precision, layout_name(channels_last))
-        if not carfast._ext.has_backend(backend):
+        if not carfast.extensions.has_backend(backend):
             row.status = "unavailable"
-            row.reason = next(b["reason"] for b in carfast._ext.backends() if b["name"] == backend)
+            row.reason = next(b["reason"] for b in carfast.extensions.backends() if b["name"] == backend)
             return row
         if precision != "fp32" and not ENGINE_HAS_PRECISION:
             row.status, row.reason = "unavailable", "this carfast's LayerScorer takes no precision argument"

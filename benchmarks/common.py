@@ -123,7 +123,7 @@ def environment(device: str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "carfast_version": getattr(carfast, "__version__", None),
-        "carfast_backends": [{k: b[k] for k in ("name", "available", "reason")} for b in carfast._ext.backends()],
+        "carfast_backends": [{k: b[k] for k in ("name", "available", "reason")} for b in carfast.extensions.backends()],
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": _git("rev-parse", "HEAD"),
@@ -188,7 +188,7 @@ def provider_status(name: str) -> tuple[bool, str]:
             return False, f"captum is not importable ({type(exc).__name__}: {exc}); `pip install captum`"
         return True, f"captum {captum.__version__} LayerFeatureAblation"
     if name in CARFAST_PROVIDERS:
-        for b in carfast._ext.backends():
+        for b in carfast.extensions.backends():
             if b["name"] == carfast_provider(name)[0]:
                 return bool(b["available"]), f"carfast backend {name!r}: {b['reason']}"
         return False, f"carfast does not list a backend {name!r}"

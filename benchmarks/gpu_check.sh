@@ -10,7 +10,7 @@
 #   2. data       the full CIFAR-10 test set (see "Data" below)
 #   3. build      both extensions in place against this machine's python3 torch, all cores:
 #                 MAX_JOBS=$(nproc) python3 setup.py build_ext --inplace -j $(nproc)   -> build.log
-#                 then `carfast._ext.backends()` must list cpu, triton and cuda as available
+#                 then `carfast.extensions.backends()` must list cpu, triton and cuda as available
 #                 (setup.py only warns when an extension fails to compile)
 #   4. tests      TRITON_INTERPRET=0 python3 -m pytest tests/ops tests/test_backends.py -q  -> tests.log
 #   5. bench      benchmarks/bench_gpu.py (naive, Captum if present, torch/triton/cuda x fp32/bf16 at
@@ -191,7 +191,7 @@ build() {
 backends() {   # setup.py only warns when an extension does not compile: ask carfast what loads
     "$PYTHON" - "$@" <<'EOF'
 import sys
-import carfast._ext as e
+import carfast.extensions as e
 need = sys.argv[1:]
 bad = []
 for b in e.backends():

@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from carfast import criteria, data, finetune, integrations, models, train_data
-from carfast._ext import backends
+from carfast.extensions import backends
 from carfast.graph import LayerInfo, layers
 from carfast.pruning import PruneResult, evaluate, load_pruned, prune
 from carfast.report import write_report

@@ -1,18 +1,15 @@
-"""Input handling for scoring: data validation and re-chunking, eval mode, memory budget, progress."""
+"""Input handling for scoring: data validation and re-chunking, eval mode, memory budget."""
 from __future__ import annotations
 
 import contextlib
 import itertools
-import os
-import sys
-import time
 from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["model_device", "model_dtype", "eval_mode", "as_batches", "check_batch", "iter_chunks",
-           "default_memory_budget", "Progress", "check_labels", "check_work_sizes", "check_finite"]
+           "default_memory_budget", "check_labels", "check_work_sizes", "check_finite"]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -165,36 +162,3 @@ def default_memory_budget(device: torch.device) -> int:
     if avail is None:
         avail = 8 << 30
     return int(min(avail // 4, 8 << 30))
-
-
-class Progress:
-    """A minimal progress bar on stderr: ``progress`` None (auto: when stderr is a terminal), bool, or a
-    callable ``(done, total)``."""
-
-    def __init__(self, progress, total: int | None, label: str, unit: str = "pairs"):
-        self.callback = progress if callable(progress) else None
-        show = sys.stderr.isatty() and os.environ.get("CARFAST_PROGRESS", "1") != "0" if progress is None \
-            else bool(progress) and self.callback is None
-        self.show, self.total, self.label, self.unit, self.done = show, total, label, unit, 0
-        self.start = self.last = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None:
-            self.callback(self.done, self.total)
-        now = time.perf_counter()
-        if self.show and (now - self.last > 0.25 or (self.total and self.done >= self.total)):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            if self.total:
-                frac = min(self.done / self.total, 1.0)
-                bar = "#" * int(30 * frac)
-                sys.stderr.write(f"\r{self.label} [{bar:<30}] {100 * frac:5.1f} %  {rate:,.1f} {self.unit}/s")
-            else:
-                sys.stderr.write(f"\r{self.label} {self.done:,} {self.unit}  {rate:,.1f} {self.unit}/s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.show:
-            sys.stderr.write("\n")
-            sys.stderr.flush()

@@ -1,6 +1,6 @@
 // The Python module `carfast._C`. It has no Python functions: importing it loads this shared object,
 // whose static initialisers register the ops (csrc/ops.cpp) and their CPU kernels (csrc/cpu/) with
-// the PyTorch dispatcher, so they appear as torch.ops.carfast.*. Only carfast/_ext.py imports it.
+// the PyTorch dispatcher, so they appear as torch.ops.carfast.*. Only carfast/extensions.py imports it.
 #include <Python.h>
 
 #ifndef TORCH_EXTENSION_NAME

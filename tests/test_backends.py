@@ -13,11 +13,11 @@ import torch
 from nets import NETS, make_data
 
 import carfast
-from carfast import _ext
+from carfast import extensions
 
-_WHY = {b["name"]: b["reason"] for b in _ext.backends()}
-needs_triton = pytest.mark.skipif(not _ext.has_backend("triton"), reason=f"triton backend: {_WHY['triton']}")
-needs_cuda = pytest.mark.skipif(not _ext.has_backend("cuda"), reason=f"cuda backend: {_WHY['cuda']}")
+_WHY = {b["name"]: b["reason"] for b in extensions.backends()}
+needs_triton = pytest.mark.skipif(not extensions.has_backend("triton"), reason=f"triton backend: {_WHY['triton']}")
+needs_cuda = pytest.mark.skipif(not extensions.has_backend("cuda"), reason=f"cuda backend: {_WHY['cuda']}")
 #: where the GPU backends run: the GPU, or the CPU in Triton's interpreter
 GPU = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
@@ -67,7 +67,7 @@ def test_auto_picks_the_cpu_kernels_on_cpu():
     case = NETS["bn_after_act"]()
     x, y = make_data(case, 8)
     r = _scores(case, x, y, "auto")
-    assert r.backend == ("cpu" if _ext.has_backend("cpu") else "torch")
+    assert r.backend == ("cpu" if extensions.has_backend("cpu") else "torch")
 
 
 def test_cuda_backend_on_a_cpu_model_is_refused():

@@ -36,13 +36,14 @@ def test_matrix_and_fields():
 
 def test_per_filter():
     pf = ClassImportance.from_scores(_scores(HAND), NAMES).per_filter(top=2)
-    assert [d["filter"] for d in pf] == [5, 2, 7, 0]
+    assert list(pf) == [5, 2, 7, 0]               # keyed by filter, as per_class is keyed by class
+    pf = list(pf.values())
     assert pf[0]["most"] == [("frog", 0.5), ("cat", 0.0)]            # ties to the lower class index
     assert pf[0]["least"] == [("cat", 0.0), ("dog", 0.0)]
     assert [n for n, _ in pf[3]["most"]] == ["cat", "dog"]
     assert pf[3]["most"][0][1] == pytest.approx(0.4)
     assert pf[2]["least"][0] == ("cat", pytest.approx(-0.1))
-    assert len(ClassImportance.from_scores(_scores(HAND)).per_filter(top=10)[0]["most"]) == 4
+    assert len(ClassImportance.from_scores(_scores(HAND)).per_filter(top=10)[5]["most"]) == 4
 
 
 def test_per_class():
@@ -66,7 +67,7 @@ def test_class_without_images():
     ci = ClassImportance.from_scores(_scores(correct, (10, 10, 10, 10, 0), (8, 8, 8, 8, 0)), NAMES + ["bird"])
     assert bool(torch.isnan(ci.matrix[:, 4]).all())
     assert ci.per_class()["bird"] == []
-    assert all(name != "bird" for d in ci.per_filter(top=5) for name, _ in d["most"] + d["least"])
+    assert all(name != "bird" for d in ci.per_filter(top=5).values() for name, _ in d["most"] + d["least"])
     plain = ClassImportance.from_scores(_scores(HAND), NAMES).selectivity()
     torch.testing.assert_close(ci.selectivity(), plain)               # C' = 4 classes with images
     d = json.loads(json.dumps(ci.to_dict(), allow_nan=False))
@@ -115,7 +116,7 @@ def test_real_resnet_layer():
         order = sorted(range(16), key=lambda i: (-float(cc[i, c]), i))[:5]
         assert got == [(filt[i], float(cc[i, c])) for i in order]
         assert got[0][1] == float(cc[:, c].max())
-    for i, d in enumerate(ci.per_filter(top=3)):
+    for i, d in enumerate(ci.per_filter(top=3).values()):
         assert [v for _, v in d["most"]] == sorted(cc[i].tolist(), reverse=True)[:3]
         assert [v for _, v in d["least"]] == sorted(cc[i].tolist())[:3]
         assert d["most"][0][0] == names[int(torch.argmax(cc[i]))] or d["most"][0][1] == d["most"][1][1]

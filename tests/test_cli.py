@@ -12,6 +12,8 @@ import carfast
 from carfast.cli import main
 from carfast.data import cifar10_test
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_score_prints_a_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "s.json"
@@ -52,15 +54,6 @@ def test_version_lists_backends():
 # ---- prune / report / demo ---------------------------------------------------------------------------------
 SECTIONS = ("<h2>Run settings</h2>", "<h2>Summary</h2>", "<h2>Accuracy while pruning</h2>",
             "<h2>Class-wise CAR: layer1.0.conv1</h2>", "<h3>Per-filter interpretation</h3>", "<h2>Removal history</h2>")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: tiny runs, where a second thread only adds barrier waits on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("command", ["score", "prune", "report", "demo"])
@@ -158,16 +151,16 @@ def test_demo_quick_writes_a_new_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_threads_follow_the_idle_cores(monkeypatch):
-    from carfast.cli.app import _set_threads
+    from carfast.cli.common import set_threads
     torch.set_num_threads(2)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
-    assert _set_threads(None) is None and torch.get_num_threads() == 2          # idle: torch's default
+    assert set_threads(None) is None and torch.get_num_threads() == 2          # idle: torch's default
     monkeypatch.setattr(os, "getloadavg", lambda: (3.1, 3.0, 3.0))
-    note = _set_threads(None)
+    note = set_threads(None)
     assert torch.get_num_threads() == 1 and "using 1 torch thread instead of 2" in note and "--threads" in note
     torch.set_num_threads(2)
-    assert _set_threads(1) is None and torch.get_num_threads() == 1             # --threads wins
+    assert set_threads(1) is None and torch.get_num_threads() == 1             # --threads wins
 
 
 def test_layers_lists_what_carfast_can_do(tmp_path, capsys):

@@ -154,3 +154,12 @@ def test_masks_of_a_pruned_group_equal_the_pruned_model():
     masked = to_masks(fam.model, result)
     with torch.no_grad():
         assert torch.allclose(masked(x), result.model(x), atol=1e-5)
+
+
+def test_cutting_a_coupled_layer_alone_points_to_remove_groups():
+    model = resnet20()
+    with pytest.raises(ValueError, match=r"remove_filters: layer 'layer2.1.conv2' cannot be cut on its own.*"
+                                         r"carfast.remove_groups\(\{'layer2.1.conv2': channels\}\)"):
+        carfast.remove_filters(model, {"layer2.1.conv2": [0]})
+    with pytest.raises(ValueError, match=r"score_layer: .* carfast.score_group\('conv1'\).* carfast.prune"):
+        carfast.score_layer(model, "conv1", cifar(8))

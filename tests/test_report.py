@@ -15,7 +15,7 @@ from carfast.data import cifar10_classes, cifar10_test
 from carfast.models import cifar_resnet
 from carfast.report import figures
 from carfast.report.filter_images import colour_selectivity, filter_tiles
-from carfast.report.page import _importance, history_curves, write_report
+from carfast.report.page import history_curves, layer_importance, write_report
 from carfast.scoring.classwise import ClassImportance
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -207,10 +207,10 @@ def test_late_scores_of_a_resumed_run_say_so(rgb_run):
     # a sequential run resumed after one replayed removal scores the filters then left, by original index
     keep = [i for i, f in enumerate(s.filters.tolist()) if f != early]
     late = dataclasses.replace(s, filters=s.filters[keep], correct=s.correct[keep], loss_sum=s.loss_sum[keep])
-    imp, note = _importance(dataclasses.replace(result, scores={"features.0": late}), "features.0", None)
+    imp, note = layer_importance(dataclasses.replace(result, scores={"features.0": late}), "features.0", None)
     assert imp.filters.tolist() == [f for f in s.filters.tolist() if f != early]
     assert "replayed from a checkpoint" in note
-    assert _importance(result, "features.0", None)[0].filters.tolist() == s.filters.tolist()
+    assert layer_importance(result, "features.0", None)[0].filters.tolist() == s.filters.tolist()
 
 
 def test_report_refuses_bad_arguments(resnet_run, tmp_path):

@@ -11,6 +11,7 @@ from importlib import resources
 import numpy as np
 import torch
 
+from carfast.data.arrays import read_npz
 from carfast.models.cifar import CIFAR_RESNET_NORMALIZATION
 
 __all__ = ["cifar10_test", "cifar10_classes", "normalize_images"]
@@ -19,14 +20,7 @@ _SLICE = "cifar10_test_2000.npz"
 
 
 def _read_npz(path):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return z["x"], z["y"], [str(c) for c in z["classes"]] if "classes" in z.files else None
-    except FileNotFoundError:
-        raise FileNotFoundError(f"cifar10_test: no file at {path!s}; pass path= to a CIFAR-10 test.npz "
-                                "(keys x [N,32,32,3] uint8, y [N]) or leave it out for the bundled slice") from None
-    except KeyError as err:
-        raise ValueError(f"cifar10_test: {path!s} lacks key {err}; expected x [N,32,32,3] uint8 and y [N]") from None
+    return read_npz(path, "cifar10_test")
 
 
 def normalize_images(x_uint8_nhwc: np.ndarray, normalization=CIFAR_RESNET_NORMALIZATION) -> torch.Tensor:

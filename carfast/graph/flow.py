@@ -311,9 +311,12 @@ def _gate_region(w: Walk, entry, rels_of) -> set | None:
 
 
 def _coupled_message(fn: str, name: str, op: Op) -> str:
-    return (f"{fn}: layer {name!r} cannot be scored on its own: its channels meet other layers' channels at "
-            f"{op.label} (a residual add or the gated side of a multiplication), so removing one means removing it "
-            f"from every member of the coupling group. Score the whole group with carfast.score_group({name!r}) "
-            "(carfast score --group) and cut it with carfast.remove_groups, or score a layer whose channels reach "
-            "only convolutions or linears, such as a ResNet block's first conv")
+    head = (f"{fn}: layer {name!r} cannot be {'cut' if fn.startswith('remove') else 'scored'} on its own: its "
+            f"channels meet other layers' channels at {op.label} (a residual add or the gated side of a "
+            "multiplication), so removing one means removing it from every member of the coupling group. ")
+    if fn.startswith("remove") or fn == "to_masks":
+        return head + f"Cut the group's channels with carfast.remove_groups({{{name!r}: channels}})"
+    return head + (f"Score the whole group with carfast.score_group({name!r}) (carfast score --group) or prune it "
+                   f"with carfast.prune (which takes {name!r} as its group), or score a layer whose channels reach "
+                   "only convolutions or linears, such as a ResNet block's first conv")
 

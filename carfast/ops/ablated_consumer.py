@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from carfast import _ext
+from carfast import extensions
 from carfast.ops.epilogue import epilogue
 
 __all__ = ["ablated_consumer_ref", "ablated_consumer"]
@@ -72,18 +72,18 @@ def ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images,
         return ablated_consumer_ref(a, weight, z, scale, shift, residual, act, filters, images, stride, padding,
                                     dilation, out_dtype)
     if backend == "triton":
-        _ext.require_backend("triton")
+        extensions.require_backend("triton")
         from carfast.ops.triton import ablated_consumer as tri
         return tri.ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images, stride, padding,
                                     dilation, out_dtype)
     if backend == "cuda":
-        _ext.require_backend("cuda")
+        extensions.require_backend("cuda")
         return torch.ops.carfast.ablated_consumer(a, weight, z, scale, shift, residual, int(act), filters, images,
                                                   list(stride), list(padding), list(dilation), out_dtype)
     raise ValueError(f"ablated_consumer: unknown backend {backend!r}; expected torch, cpu, triton or cuda")
 
 
-if _ext.has_op("ablated_consumer"):
+if extensions.has_op("ablated_consumer"):
     @torch.library.register_fake("carfast::ablated_consumer")
     def _ablated_consumer_fake(a, weight, z, scale, shift, residual, act, filters, images, stride, padding,
                                dilation, out_dtype):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from carfast import _ext
+from carfast import extensions
 from carfast.ops.epilogue import ACTIVATIONS, epilogue
 
 __all__ = ["ACTIVATIONS", "closed_form_logits_ref", "closed_form_logits"]
@@ -73,7 +73,7 @@ def _closed_form_logits_cpu(a, weight, z, scale, shift, residual, act, tail, log
 
     The kernel checks dtypes, devices and shapes itself; here ``filters`` may also be a list of ints.
     """
-    _ext.require_backend("cpu")
+    extensions.require_backend("cpu")
     if not isinstance(filters, torch.Tensor):
         filters = torch.tensor(list(filters), dtype=torch.int64)
     return torch.ops.carfast.closed_form_logits(a, weight, z, scale, shift, residual, int(act), tail, logits,
@@ -81,7 +81,7 @@ def _closed_form_logits_cpu(a, weight, z, scale, shift, residual, act, tail, log
                                                 _pair(dilation, "dilation"))
 
 
-if _ext.has_op("closed_form_logits"):
+if extensions.has_op("closed_form_logits"):
     @torch.library.register_fake("carfast::closed_form_logits")
     def _closed_form_logits_fake(a, weight, z, scale, shift, residual, act, tail, logits, filters, stride,
                                  padding, dilation):
@@ -104,7 +104,7 @@ def closed_form_logits(a, weight, z, scale, shift, residual, act, tail, logits, 
         return closed_form_logits_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters,
                                       stride, padding, dilation)
     if backend == "cuda":   # the CUDA kernel of closed_form_score also serves this op (csrc/cuda/bindings.cpp)
-        _ext.require_backend("cuda")
+        extensions.require_backend("cuda")
         if not isinstance(filters, torch.Tensor):
             filters = torch.tensor(list(filters), dtype=torch.int64, device=a.device)
         return torch.ops.carfast.closed_form_logits(a, weight, z, scale, shift, residual, int(act), tail, logits,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from carfast import _ext
+from carfast import extensions
 from carfast.ops.closed_form_logits import closed_form_logits
 from carfast.ops.score_reduce import score_reduce_ref
 
@@ -46,19 +46,19 @@ def closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, f
         return closed_form_score_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels,
                                      stride, padding, dilation, backend=backend)
     if backend == "triton":
-        _ext.require_backend("triton")
+        extensions.require_backend("triton")
         from carfast.ops.triton import closed_form_score as tri
         return tri.closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels,
                                      stride, padding, dilation)
     if backend == "cuda":
-        _ext.require_backend("cuda")
+        extensions.require_backend("cuda")
         return tuple(torch.ops.carfast.closed_form_score(a, weight, z, scale, shift, residual, int(act), tail,
                                                          logits, filters, labels, list(stride), list(padding),
                                                          list(dilation)))
     raise ValueError(f"closed_form_score: unknown backend {backend!r}; expected torch, cpu, triton or cuda")
 
 
-if _ext.has_op("closed_form_score"):
+if extensions.has_op("closed_form_score"):
     @torch.library.register_fake("carfast::closed_form_score")
     def _closed_form_score_fake(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride,
                                 padding, dilation):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from carfast import _ext
+from carfast import extensions
 
 __all__ = ["pair_results", "score_reduce_ref", "score_reduce"]
 
@@ -78,16 +78,16 @@ def score_reduce(logits, labels, slots, num_slots: int, backend: str = "torch"):
         check_score_reduce_args(logits, labels, slots, num_slots)
         return score_reduce_ref(logits, labels, slots, num_slots)
     if backend == "triton":
-        _ext.require_backend("triton")
+        extensions.require_backend("triton")
         from carfast.ops.triton import score_reduce as tri
         return tri.score_reduce(logits, labels, slots, num_slots)
     if backend == "cuda":
-        _ext.require_backend("cuda")
+        extensions.require_backend("cuda")
         return tuple(torch.ops.carfast.score_reduce(logits, labels, slots, int(num_slots)))
     raise ValueError(f"score_reduce: unknown backend {backend!r}; expected torch, cpu, triton or cuda")
 
 
-if _ext.has_op("score_reduce"):
+if extensions.has_op("score_reduce"):
     @torch.library.register_fake("carfast::score_reduce")
     def _score_reduce_fake(logits, labels, slots, num_slots):
         C = logits.shape[1]

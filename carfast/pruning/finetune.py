@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carfast.batching import Progress, as_batches, check_batch, check_labels
+from carfast.batching import as_batches, check_batch, check_labels
+from carfast.progress import Progress
 
 __all__ = ["FinetuneConfig", "finetune", "random_crop_flip"]
 

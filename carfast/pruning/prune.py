@@ -13,8 +13,9 @@ import os
 
 from torch import nn
 
-from carfast.batching import Progress, model_device
+from carfast.batching import model_device
 from carfast.distributed import UNSET, process_group_argument, resolve_group
+from carfast.progress import Progress
 from carfast.pruning.checkpoint import digest_data, digest_model, read_checkpoint
 from carfast.pruning.config import PruneConfig
 from carfast.pruning.evaluate import evaluate

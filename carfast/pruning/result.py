@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from carfast.scoring.scores import LayerScores
-from carfast.surgery.pruned_io import load_pruned_model, save_pruned
+from carfast.surgery.pruned_io import read_pruned, save_pruned
 
 __all__ = ["PruneResult", "PruneSummary", "load_pruned"]
 
@@ -130,7 +130,7 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> Prun
     ``model=``, an unpruned instance of the same architecture (it is copied, not changed), and the
     recorded pruned shapes and weights are applied to the copy.
     """
-    pruned, extra = load_pruned_model(path, model=model)
+    pruned, extra = read_pruned(path, model, "load_pruned")
     if not isinstance(extra, dict) or extra.get("format") != _FORMAT:
         raise ValueError(f"load_pruned: {os.fspath(path)!r} holds a pruned model but no prune record "
                          f"(format {extra.get('format') if isinstance(extra, dict) else None!r}); load it with "

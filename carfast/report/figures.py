@@ -204,7 +204,7 @@ def filter_class_panel(path, *, weight: torch.Tensor, filters: list, importance,
         filters: F original filter indices (rows of ``importance`` by ``importance.filters``).
         importance: the layer's ``ClassImportance``.
     """
-    per = {d["filter"]: d for d in importance.per_filter(top)}
+    per = importance.per_filter(top)
     car = dict(zip(importance.filters.tolist(), (100.0 * importance.car).tolist()))
     ranks = _order_labels(removed)
     tiles = filter_tiles(weight, input_std).numpy()

@@ -36,7 +36,7 @@ from carfast.report.html_page import CSS, Page, count, e, pct, plain, ratio, saf
 from carfast.scoring.classwise import ClassImportance
 from carfast.surgery.measure import latency
 
-__all__ = ["write_report", "history_curves"]
+__all__ = ["write_report", "history_curves", "layer_importance"]
 
 _FN = "write_report"
 _FORMAT = "carfast-report/1"
@@ -56,7 +56,7 @@ def history_curves(result: PruneResult) -> dict:
     return curves
 
 
-def _importance(result: PruneResult, layer: str, class_names) -> tuple[ClassImportance, str]:
+def layer_importance(result: PruneResult, layer: str, class_names) -> tuple[ClassImportance, str]:
     """The layer's ClassImportance with ORIGINAL filter indices, and a note when it was scored late.
 
     ``result.scores[layer]`` is the layer's first CAR scoring. Normally that is all filters of the intact
@@ -199,7 +199,7 @@ def _curve_section(page, result, curves) -> dict:
 
 
 def _classwise_section(page, result, layer, class_names) -> tuple[dict, ClassImportance]:
-    imp, note = _importance(result, layer, class_names)
+    imp, note = layer_importance(result, layer, class_names)
     removed = result.removed.get(layer, [])
     ranks = {f: i + 1 for i, f in enumerate(removed)}
     page.heading(2, f"Class-wise CAR: {layer}")
@@ -212,7 +212,7 @@ def _classwise_section(page, result, layer, class_names) -> tuple[dict, ClassImp
     page.figure(figures.classwise_heatmap, f"classwise_{safe_name(layer)}.png",
                 f"Class-wise CAR of {layer} (% points)", importance=imp, removed=removed)
     sel = imp.selectivity().tolist()
-    per = imp.per_filter(3)
+    per = [{"filter": f, **d} for f, d in imp.per_filter(3).items()]
     loss = (result.scores[layer].loss_increase.tolist() if hasattr(result.scores[layer], "loss_increase")
             else [float("nan")] * len(per))
     order = sorted(range(len(per)), key=lambda i: (-float(imp.car[i]), per[i]["filter"]))

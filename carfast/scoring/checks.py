@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from carfast import _ext
+from carfast import extensions
 from carfast.batching import model_device
 
 __all__ = ["check_filters", "pick_backend", "work_model", "count_images", "nbytes", "meta_bytes"]
@@ -40,10 +40,10 @@ def pick_backend(backend: str, device: torch.device, fn: str = _FN) -> str:
         raise ValueError(f"{fn}: backend {backend!r} unknown; choose one of {', '.join(_BACKENDS)}")
     if backend == "auto":
         if device.type == "cuda":
-            return next((b for b in ("cuda", "triton") if _ext.has_backend(b)), "torch")
-        return "cpu" if device.type == "cpu" and _ext.has_backend("cpu") else "torch"
+            return next((b for b in ("cuda", "triton") if extensions.has_backend(b)), "torch")
+        return "cpu" if device.type == "cpu" and extensions.has_backend("cpu") else "torch"
     if backend != "torch":
-        _ext.require_backend(backend)
+        extensions.require_backend(backend)
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"{fn}: backend 'cpu' runs on the CPU but the model is on {device}; pass device='cpu' "
                          "or backend='auto'")

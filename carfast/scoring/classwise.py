@@ -75,17 +75,14 @@ class ClassImportance:
         return cls(scores.layer, scores.filters.clone(), class_names, scores.class_car.clone(), scores.car.clone())
 
     # ---- views -----------------------------------------------------------------------------------------
-    def per_filter(self, top: int = 3) -> list[dict]:
-        """For each filter (in ``filters`` order): ``{"filter": k, "most": [(class, value), ...], "least":
-        [...]}``, its ``top`` classes of largest class CAR (most important, largest first) and of smallest
-        (least important, smallest first). Ties go to the lower class index. With ``2 * top`` above the
-        number of classes the two lists share classes."""
+    def per_filter(self, top: int = 3) -> dict[int, dict]:
+        """For each filter (in ``filters`` order): ``{filter: {"most": [(class, value), ...], "least": [...]}}``,
+        its ``top`` classes of largest class CAR (most important, largest first) and of smallest (least
+        important, smallest first); keyed by filter as ``per_class`` is keyed by class. Ties go to the lower
+        class index. With ``2 * top`` above the number of classes the two lists share classes."""
         top = _check_top(top, "per_filter")
-        out = []
-        for f, row in zip(self.filters.tolist(), self.matrix.tolist()):
-            out.append({"filter": f, "most": _rank(row, self.class_names, top, True),
-                        "least": _rank(row, self.class_names, top, False)})
-        return out
+        return {f: {"most": _rank(row, self.class_names, top, True), "least": _rank(row, self.class_names, top, False)}
+                for f, row in zip(self.filters.tolist(), self.matrix.tolist())}
 
     def per_class(self, top: int = 5) -> dict[str, list[tuple[int, float]]]:
         """For each class name: the ``top`` filters of largest class CAR for that class, as (filter,
@@ -124,8 +121,8 @@ class ClassImportance:
             "layer": self.layer, "filters": self.filters.tolist(), "class_names": list(self.class_names),
             "matrix": [[clean(v) for v in row] for row in self.matrix.tolist()],
             "car": [clean(v) for v in self.car.tolist()], "selectivity": self.selectivity().tolist(),
-            "per_filter": [{"filter": d["filter"], "most": [list(p) for p in d["most"]],
-                            "least": [list(p) for p in d["least"]]} for d in self.per_filter(top)],
+            "per_filter": [{"filter": f, "most": [list(p) for p in d["most"]],
+                            "least": [list(p) for p in d["least"]]} for f, d in self.per_filter(top).items()],
             "per_class": {k: [list(p) for p in v] for k, v in self.per_class(top).items()},
         }
 
@@ -136,7 +133,7 @@ class ClassImportance:
         the removal are left out of the text (they are in ``per_filter``)."""
         top = _check_top(top, "table")
         sel = self.selectivity().tolist()
-        rows = self.per_filter(top)
+        rows = [{"filter": f, **d} for f, d in self.per_filter(top).items()]
         order = sorted(range(len(rows)), key=lambda i: (-float(self.car[i]), rows[i]["filter"]))
 
         def fmt(pairs, keep):

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from carfast.batching import (
-    Progress,
     as_batches,
     check_batch,
     check_finite,
@@ -54,6 +53,7 @@ from carfast.errors import resolve_layer
 from carfast.graph import analyze as analyze_flow
 from carfast.graph import from_recording
 from carfast.graph.split import TraceError, analyze, target_num_filters
+from carfast.progress import Progress
 from carfast.scoring.checks import check_filters, count_images, meta_bytes, nbytes, pick_backend, work_model
 from carfast.scoring.chunks import PairStats
 from carfast.scoring.closed_form import find_closed_form

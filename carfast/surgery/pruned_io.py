@@ -27,7 +27,7 @@ from carfast.atomic import atomic_path
 from carfast.graph import is_channel_map
 from carfast.models import cifar as models
 
-__all__ = ["save_pruned", "load_pruned_model"]
+__all__ = ["save_pruned", "load_pruned_model", "read_saved", "read_pruned"]
 
 _FORMAT, _VERSION = "carfast.pruned_model", 1
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -102,8 +102,7 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, extra: dict | None
             os.fsync(f.fileno())
 
 
-def _rebuild(arch, path) -> nn.Module:
-    fn = "load_pruned_model"
+def _rebuild(arch, path, fn: str) -> nn.Module:
     if arch is None:
         raise ValueError(f"{fn}: {path} was saved from a network without a carfast architecture record "
                          "(model.carfast_arch); pass model=, an unpruned instance of the same architecture")
@@ -118,9 +117,8 @@ def _rebuild(arch, path) -> nn.Module:
     return builder(**kwargs, **fixed)
 
 
-def _reshape(model: nn.Module, sizes: dict, state: dict, path) -> None:
+def _reshape(model: nn.Module, sizes: dict, state: dict, path, fn: str) -> None:
     """Give every recorded module its recorded sizes and parameters/buffers of the saved shapes."""
-    fn = "load_pruned_model"
     modules = dict(model.named_modules())
     for name, rec in sizes.items():
         m = modules.get(name)
@@ -143,6 +141,42 @@ def _reshape(model: nn.Module, sizes: dict, state: dict, path) -> None:
                     else new)
 
 
+def read_saved(path: str | os.PathLike, fn: str = "load_pruned_model") -> dict:
+    """The plain-data dict a ``save_pruned`` file holds (``arch``, ``modules``, ``state_dict``, ``extra``),
+    read with ``torch.load(..., weights_only=True)`` onto the CPU and its format checked; ValueError (named
+    ``fn``) for a file that is not one."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{fn}: no file at {os.fspath(path)!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors all mean "not a saved result"
+        raise ValueError(f"{fn}: {os.fspath(path)!r} is not a file carfast wrote (torch.load cannot read it: "
+                         f"{type(err).__name__}); pass a file written by carfast prune, PruneResult.save or "
+                         "save_pruned") from None
+    if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
+        raise ValueError(f"{fn}: {os.fspath(path)!r} is not a carfast pruned model; write it with save_pruned")
+    if obj.get("version") != _VERSION:
+        raise ValueError(f"{fn}: {os.fspath(path)!r} has format version {obj.get('version')}, this carfast reads "
+                         f"{_VERSION}; load it with the carfast that wrote it")
+    return obj
+
+
+def read_pruned(path: str | os.PathLike, model: nn.Module | None, fn: str) -> tuple[nn.Module, dict | None]:
+    """``load_pruned_model`` with errors named ``fn`` (the public function the caller called)."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module or None, got {type(model).__name__}")
+    obj = read_saved(path, fn)
+    net = copy.deepcopy(model) if model is not None else _rebuild(obj["arch"], os.fspath(path), fn)
+    state = obj["state_dict"]
+    _reshape(net, obj["modules"], state, os.fspath(path), fn)
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{fn}: the saved weights do not fit the network ({str(err).splitlines()[0]} ...); pass "
+                         "model=, an unpruned instance of the architecture that was saved") from err
+    return net, obj["extra"]
+
+
 def load_pruned_model(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict | None]:
     """``(network, extra)`` from a file written by ``save_pruned``.
 
@@ -154,23 +188,4 @@ def load_pruned_model(path: str | os.PathLike, model: nn.Module | None = None) -
         The pruned network (with the training flags of the rebuilt network: eval for carfast's
         builders, those of ``model`` otherwise) and the ``extra`` saved with it.
     """
-    fn = "load_pruned_model"
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"{fn}: model must be a torch.nn.Module or None, got {type(model).__name__}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{fn}: no file at {os.fspath(path)!r}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
-        raise ValueError(f"{fn}: {os.fspath(path)!r} is not a carfast pruned model; write it with save_pruned")
-    if obj.get("version") != _VERSION:
-        raise ValueError(f"{fn}: {os.fspath(path)!r} has format version {obj.get('version')}, this carfast reads "
-                         f"{_VERSION}; load it with the carfast that wrote it")
-    net = copy.deepcopy(model) if model is not None else _rebuild(obj["arch"], os.fspath(path))
-    state = obj["state_dict"]
-    _reshape(net, obj["modules"], state, os.fspath(path))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{fn}: the saved weights do not fit the network ({str(err).splitlines()[0]} ...); pass "
-                         "model=, an unpruned instance of the architecture that was saved") from err
-    return net, obj["extra"]
+    return read_pruned(path, model, "load_pruned_model")

@@ -1,6 +1,6 @@
 // CUDA kernels of carfast's ops, registered with the dispatcher: TORCH_LIBRARY_IMPL(carfast, CUDA, m).
 // The ops are defined in carfast._C (csrc/ops.cpp); this file is part of carfast._C_cuda, which
-// carfast/_ext.py imports after it.
+// carfast/extensions.py imports after it.
 //
 // Per op: check the arguments (messages as csrc/check.h's: op, argument, expected, got, fix), bring the
 // inputs to the layouts the raw-pointer launchers of csrc/cuda/kernels.h take, allocate the outputs

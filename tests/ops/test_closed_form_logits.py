@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from compare import assert_close_verbose
 
-from carfast import _ext
+from carfast import extensions
 from carfast.ops.closed_form_logits import ACTIVATIONS, closed_form_logits, closed_form_logits_ref
 
-_CPU_OK = _ext.has_backend("cpu")
-_CPU_WHY = next(b["reason"] for b in _ext.backends() if b["name"] == "cpu")
+_CPU_OK = extensions.has_backend("cpu")
+_CPU_WHY = next(b["reason"] for b in extensions.backends() if b["name"] == "cpu")
 needs_cpu = pytest.mark.skipif(not _CPU_OK, reason=f"C++ extension not built: {_CPU_WHY}")
 
 
@@ -232,7 +232,7 @@ def test_opcheck(residual):
 def test_disabled_extension_reports_why():
     """CARFAST_DISABLE_EXT=1: the pure-PyTorch path, and a cpu request that says why it cannot run."""
     code = (
-        "import carfast._ext as e, torch\n"
+        "import carfast.extensions as e, torch\n"
         "from carfast.ops.closed_form_logits import closed_form_logits\n"
         "b = {x['name']: x for x in e.backends()}\n"
         "assert b['torch']['available'] and not b['cpu']['available'], b\n"

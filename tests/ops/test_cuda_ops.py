@@ -16,14 +16,14 @@ import torch
 from compare import assert_close_verbose
 from test_closed_form_logits import SHAPES, make_case
 
-from carfast import _ext
+from carfast import extensions
 from carfast.ops.ablated_consumer import ablated_consumer, ablated_consumer_ref
 from carfast.ops.closed_form_logits import closed_form_logits_ref
 from carfast.ops.closed_form_score import closed_form_score, closed_form_score_ref
 from carfast.ops.score_reduce import score_reduce, score_reduce_ref
 
-_CUDA_OK = _ext.has_backend("cuda")
-_CUDA_WHY = "" if _CUDA_OK else next(b["reason"] for b in _ext.backends() if b["name"] == "cuda")
+_CUDA_OK = extensions.has_backend("cuda")
+_CUDA_WHY = "" if _CUDA_OK else next(b["reason"] for b in extensions.backends() if b["name"] == "cuda")
 
 
 def test_cuda_backend_present_when_required():

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from compare import assert_close_verbose
 
-from carfast import _ext
+from carfast import extensions
 from carfast.ops.ablated_consumer import ablated_consumer_ref
 from carfast.ops.closed_form_logits import closed_form_logits_ref
 from carfast.ops.closed_form_score import closed_form_score_ref
 from carfast.ops.epilogue import epilogue
 from carfast.ops.score_reduce import check_score_reduce_args, score_reduce_ref
 
-needs_ops = pytest.mark.skipif(not _ext.has_op("score_reduce"), reason="carfast._C (the op schemas) is not built")
+needs_ops = pytest.mark.skipif(not extensions.has_op("score_reduce"), reason="carfast._C (the op schemas) is not built")
 
 
 def _case(N=3, K=4, O=5, H=7, W=5, k=3, stride=1, padding=1, dilation=1, C=6, seed=0):

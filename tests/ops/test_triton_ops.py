@@ -28,13 +28,13 @@ pytest.importorskip("triton", reason="triton is not importable: the triton backe
 
 from compare import assert_close_verbose  # noqa: E402
 
-from carfast import _ext  # noqa: E402
+from carfast import extensions  # noqa: E402
 from carfast.ops.ablated_consumer import ablated_consumer, ablated_consumer_ref  # noqa: E402
 from carfast.ops.closed_form_logits import closed_form_logits_ref  # noqa: E402
 from carfast.ops.closed_form_score import closed_form_score, closed_form_score_ref  # noqa: E402
 from carfast.ops.score_reduce import score_reduce, score_reduce_ref  # noqa: E402
 
-_OK, _WHY = _ext.has_backend("triton"), next(b["reason"] for b in _ext.backends() if b["name"] == "triton")
+_OK, _WHY = extensions.has_backend("triton"), next(b["reason"] for b in extensions.backends() if b["name"] == "triton")
 if not _OK:
     pytest.skip(f"triton backend unavailable: {_WHY}", allow_module_level=True)
 

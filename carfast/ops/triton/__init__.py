@@ -9,7 +9,7 @@ whose implementation validates its arguments and launches the kernel(s). The pub
 ``carfast/ops/<op>.py`` call the module-level function of the same name here (``backend="triton"``).
 
 Triton runs on CUDA tensors; with ``TRITON_INTERPRET=1`` set before triton is imported, its interpreter
-runs the same kernels on CPU tensors (slowly, for tests). ``carfast._ext`` reports this backend as
+runs the same kernels on CPU tensors (slowly, for tests). ``carfast.extensions`` reports this backend as
 available when this package imports, so importing it imports triton.
 
 This file also holds the few helpers the three launchers share (device check, conv settings, sizes).

@@ -12,7 +12,7 @@ Backends:
 pure-PyTorch path);
 it is read once, when this module is first imported.
 
-``python -c "import carfast._ext as e; print(e.backends())"`` prints the table.
+``python -c "import carfast.extensions as e; print(e.backends())"`` prints the table.
 """
 from __future__ import annotations
 

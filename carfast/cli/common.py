@@ -1,0 +1,240 @@
+"""What the ``carfast`` subcommands share: argument types, the model and data options, threads, errors.
+
+``--model`` is a bundled network (resnet20, resnet56, alexnet) or ``package.module:factory``: a callable
+importable from the current folder that returns the network (``--weights``: a state dict to load).
+``--data`` is an ``.npz`` file (``DATA_HELP``); without it the bundled 2,000-image CIFAR-10 test slice.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import os
+import sys
+
+__all__ = ["CliError", "Parser", "BUNDLED", "DATA_HELP", "keep_value", "positive_int", "nonnegative_int",
+           "existing_file", "set_threads", "add_model_options", "add_data_options", "add_compute_options",
+           "add_threads", "build_model", "load_data", "check_layers", "plain_norm"]
+
+BUNDLED = ("resnet20", "resnet56", "alexnet")
+DATA_HELP = ("an .npz file with x: uint8 images [N, H, W, C] (scaled to [0, 1], then normalised by --normalize) "
+             "or float32 inputs [N, ...] used as they are; y: int labels [N]; optional classes: [K] class names "
+             "(default: the bundled 2,000-image CIFAR-10 test slice)")
+_NORMALIZE_HELP = ("for uint8 --data images: 'cifar' (the bundled ResNets' mean and std), 'none' (only scaled to "
+                   "[0, 1]) or MEAN/STD per channel, e.g. 0.49,0.48,0.45/0.25,0.24,0.26 (default: the bundled "
+                   "model's own; 'none' for package.module:factory)")
+_PRECISION_HELP = ("arithmetic of the network after the consumer: fp32 (default), or bf16/fp16 with an exact "
+                   "float32 re-run of the image/filter pairs whose top-1 margin is too small to trust")
+_THREADS_HELP = "torch threads (default: torch's default, fewer when other processes keep the cores busy)"
+
+
+class CliError(ValueError):
+    """A bad argument found by the command itself (printed as one line, exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``carfast prune: error: ... (see carfast prune --help)``, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- argument types ------------------------------------------------------------------------------------
+def keep_value(text: str):
+    """``--keep``: an int count ("14") or a fraction ("0.5")."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a filter count (14) nor a fraction (0.5)") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
+    return v
+
+
+def existing_file(path: str | None, option: str, hint: str) -> str | None:
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise CliError(f"{option} {path}: no such file; {hint}")
+    return os.path.abspath(path)
+
+
+# ---- options --------------------------------------------------------------------------------------------
+def add_model_options(p, required: bool = False, default: str | None = "resnet20") -> None:
+    p.add_argument("--model", required=required, default=None if required else default,
+                   help=f"{' / '.join(BUNDLED)} (bundled CIFAR-10 networks; alexnet needs --weights), or "
+                        "package.module:factory, a callable importable from the current folder that returns your "
+                        f"network{'' if required or default is None else f' (default {default})'}")
+    p.add_argument("--weights", default=None, help="a checkpoint (state dict) to load into the model")
+
+
+def add_data_options(p, what: str = "the images to score on") -> None:
+    p.add_argument("--data", default=None, metavar="FILE.npz", help=f"{what}: {DATA_HELP}")
+    p.add_argument("--normalize", default=None, help=_NORMALIZE_HELP)
+
+
+def add_compute_options(p) -> None:
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help=_PRECISION_HELP)
+    p.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: cpu)")
+
+
+def add_threads(p) -> None:
+    p.add_argument("--threads", type=positive_int, default=None, help=_THREADS_HELP)
+
+
+# ---- threads ------------------------------------------------------------------------------------------
+def set_threads(requested: int | None) -> str | None:
+    """Set torch's intra-op threads: ``--threads N``, or by default as many as there are idle cores.
+
+    Why the default: on a small machine shared with other busy processes, torch's threads wait for each
+    other at every op, and a thread that is not scheduled stalls the rest; measured on a 2-core machine
+    with two other busy processes, one thread pruned 3-4x faster than two and ran a single ResNet-20
+    image in 2 ms instead of 380 ms. With idle cores it keeps torch's default. Returns a note to print
+    when it chose fewer threads than the default, else None.
+    """
+    import torch
+    default = torch.get_num_threads()
+    if requested is not None:
+        torch.set_num_threads(requested)
+        return None
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):            # not on every platform
+        return None
+    cores = os.cpu_count() or default
+    threads = max(1, min(default, int(cores - load + 0.5)))
+    if threads >= default:
+        return None
+    torch.set_num_threads(threads)
+    return (f"using {threads} torch thread{'s' if threads > 1 else ''} instead of {default}: the machine is busy "
+            f"(load {load:.1f} on {cores} cores); pass --threads to choose")
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+def _user_model(spec: str, weights: str | None):
+    mod_name, _, attr = spec.partition(":")
+    if not attr or not mod_name:
+        raise CliError(f"--model {spec!r}: not a bundled model ({', '.join(BUNDLED)}); give package.module:factory "
+                       "(a callable that returns the network)")
+    sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise CliError(f"--model {spec!r}: cannot import it ({err}); run carfast from the folder that holds "
+                       f"{mod_name.split('.')[0]} or put it on PYTHONPATH") from None
+    model = factory()
+    import torch
+    if not isinstance(model, torch.nn.Module):
+        raise CliError(f"--model {spec!r}: {attr}() returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
+            raise CliError(f"--weights {weights}: torch.load cannot read it as a state dict "
+                           f"({type(err).__name__})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as err:
+            raise CliError(f"--weights {weights}: does not fit {spec} ({str(err).splitlines()[0]})") from None
+    return model.eval()
+
+
+def build_model(spec: str, weights: str | None):
+    """(model in eval mode, input normalisation (mean, std) or None) for a ``--model`` value."""
+    from carfast import models
+    weights = existing_file(weights, "--weights", "pass a checkpoint file" +
+                            ("" if spec == "alexnet" or spec not in BUNDLED else
+                             " or leave it out for the bundled weights"))
+    if spec not in BUNDLED:
+        return _user_model(spec, weights), None
+    if spec == "alexnet":
+        if weights is None:
+            raise CliError("--model alexnet needs --weights PATH (e.g. shared/data/models/alexnet_cifar.pt): "
+                           "carfast bundles no AlexNet weights")
+        return models.alexnet_cifar(weights), models.ALEXNET_CIFAR_NORMALIZATION
+    return models.cifar_resnet(int(spec.removeprefix("resnet")), weights=weights), models.CIFAR_RESNET_NORMALIZATION
+
+
+def check_layers(model, names: list[str], spec: str) -> None:
+    """Every ``--layer`` is a Conv2d / Linear of the model, else a CliError pointing at ``carfast layers``."""
+    from torch import nn
+    modules = dict(model.named_modules())
+    listing = f"carfast layers --model {spec} lists them"
+    for name in names:
+        if name not in modules or not name:
+            near = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(near)}? " if near else ""
+            raise CliError(f"--layer {name}: layer {name!r} not found in {spec}; {hint}({listing})")
+        if not isinstance(modules[name], (nn.Conv2d, nn.Linear)):
+            raise CliError(f"--layer {name}: it is a {type(modules[name]).__name__}; carfast scores and prunes "
+                           f"Conv2d and Linear layers ({listing})")
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def _normalization(text: str | None, default):
+    from carfast.models import CIFAR_RESNET_NORMALIZATION
+    if text is None:
+        return default
+    if text == "none":
+        return None
+    if text == "cifar":
+        return CIFAR_RESNET_NORMALIZATION
+    try:
+        mean, std = ([float(v) for v in part.split(",")] for part in text.split("/"))
+    except ValueError:
+        raise CliError(f"--normalize {text!r}: give cifar, none, or MEAN/STD per channel, e.g. "
+                       "0.49,0.48,0.45/0.25,0.24,0.26") from None
+    if len(mean) != len(std) or not all(s > 0 for s in std):
+        raise CliError(f"--normalize {text!r}: as many means as stds, every std > 0")
+    return mean, std
+
+
+def load_data(path: str | None, normalize: str | None, default_norm, need: int | None = None):
+    """(x [N, ...] float32, y [N] int64, class names or None, normalisation used): all of ``--data`` (or of
+    the bundled slice), which must hold at least ``need`` images."""
+    from carfast.data import cifar10_classes, cifar10_test, load_npz
+    path = existing_file(path, "--data", f"pass {DATA_HELP.split(' (default')[0]}, or leave it out for the "
+                                         "bundled CIFAR-10 slice")
+    norm = _normalization(normalize, default_norm)
+    if path is None:
+        x, y = cifar10_test(normalization=norm if norm is not None else _UNIT)
+        classes = cifar10_classes()
+    else:
+        try:
+            x, y, classes = load_npz(path, normalization=norm, fn="--data")
+        except (ValueError, TypeError) as err:
+            raise CliError(str(err)) from None
+    if need is not None and need > len(y):
+        raise CliError(f"--n {need}: {path or 'the bundled CIFAR-10 slice'} holds {len(y):,} images; pass a "
+                       "smaller --n" + ("" if path else " or --data with more (e.g. the full CIFAR-10 test.npz)"))
+    return x, y, classes, norm
+
+
+_UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))      # no normalisation: x / 255 only
+
+
+def plain_norm(norm) -> list | None:
+    return None if norm is None else [list(map(float, norm[0])), list(map(float, norm[1]))]

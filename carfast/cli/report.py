@@ -1,0 +1,121 @@
+"""``carfast report``: the HTML report of a saved pruning result.
+
+The original network (for its latency and pictures of the removed first-layer filters) is ``--model``
+with ``--weights``, or what ``carfast prune`` recorded; a result saved from Python by
+``PruneResult.save`` has no such record, so pass ``--model`` there. Held-out accuracy is measured on the
+images that follow the scored ones in the source ``carfast prune`` read, or on ``--data``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from carfast.cli.common import (
+    BUNDLED,
+    CliError,
+    add_data_options,
+    add_model_options,
+    add_threads,
+    build_model,
+    existing_file,
+    load_data,
+    nonnegative_int,
+)
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("report", help="write the HTML report of a saved pruning result",
+                       description="Write index.html (self-contained), its PNG figures and summary.json for a "
+                                   "result saved by carfast prune or PruneResult.save. The original model is "
+                                   "--model (with --weights), else the one carfast prune recorded; held-out "
+                                   "accuracy is measured on the images that follow the scored ones in the same "
+                                   "source, or on --data.")
+    t.add_argument("result", metavar="RESULT.pt", help="a file written by carfast prune or PruneResult.save")
+    t.add_argument("--out", default=None, help="report folder (default: RESULT-report beside the file)")
+    add_model_options(t, default=None)
+    add_data_options(t, "images to measure held-out accuracy on")
+    t.add_argument("--heldout-n", type=nonnegative_int, default=None,
+                   help="number of held-out images (default: all available; 0: none)")
+    t.add_argument("--title", default=None, help="page title")
+    add_threads(t)
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _original(args, cli: dict):
+    """(original model or None, the unpruned architecture to load the result into or None, normalisation)."""
+    if args.weights is not None and args.model is None:
+        raise CliError("--weights needs --model (the network the weights belong to)")
+    spec = args.model or cli.get("model")
+    weights = args.weights if args.model is not None else cli.get("weights")
+    if spec is None:
+        _note("no original model (pass --model and --weights): latency and removed filter pictures are left out")
+        return None, None, None
+    if weights is not None and not os.path.isfile(weights):
+        if args.model is not None:
+            existing_file(weights, "--weights", "pass the original network's checkpoint")
+        _note(f"the original weights {weights} are gone: latency and removed filter pictures are left out")
+        arch = build_model(spec, None)[0] if spec not in BUNDLED else None
+        return None, arch, None
+    model, norm = build_model(spec, weights)
+    return model, (model if spec not in BUNDLED else None), norm
+
+
+def _heldout(args, cli: dict, norm):
+    """((x, y) held-out images or None, class names or None). The images after the run's scored ones when
+    the source is the one the run scored on (default), else the first of ``--data``."""
+    if args.heldout_n == 0:
+        return None, None
+    if not cli and args.data is None:
+        _note("no held-out images: pass --data with images the run did not score on")
+        return None, None
+    data = os.path.abspath(args.data) if args.data is not None else cli.get("data")
+    same = bool(cli) and data == cli.get("data")
+    start = int(cli.get("n", 0)) if same else 0
+    x, y, classes, _ = load_data(data, args.normalize, norm)
+    source = data or "the bundled slice"
+    if start >= len(y):
+        if args.heldout_n is not None:
+            raise CliError(f"--heldout-n {args.heldout_n}: the run scored on all {len(y):,} images of {source}, "
+                           "none is left to hold out; pass --data with other images (e.g. the full CIFAR-10 "
+                           "test.npz)")
+        _note(f"no held-out images: the run scored on all {len(y):,} images of {source} (pass --data "
+              "test.npz for more)")
+        return None, classes
+    stop = len(y) if args.heldout_n is None else start + args.heldout_n
+    if stop > len(y):
+        raise CliError(f"--heldout-n {args.heldout_n}: only {len(y) - start:,} images of {source} follow the "
+                       "scored ones; pass a smaller --heldout-n or --data with more images")
+    return (x[start:stop], y[start:stop]), classes
+
+
+def run(args) -> int:
+    import carfast
+    from carfast.report import write_report
+    from carfast.surgery.pruned_io import read_saved
+
+    path = existing_file(args.result, "RESULT", "pass a file written by carfast prune (or PruneResult.save)")
+    saved = read_saved(path, "RESULT")
+    settings = (saved.get("extra") or {}).get("settings") or {}
+    cli = settings.get("cli_model") or {}
+    original, arch, norm = _original(args, cli)
+    if arch is None and saved.get("arch") is None:
+        raise CliError(f"{path} holds a network carfast cannot rebuild on its own; pass --model "
+                       "package.module:factory (and --weights) naming the original network")
+    result = carfast.load_pruned(path, model=arch)
+    if cli.get("normalization") is not None and args.normalize is None and args.model is None:
+        norm = cli["normalization"]
+    heldout, names = _heldout(args, cli, norm)
+    if names is not None and any(s.num_classes != len(names) for s in result.scores.values()):
+        names = None
+    out = args.out or os.path.splitext(path)[0] + "-report"
+    model_name = args.model or cli.get("model") or "model"
+    index = write_report(result, out, original=original, heldout=heldout, class_names=names,
+                         title=args.title or f"carfast pruning report: {model_name}, {', '.join(result.kept)}",
+                         input_std=norm[1] if norm else None)
+    print(f"wrote {index}")
+    return 0

@@ -1,0 +1,74 @@
+"""Progress of long work on stderr: a bar on a terminal, a line every few seconds elsewhere.
+
+``progress`` (the argument of ``score_layer``, ``prune``, ``finetune``...): None (the default: a bar on a
+terminal, periodic lines where stderr is not one, as in a log or a Jupyter notebook; the environment
+variable ``CARFAST_PROGRESS=0`` turns both off), True (the same, whatever the variable says), False
+(nothing), or a callable ``(done, total)`` called after every update.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+__all__ = ["Progress", "LINE_SECONDS"]
+
+#: seconds between two progress lines outside a terminal (the first comes after as long)
+LINE_SECONDS = 10.0
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """Progress of ``total`` units of work (None: unknown) named ``label``; ``update(n)`` after each piece."""
+
+    def __init__(self, progress, total: int | None, label: str, unit: str = "pairs"):
+        self.callback = progress if callable(progress) else None
+        on = (os.environ.get("CARFAST_PROGRESS", "1") != "0") if progress is None else \
+            bool(progress) and self.callback is None
+        self.mode = None if not on else ("bar" if sys.stderr.isatty() else "lines")
+        self.total, self.label, self.unit, self.done = total, label, unit, 0
+        self.start = self.last = time.perf_counter()
+        self.lines = 0
+
+    def _timing(self, now: float) -> str:
+        elapsed = now - self.start
+        text = f"{_clock(elapsed)} elapsed"
+        if self.total and 0 < self.done < self.total:
+            text += f", ~{_clock(elapsed * (self.total - self.done) / self.done)} left"
+        return text
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+        if self.mode is None:
+            return
+        now = time.perf_counter()
+        finished = bool(self.total) and self.done >= self.total
+        rate = self.done / max(now - self.start, 1e-9)
+        if self.mode == "bar" and (now - self.last > 0.25 or finished):
+            self.last = now
+            if self.total:
+                frac = min(self.done / self.total, 1.0)
+                sys.stderr.write(f"\r{self.label} [{'#' * int(30 * frac):<30}] {100 * frac:5.1f} %  "
+                                 f"{rate:,.1f} {self.unit}/s  {self._timing(now)}  ")
+            else:
+                sys.stderr.write(f"\r{self.label} {self.done:,} {self.unit}  {rate:,.1f} {self.unit}/s  "
+                                 f"{self._timing(now)}  ")
+            sys.stderr.flush()
+        elif self.mode == "lines" and (now - self.last >= LINE_SECONDS or (finished and self.lines)):
+            self.last = now
+            self.lines += 1
+            of = f"/{self.total:,} {self.unit} ({100 * min(self.done / self.total, 1.0):.1f} %)" if self.total \
+                else f" {self.unit}"
+            sys.stderr.write(f"carfast: {self.label} {self.done:,}{of}, {self._timing(now)}\n")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.mode == "bar":
+            sys.stderr.write("\n")
+            sys.stderr.flush()
