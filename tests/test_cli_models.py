@@ -154,7 +154,7 @@ def test_resnet56_group_and_block_convs_end_to_end(tmp_path):
     folder = tmp_path / "r56-report"
     pngs = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
     assert "classwise_layer3.8.conv2.png" in pngs and "classwise_layer1.0.conv1.png" in pngs
-    assert "layer3.8.conv2" in (folder / "index.html").read_text(encoding="utf-8")
+    assert "layer3.8.conv2 was pruned as its coupling group" in (folder / "index.html").read_text(encoding="utf-8")
 
 
 class _Stderr(io.StringIO):

@@ -207,6 +207,9 @@ def _classwise_section(page, result, layer, class_names) -> tuple[dict, ClassImp
              "removed, measured before any filter of this layer was pruned (positive = the class depends on the "
              "filter). Filters are sorted by CAR, the overall accuracy lost; removed filters are marked with their "
              "removal order.")
+    if layer in result.settings.get("groups", ()):
+        note = (f"{layer} was pruned as its coupling group: each row is a channel of the residual stream it "
+                f"writes, removed from every layer that writes or reads it. {note or ''}").strip()
     if note:
         page.note(note)
     page.figure(figures.classwise_heatmap, f"classwise_{safe_name(layer)}.png",
