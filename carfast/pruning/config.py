@@ -17,6 +17,7 @@ from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.errors import resolve_layer
 from carfast.graph import analyze_units, build_graph
 from carfast.pruning.criteria import get_criterion
+from carfast.scoring.scores import DEFAULT_RULE, check_rule
 
 __all__ = ["Target", "PruneConfig", "SCORE_KEYS"]
 
@@ -46,6 +47,7 @@ class PruneConfig:
     schedule: str = "sequential"
     criterion: object = None             # None: CAR; else a callable (model, layer, data) -> [F]
     criterion_name: str = "car"
+    rule: str = DEFAULT_RULE             # CAR's selection rule (scores.rule_keys)
     finetune: object = None
     checkpoint: str | None = None
     score_options: dict = field(default_factory=dict)
@@ -59,8 +61,8 @@ class PruneConfig:
         return next(t for t in self.targets if t.name == name)
 
     @classmethod
-    def build(cls, model: nn.Module, layers, data, *, keep, step, schedule, criterion, max_accuracy_drop, finetune,
-              checkpoint, score_options) -> "PruneConfig":
+    def build(cls, model: nn.Module, layers, data, *, keep, step, schedule, criterion, rule, max_accuracy_drop,
+              finetune, checkpoint, score_options) -> "PruneConfig":
         """Check every argument (ValueError / TypeError naming the problem and the fix) before any work."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_FN}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -72,6 +74,10 @@ class PruneConfig:
         if schedule not in ("sequential", "global"):
             raise ValueError(f"{_FN}: schedule must be 'sequential' or 'global', got {schedule!r}")
         crit = None if criterion in ("car", None) else get_criterion(criterion)
+        if crit is not None and rule is not None:
+            raise ValueError(f"{_FN}: rule={rule!r} is CAR's selection rule; criterion={criterion!r} ranks by its own "
+                             "importance: drop rule, or use criterion='car'")
+        rule = DEFAULT_RULE if rule is None else check_rule(rule, _FN)
         _check_finetune(finetune)
         example = _example(data)
         names = _layer_names(model, layers)
@@ -79,7 +85,7 @@ class PruneConfig:
         _set_keep(targets, keep)
         _set_drops(targets, max_accuracy_drop)
         return cls(targets, step, schedule, crit, "car" if crit is None else getattr(crit, "__name__", str(criterion)),
-                   finetune, checkpoint, dict(score_options), example)
+                   rule, finetune, checkpoint, dict(score_options), example)
 
 
 def _check_finetune(finetune) -> None:

@@ -8,11 +8,12 @@
 - ``schedule="global"``: each iteration scores every open target on the current (physically pruned)
   model and removes the best channels across all of them.
 
-The choice is the channel whose removal keeps the most images correct, then the smallest loss, then
-(global) the earlier listed target, then the lowest original index (``scores.removal_key``); with a
-baseline criterion the lowest importance, then target, then index. A target with an accuracy budget
-(``max_accuracy_drop``) stops before the removal that would take accuracy below the input model's
-minus its budget; the others go on, and ``stops`` says where and why each one stopped.
+The choice is the channel with the smallest key under CAR's selection rule (``scores.rule_keys``; the
+paper's: the removal that keeps the most images correct, then the smallest loss), then (global) the
+earlier listed target, then the lowest original index; with a baseline criterion the lowest
+importance, then target, then index. A target with an accuracy budget (``max_accuracy_drop``) stops
+before the removal that would take accuracy below the input model's minus its budget; the others go
+on, and ``stops`` says where and why each one stopped.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from carfast.distributed import all_reduce_sum
 from carfast.pruning.checkpoint import write_checkpoint
 from carfast.pruning.evaluate import Evaluation, evaluate
 from carfast.scoring import GroupScorer, LayerScorer
-from carfast.scoring.scores import removal_key
+from carfast.scoring.scores import flip_counts, rule_keys
 from carfast.surgery import remove_filters, remove_groups
 
 __all__ = ["Candidate", "GreedyRun"]
@@ -130,6 +131,15 @@ class GreedyRun:
                              "channels' way, e.g. a depthwise conv): prune it on its own")
         return s
 
+    def car_scores(self, scorer):
+        """Score every remaining channel of ``scorer``; returns (LayerScores, [removal key per channel])."""
+        rule, pg = self.config.rule, self.config.score_options["process_group"]
+        s = scorer.score(per_image=rule == "lcb")
+        flips = None
+        if rule == "lcb" and pg is not False and pg is not None:    # images flipped, summed over processes
+            flips = all_reduce_sum(list(flip_counts(s)), pg, _FN)
+        return s, rule_keys(s, rule, flips)
+
     # -- sequential ----------------------------------------------------------------------------------------
     def sequential(self) -> None:
         for name in self.config.names:
@@ -158,9 +168,10 @@ class GreedyRun:
     def rank_in_layer(self, scorer, name: str, start: list):
         """Remaining scorer indices, best to remove first; and {index: LayerScores} already known."""
         if self.config.criterion is None:
-            s = scorer.score()
+            s, keys = self.car_scores(scorer)
             self.first_scores.setdefault(name, s)
-            order = s.ranking().tolist()
+            filters = s.filters.tolist()
+            order = [filters[i] for i in sorted(range(len(filters)), key=lambda i: (keys[i], filters[i]))]
             return order, {order[0]: s}
         now = self.model
         if scorer.removed:     # the criterion sees the model as it is now
@@ -186,13 +197,11 @@ class GreedyRun:
         out = []
         for pos, n in enumerate(open_targets):
             if self.config.criterion is None:
-                s = self.scorer(n).score()
+                s, keys = self.car_scores(self.scorer(n))
                 if len(self.orig[n]) == self.targets[n].units:      # intact: indices are the original ones
                     self.first_scores.setdefault(n, s)
                 for i, k in enumerate(s.filters.tolist()):
-                    ev = _evaluation(s, i)
-                    out.append(Candidate(removal_key(ev.correct, ev.loss_sum, pos, self.orig[n][k]), n,
-                                         self.orig[n][k], ev))
+                    out.append(Candidate((*keys[i], pos, self.orig[n][k]), n, self.orig[n][k], _evaluation(s, i)))
             else:
                 imp = self.importance_of(n, self.model, len(self.orig[n]))
                 out += [Candidate((float(v), pos, self.orig[n][i]), n, self.orig[n][i]) for i, v in enumerate(imp)]

@@ -41,7 +41,7 @@ def _finetune(model, finetune):
 
 
 def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str = "sequential",
-          criterion="car", max_accuracy_drop=None, finetune=None, checkpoint=None,
+          criterion="car", rule=None, max_accuracy_drop=None, finetune=None, checkpoint=None,
           progress=None, **score_options) -> PruneResult:
     """Greedy pruning of ``layers`` of ``model`` by CAR (or a baseline criterion), then surgery.
 
@@ -65,6 +65,11 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         criterion: "car" (default), a name in ``carfast.criteria.CRITERIA`` ("random", "l1",
             "mean_activation", "apoz", "taylor") or a callable ``(model, layer, data) -> [F]`` importance
             (higher = more important).
+        rule: CAR's selection rule, which removal greedy CAR picks (``carfast.scoring.scores.rule_keys``):
+            "accuracy" (the paper's: most images still correct), "lcb" (a lower confidence bound of that,
+            from the images each removal flips either way: resists the winner's curse of picking the
+            luckiest of many noisy counts) or "loss" (smallest loss); None: ``DEFAULT_RULE``. Measured on
+            held-out images in experiments/RESULTS.md.
         max_accuracy_drop: an accuracy budget: a fraction (0.02 = two points) for every layer, or a dict
             {layer: fraction or None}. A layer stops before the removal that would take accuracy (on
             ``data``) below the input model's minus its budget; the other layers go on.
@@ -89,7 +94,7 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     """
     pg = process_group_argument(score_options.pop("process_group", None), score_options.pop("group", UNSET), _FN)
     config = PruneConfig.build(model, layers, data, keep=keep, step=step, schedule=schedule, criterion=criterion,
-                               max_accuracy_drop=max_accuracy_drop, finetune=finetune, checkpoint=checkpoint,
+                               rule=rule, max_accuracy_drop=max_accuracy_drop, finetune=finetune, checkpoint=checkpoint,
                                score_options=score_options)
     # several processes: the scores and every accuracy check are summed over the group, so each process
     # makes the same removals (each scores its own shard of the images)
@@ -108,7 +113,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     base = evaluate(work, data, process_group=config.score_options["process_group"])
     settings = {"layers": config.names, "groups": [t.name for t in config.targets if t.group],
                 "keep": {t.name: t.keep for t in config.targets}, "step": config.step, "schedule": config.schedule,
-                "criterion": config.criterion_name, "max_accuracy_drop": {t.name: t.max_drop for t in config.targets},
+                "criterion": config.criterion_name, "rule": config.rule if config.criterion is None else None,
+                "max_accuracy_drop": {t.name: t.max_drop for t in config.targets},
                 "num_images": base.num_images, "input_shape": list(config.example.shape),
                 "backend": config.score_options.get("backend", "auto"),
                 "precision": config.score_options.get("precision", "fp32")}
