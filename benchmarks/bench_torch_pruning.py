@@ -1,10 +1,14 @@
-"""CAR inside Torch-Pruning against Torch-Pruning's MagnitudeImportance, on the pretrained ResNet-56.
+"""CAR inside Torch-Pruning against Torch-Pruning's MagnitudeImportance, on a pretrained CIFAR ResNet.
 
-    python benchmarks/bench_torch_pruning.py [--n-score 500] [--ratio 0.3] [--steps 3] [--global] [--blocks-only]
-                                            [--precision bf16] [--variants magnitude,car,car-loss]
+    python benchmarks/bench_torch_pruning.py [--depth 56] [--n-score 500] [--ratio 0.3] [--steps 3] [--global]
+                                            [--blocks-only] [--precision bf16] [--threads N]
+                                            [--variants magnitude,magnitude-l1,car,car-single,car-loss]
                                             [--data test.npz] [--out FILE]
 
-Both runs prune the same pretrained ResNet-56 with ``tp.pruner.BasePruner`` (``ignored_layers=[linear]``,
+Variants: "car" is ``CARImportance`` as shipped (greedy CAR inside each group, bound to the pruner so the
+greedy runs as far as each step needs), "car-single" each channel's own CAR (``greedy=False``),
+"car-loss" the loss increase alone (single), "magnitude" / "magnitude-l1" ``MagnitudeImportance(p=2 / 1)``.
+All runs prune the same pretrained ResNet with ``tp.pruner.BasePruner`` (``ignored_layers=[linear]``,
 ``customized_pruners=channel_map_pruners(model)`` so the option-A shortcuts are pruned as carfast's
 per-stage groups), the same ``pruning_ratio`` and ``iterative_steps``; per-layer pruning (the default)
 gives both the same architecture and MACs, so only which channels go differs. ``--blocks-only`` prunes
@@ -42,7 +46,7 @@ def accuracy(model, x, y, batch: int = 500) -> float:
 
 
 def run(name, importance, args, score, held) -> dict:
-    model = carfast.models.cifar_resnet(56)
+    model = carfast.models.cifar_resnet(args.depth)
     example = torch.zeros(1, 3, 32, 32)
     macs0, params0 = tp.utils.count_ops_and_params(model, example)
     ignored = [model.linear]
@@ -51,6 +55,8 @@ def run(name, importance, args, score, held) -> dict:
     pruner = tp.pruner.BasePruner(model, example, importance, pruning_ratio=args.ratio, iterative_steps=args.steps,
                                   global_pruning=args.global_pruning, ignored_layers=ignored,
                                   customized_pruners=channel_map_pruners(model))
+    if isinstance(importance, CARImportance):
+        importance.bind(pruner)
     steps = []
     t0 = time.perf_counter()
     for s in range(args.steps):
@@ -70,6 +76,9 @@ def run(name, importance, args, score, held) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--depth", type=int, default=56, choices=carfast.models.bundled_resnet_depths(),
+                    help="the bundled pretrained CIFAR ResNet to prune")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--n-score", type=int, default=500, help="test images CAR scores on (the first ones)")
     ap.add_argument("--ratio", type=float, default=0.3, help="Torch-Pruning pruning_ratio (0.3: about 2x MACs)")
     ap.add_argument("--steps", type=int, default=3, help="iterative_steps (CAR re-scores at each)")
@@ -77,12 +86,14 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks-only", action="store_true", help="prune only the blocks' first convs (ignore the "
                     "stem and every conv2, so the residual-stream groups keep their channels)")
     ap.add_argument("--precision", default="fp32", help="CAR's score_layer precision (groups: fp32)")
-    ap.add_argument("--variants", default="magnitude,car", help="comma-separated: magnitude, car, car-loss "
-                    "(CAR ranked by the loss increase alone)")
+    ap.add_argument("--variants", default="magnitude,magnitude-l1,car", help="comma-separated: magnitude, "
+                    "magnitude-l1, car (greedy), car-single, car-loss (single, ranked by the loss increase)")
     ap.add_argument("--data", default=default_data_path(), help="CIFAR-10 test .npz (default: ../shared)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "torch_pruning.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     x, y, src = load_cifar10(args.data, None)
     if args.n_score >= len(y):
         sys.exit(f"bench_torch_pruning: --n-score {args.n_score} leaves no held-out images of {len(y)}")
@@ -90,12 +101,15 @@ def main(argv=None) -> int:
     env = environment()
     print(describe_environment(env))
     print(f"data: {src}; CAR scores on {len(score[1])}, held out {len(held[1])}")
-    base = carfast.models.cifar_resnet(56)
+    base = carfast.models.cifar_resnet(args.depth)
     rows = [{"importance": "unpruned", "held_out_accuracy": accuracy(base, *held),
              "score_accuracy": accuracy(base, *score), "macs_ratio": 1.0, "params_ratio": 1.0, "seconds": 0.0}]
     variants = {"magnitude": lambda: ("magnitude (L2)", tp.importance.MagnitudeImportance(p=2)),
-                "car": lambda: ("CAR", CARImportance(score, precision=args.precision)),
-                "car-loss": lambda: ("CAR, loss", CARImportance(score, rank_by="loss", precision=args.precision))}
+                "magnitude-l1": lambda: ("magnitude (L1)", tp.importance.MagnitudeImportance(p=1)),
+                "car": lambda: ("CAR, greedy", CARImportance(score, precision=args.precision)),
+                "car-single": lambda: ("CAR, single", CARImportance(score, greedy=False, precision=args.precision)),
+                "car-loss": lambda: ("CAR, loss", CARImportance(score, greedy=False, rank_by="loss",
+                                                                precision=args.precision))}
     for v in args.variants.split(","):
         if v not in variants:
             sys.exit(f"bench_torch_pruning: unknown variant {v!r}; choose from {sorted(variants)}")

@@ -3,8 +3,10 @@
     pip install 'carfast[torch-pruning]'
     python examples/torch_pruning_car.py [--images 200] [--ratio 0.2] [--steps 2] [--global]
 
-CAR re-scores every group at each step on the model as pruned so far; ``channel_map_pruners`` lets
-Torch-Pruning cut the ResNets' parameter-free padding shortcuts, so its groups are carfast's.
+At each step ``CARImportance`` runs greedy CAR inside every group (bound to the pruner, only as far as
+the step needs, each group scored with the step's earlier removals made) on the model as pruned so far;
+``channel_map_pruners`` lets Torch-Pruning cut the ResNets' parameter-free padding shortcuts, so its
+groups are carfast's.
 """
 from __future__ import annotations
 
@@ -29,9 +31,11 @@ def main() -> None:
     score, held = (x[:args.images], y[:args.images]), (x[args.images:], y[args.images:])
     example = torch.zeros(1, 3, 32, 32)
     macs0, _ = tp.utils.count_ops_and_params(model, example)
-    pruner = tp.pruner.BasePruner(model, example, CARImportance(score), pruning_ratio=args.ratio,
+    importance = CARImportance(score)
+    pruner = tp.pruner.BasePruner(model, example, importance, pruning_ratio=args.ratio,
                                   iterative_steps=args.steps, global_pruning=args.global_pruning,
                                   ignored_layers=[model.linear], customized_pruners=channel_map_pruners(model))
+    importance.bind(pruner)                                  # greedy only as far as each step needs
     for step in range(args.steps):
         pruner.step()
         macs, _ = tp.utils.count_ops_and_params(model, example)

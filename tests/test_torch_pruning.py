@@ -42,11 +42,11 @@ def test_torch_pruning_groups_are_carfast_groups():
         assert _producers(DG, g) == sorted(find_group(model, root, EXAMPLE).producers), root
 
 
-def test_importance_is_car_with_loss_tie_break():
+def test_single_importance_is_car_with_loss_tie_break():
     model = cifar_resnet(20)
     x, y = _data()
     DG = _graph(model)
-    imp = CARImportance((x, y))
+    imp = CARImportance((x, y), greedy=False)
     for layer in ("conv1", "layer2.1.conv1"):
         group = DG.get_pruning_group(model.get_submodule(layer), tp.prune_conv_out_channels,
                                      idxs=list(range(model.get_submodule(layer).out_channels)))
@@ -59,6 +59,79 @@ def test_importance_is_car_with_loss_tie_break():
         lost = ref.base_correct.sum() - ref.correct.sum(1)
         assert torch.equal(torch.floor(got.double() * ref.num_images + 1e-6).long(), lost)
     assert imp.last_scores is not None
+
+
+def _group(DG, model, layer):
+    m = model.get_submodule(layer)
+    return DG.get_pruning_group(m, tp.prune_conv_out_channels, idxs=list(range(m.out_channels)))
+
+
+@pytest.mark.parametrize("layer, keep", [("layer2.1.conv1", 27), ("conv1", 12)])
+def test_greedy_importance_orders_by_greedy_car(layer, keep):
+    """Lowest k of the greedy importance = carfast.prune's first k removals (a layer, and the stage-1 group);
+    scores rise along the removal order and the channels the greedy did not reach score above them all."""
+    model = cifar_resnet(20)
+    x, y = _data()
+    F = model.get_submodule(layer).out_channels
+    imp = CARImportance((x, y), depth=F - keep)(_group(_graph(model), model, layer)).double()
+    ref = carfast.prune(model, layer, (x, y), keep=keep, progress=False)
+    order = torch.argsort(imp, stable=True).tolist()
+    assert order[:F - keep] == ref.removed[layer]
+    greedy = imp[ref.removed[layer]]
+    assert bool((greedy.diff() > 0).all())
+    rest = [f for f in range(F) if f not in ref.removed[layer]]
+    assert float(imp[rest].min()) > float(greedy.max())
+    # the j-th score is the accuracy the greedy had lost after its j-th removal (running maximum)
+    lost = [ref.base["accuracy"] - h["accuracy"] for h in ref.history]
+    assert float(greedy[0]) == pytest.approx(lost[0], abs=1e-3)
+    assert float(greedy[-1]) == pytest.approx(max(lost), abs=1e-3)
+
+
+def test_bound_greedy_step_is_sequential_greedy_car():
+    """Bound to the pruner, one Torch-Pruning step of 25 % on two layers removes what carfast.prune's
+    sequential greedy removes (the second layer scored with the first one's removals made)."""
+    model, orig = cifar_resnet(20), cifar_resnet(20)
+    x, y = _data(32)
+    layers = ["layer2.1.conv1", "layer3.1.conv1"]
+    frozen = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and n not in layers]
+    imp = CARImportance((x, y))
+    pruner = tp.pruner.BasePruner(model, EXAMPLE, imp, pruning_ratio=0.25, ignored_layers=[model.linear, *frozen],
+                                  customized_pruners=channel_map_pruners(model))
+    imp.bind(pruner)
+    names = {m: n for n, m in model.named_modules()}
+    removed = {names[g[0].dep.target.module]: sorted(int(i) for i in g[0].idxs) for g in pruner.step(interactive=True)}
+    ref = carfast.prune(orig, layers, (x, y), keep=0.75, progress=False)
+    assert removed == {n: sorted(ref.removed[n]) for n in layers}
+
+
+def test_unscorable_groups_are_skipped_with_one_warning():
+    """A channel shuffle's layer (removal undefined) and a group Torch-Pruning draws otherwise than carfast:
+    None (left unpruned), one warning naming them before any scoring, and the step completes; with a
+    fallback importance, that importance's scores."""
+    import sys as _sys
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from nets.families import SHAPE, shuffle
+    model = shuffle().model
+    x = torch.randn(16, *SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    width = model.unit.branch[5].out_channels
+    imp = CARImportance((x, y))
+    pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.25, ignored_layers=[model.fc])
+    imp.bind(pruner)
+    with pytest.warns(UserWarning, match=r"cannot score 2 group\(s\), left unpruned.*unit\.branch\.5.*channel shuffle"):
+        pruner.step()
+    assert set(imp.skipped) == {"unit.branch.5", "unit.branch.3"}
+    assert model.unit.branch[5].out_channels == width and model.a.out_channels < 6
+    assert model(x[:2]).shape == (2, 5)
+
+    model = shuffle().model
+    magnitude = tp.importance.MagnitudeImportance(p=1)
+    group = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1]).get_pruning_group(
+        model.unit.branch[5], tp.prune_conv_out_channels, idxs=list(range(width)))
+    with pytest.warns(UserWarning, match="scored by the fallback importance"):
+        got = CARImportance((x, y), fallback=magnitude)(group)
+    assert torch.equal(got, magnitude(group))
 
 
 def test_merged_groups_without_the_shortcut_pruner_are_refused():
@@ -111,6 +184,12 @@ def test_torch_pruning_surgery_equals_remove_groups():
 def test_bad_options_and_missing_package(monkeypatch):
     with pytest.raises(TypeError, match="unknown score options"):
         CARImportance(_data(4), filters=[1])
+    with pytest.raises(ValueError, match="depth must be"):
+        CARImportance(_data(4), depth=1.5)
+    with pytest.raises(ValueError, match="rule must be one of"):
+        CARImportance(_data(4), rule="best")
+    with pytest.raises(TypeError, match="fallback must be"):
+        CARImportance(_data(4), fallback="l1")
     monkeypatch.setitem(sys.modules, "torch_pruning", None)          # as if it were not installed
     monkeypatch.delitem(sys.modules, "carfast.integrations.torch_pruning")
     with pytest.raises(ImportError, match=r"pip install 'carfast\[torch-pruning\]'"):

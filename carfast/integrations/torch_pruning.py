@@ -1,11 +1,32 @@
 """CAR as a Torch-Pruning importance: ``CARImportance`` (``pip install carfast[torch-pruning]``).
 
 Torch-Pruning (``torch_pruning``) finds the channels that must be removed together (its dependency
-*groups*) and asks an importance criterion for one score per channel of each group. ``CARImportance``
-answers with carfast's CAR: the accuracy the network loses when the channel is removed from the whole
-group, on the data it was given, with ties in accuracy broken by the loss increase. A group with one
-conv or linear producer is scored by ``carfast.score_layer``, a residual group by
-``carfast.score_group``; the model scored is the one Torch-Pruning is pruning, as it is at that step.
+*groups*) and asks an importance criterion for one score per channel of each group; a step then removes
+the lowest-scored channels of each group (or, with ``global_pruning=True``, the lowest across groups).
+
+By default ``CARImportance`` carries the paper's greedy loop into that step: for each group it runs
+carfast's greedy CAR inside the group (score every channel's removal, remove the one that costs least,
+re-score with the cached state updated in place, repeat; as ``carfast.prune`` does) and returns scores
+that order the channels by greedy removal order, so Torch-Pruning's "lowest k" are greedy CAR's first
+k removals. The score of the j-th removal is the accuracy the group's greedy run had lost, on the data
+given, once it was made (a fraction of the images; its running maximum, plus j / (1e4 N) so the order is
+strict): comparable across groups scored on the same images, which is what ``global_pruning`` needs.
+The greedy runs only as far as the step needs when the importance knows the pruner
+(``CARImportance(...).bind(pruner)``; with ``global_pruning`` twice the step's share, as a group may
+lose more than its share), else as far as ``depth`` says, else through the whole group; the channels it
+does not reach score above all of its removals, in their single-removal CAR order. Bound to a pruner
+that prunes each group by its own ratio (not ``global_pruning``), the groups of one step are scored as
+the paper's sequential schedule scores layers: each on a copy of the model from which the groups
+scored before it in this step have already lost the channels the step will remove from them.
+
+``greedy=False`` scores each channel alone (one ``score_layer`` / ``score_group``): cheaper, but
+channels that stand in for each other each look unimportant alone, and a step that removes many of
+them at once removes them together (measured in benchmarks/RESULTS.md: far worse than magnitude).
+
+A group carfast cannot score (an op it cannot follow, a layer making the logits, a Torch-Pruning group
+that is not carfast's) is not scored: ``CARImportance`` returns None for it (Torch-Pruning then leaves it
+alone) or, with ``fallback=`` another importance, that importance's scores, and warns with the groups
+affected (all of them at once when bound to the pruner, checked before any scoring).
 
 The CIFAR ResNets' parameter-free padding shortcut (``carfast.models.OptionAShortcut``) needs a pruner
 of its own in Torch-Pruning: without one, Torch-Pruning takes the padding for an element-wise op and
@@ -14,22 +35,29 @@ gives the ``customized_pruners`` that make Torch-Pruning's groups carfast's (one
 
     import torch_pruning as tp
     from carfast.integrations.torch_pruning import CARImportance, channel_map_pruners
-    pruner = tp.pruner.BasePruner(model, example, CARImportance((x, y)), pruning_ratio=0.3,
-                                  iterative_steps=2, ignored_layers=[model.linear],
+    imp = CARImportance((x, y))
+    pruner = tp.pruner.BasePruner(model, example, imp, pruning_ratio=0.3, iterative_steps=2,
+                                  ignored_layers=[model.linear],
                                   customized_pruners=channel_map_pruners(model))
+    imp.bind(pruner)                 # optional: greedy only as far as each step needs
     for _ in range(2):
         pruner.step()
 """
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 
 import torch
 from torch import nn
 
-from carfast.graph import is_channel_map
-from carfast.scoring.group_scorer import score_group
-from carfast.scoring.scorer import score_layer
+from carfast.batching import as_batches, check_batch, eval_mode, model_device
+from carfast.graph import analyze_units, is_channel_map
+from carfast.scoring.group_scorer import GroupScorer, score_group
+from carfast.scoring.scorer import LayerScorer, score_layer
+from carfast.scoring.selection import DEFAULT_RULE, check_rule, score_by_rule
+from carfast.surgery import remove_filters, remove_groups
 from carfast.surgery.slicers import remap_channel_map
 
 try:
@@ -38,7 +66,7 @@ except ImportError as err:   # the rest of carfast works without it
     raise ImportError("carfast.integrations.torch_pruning needs Torch-Pruning: pip install 'carfast[torch-pruning]' "
                       "(or pip install torch-pruning)") from err
 
-__all__ = ["CARImportance", "ChannelMapPruner", "channel_map_pruners", "car_importance"]
+__all__ = ["CARImportance", "ChannelMapPruner", "channel_map_pruners", "car_importance", "greedy_importance"]
 
 _FN = "CARImportance"
 _OPTIONS = {"device", "batch_size", "memory_budget", "backend", "precision", "progress", "process_group", "options"}
@@ -60,54 +88,196 @@ def car_importance(scores, rank_by: str = "accuracy") -> torch.Tensor:
     return (drop + tie) / n
 
 
+def greedy_importance(scorer, steps: int, rule: str = DEFAULT_RULE, process_group=False) -> torch.Tensor:
+    """[F] float64 importance of a prepared ``LayerScorer`` / ``GroupScorer``'s channels from greedy CAR
+    inside it (see the module docstring), F its channels; the scorer is left with the removals made.
+
+    The greedy makes ``steps`` removals (at most F - 1) under the selection ``rule``; removal j scores
+    its running maximum accuracy drop + j / (1e4 N); the channels not removed score above all of them:
+    the last removal's score + 1 / N + their single-removal ``car_importance`` in the last scoring,
+    shifted to start at zero.
+    """
+    F = scorer.num_filters
+    imp = torch.zeros(F, dtype=torch.float64)
+    base = worst = None
+    last = None
+    for j in range(min(steps, F - 1)):
+        s, keys = score_by_rule(scorer, rule, process_group)
+        filters = s.filters.tolist()
+        i = min(range(len(filters)), key=lambda i: (keys[i], filters[i]))
+        if base is None:
+            base, n = int(s.base_correct.sum()), s.num_images
+        drop = (base - int(s.correct[i].sum())) / n
+        worst = drop if worst is None else max(worst, drop)
+        imp[filters[i]] = worst + j / (1e4 * n)
+        scorer.remove(filters[i])
+        last = (s, i)
+    if last is None:                       # no greedy step: one scoring orders them all
+        return car_importance(scorer.score())
+    s, i = last                            # the last scoring also scored the channels left
+    rest = [p for p, f in enumerate(s.filters.tolist()) if p != i]
+    vals = car_importance(s)[rest]
+    imp[s.filters[rest]] = float(imp.max()) + 1.0 / s.num_images + (vals - vals.min())
+    return imp
+
+
 class CARImportance(tp.importance.Importance):
-    """A ``torch_pruning`` importance: CAR of each channel of a group (see the module docstring).
+    """A ``torch_pruning`` importance: greedy CAR within each group, or single-removal CAR (see the module
+    docstring).
 
     Args:
         data: ``(inputs, labels)`` or an iterable of batches, as for ``score_layer``.
-        rank_by: "accuracy" (default: the accuracy drop, ties broken by the loss increase) or "loss"
-            (the loss increase alone); see ``car_importance``.
+        greedy: True (default): scores that order each group's channels by greedy CAR's removal order;
+            False: each channel's own CAR (one scoring).
+        depth: how far the greedy goes in each group: an int (removals) or a float (share of the
+            group's channels); None: what the bound pruner's step needs (``bind``), else the whole group.
+        rule: greedy CAR's selection rule ("accuracy", "lcb", "loss"; ``carfast.scoring.selection``);
+            None: ``DEFAULT_RULE``, as ``carfast.prune``.
+        rank_by: with ``greedy=False``: "accuracy" (the accuracy drop, ties broken by the loss increase)
+            or "loss" (the loss increase alone); see ``car_importance``.
+        fallback: None (default: a group carfast cannot score is left alone: None is returned) or a
+            Torch-Pruning importance (e.g. ``tp.importance.MagnitudeImportance(p=1)``) that scores it.
         **score_options: passed to ``score_layer`` / ``score_group`` (device, batch_size, memory_budget,
-            backend, precision, progress, group, options).
-    ``last_scores`` holds the ``LayerScores`` of the last group scored (``members`` says what carfast found).
+            backend, precision, progress, process_group, options).
+    ``last_scores`` holds the ``LayerScores`` of the last group scored alone (greedy=False); ``skipped``
+    {group root: why} the groups carfast could not score.
     """
 
-    def __init__(self, data, rank_by: str = "accuracy", **score_options):
+    def __init__(self, data, greedy: bool = True, depth=None, rule: str | None = None, rank_by: str = "accuracy",
+                 fallback=None, **score_options):
         if rank_by not in ("accuracy", "loss"):
             raise ValueError(f"{_FN}: rank_by must be 'accuracy' (the accuracy drop, ties broken by the loss "
                              f"increase) or 'loss' (the loss increase), got {rank_by!r}")
-        self.rank_by = rank_by
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, (int, float)) or depth < 0
+                                  or (isinstance(depth, float) and depth > 1)):
+            raise ValueError(f"{_FN}: depth must be None, an int number of removals >= 0 or a float share of a "
+                             f"group's channels in [0, 1], got {depth!r}")
+        if fallback is not None and not callable(fallback):
+            raise TypeError(f"{_FN}: fallback must be None or a Torch-Pruning importance (callable on a group), "
+                            f"got {type(fallback).__name__}")
         unknown = set(score_options) - _OPTIONS
         if unknown:
             raise TypeError(f"{_FN}: unknown score options {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
+        self.greedy, self.depth, self.rank_by, self.fallback = bool(greedy), depth, rank_by, fallback
+        self.rule = DEFAULT_RULE if rule is None else check_rule(rule, _FN)
         self.data = data
         self.options = {"progress": False, **score_options}
         self.last_scores = None
+        self.pruner = None
+        self.skipped: dict[str, str] = {}
+        self._initial: dict[str, int] = {}     # {group root: channels when first seen} (the step's baseline)
+        self._verdicts: dict[str, tuple] = {}   # {group root: (why carfast cannot score it or None, coupled)}
+        self._checked = False
+        self._shadow, self._shadow_step = None, None   # bound, local pruning: this step's removals so far
+
+    def bind(self, pruner) -> "CARImportance":
+        """Let the greedy run only as far as ``pruner``'s steps need, and check every group it will ask
+        about before scoring any (one warning lists those carfast cannot score). Returns self."""
+        self.pruner = pruner
+        return self
+
+    # -- which groups carfast can score ----------------------------------------------------------------------
+    def _example(self) -> torch.Tensor:
+        return check_batch(next(iter(as_batches(self.data, _FN))), _FN)[0][:1]
+
+    def _verdict(self, model: nn.Module, layer: str, producers: list[str], example) -> tuple:
+        """(None when carfast scores Torch-Pruning's group of ``layer`` as Torch-Pruning means it, else why
+        not; whether carfast scores it as a coupling group)."""
+        if layer not in self._verdicts:
+            group = False
+            try:
+                with eval_mode(model), torch.no_grad():
+                    flow, group = analyze_units(model, layer, example.to(model_device(model)), _FN)
+                found = sorted(p.op.name for p in flow.producers if isinstance(p.op.target, (nn.Conv2d, nn.Linear))) \
+                    if group else [layer]
+                why = None if found == producers else \
+                    f"Torch-Pruning's group has producers {producers}, carfast's {found}"
+            except ValueError as err:
+                why = str(err).split("\n")[0]
+            if why is not None and why.startswith("Torch-Pruning's group") and \
+                    any(is_channel_map(m) for m in model.modules()):
+                raise ValueError(f"{_FN}: {why}; for channel-padding shortcuts pass customized_pruners="
+                                 "channel_map_pruners(model) to the pruner")
+            self._verdicts[layer] = (why, group)
+        return self._verdicts[layer]
+
+    def _check_all(self, DG) -> None:
+        """Bound to a pruner: check every group it will ask about, once, and warn with the unscorable ones."""
+        p = self.pruner
+        self._checked = True
+        example, bad = self._example(), {}
+        for group in DG.get_all_groups(ignored_layers=p.ignored_layers, root_module_types=p.root_module_types):
+            root = group[0].dep.target.module
+            if not isinstance(root, (nn.Conv2d, nn.Linear)) or not DG.is_out_channel_pruning_fn(group[0].dep.handler):
+                continue
+            why = self._verdict(DG.model, DG._module2name[root], _producers(DG, group), example)[0]
+            if why is not None:
+                bad[DG._module2name[root]] = why
+        self._warn(bad)
+
+    def _warn(self, bad: dict) -> None:
+        new = {k: v for k, v in bad.items() if k not in self.skipped}
+        if not new:
+            return
+        self.skipped.update(new)
+        what = "scored by the fallback importance" if self.fallback is not None else "left unpruned (None)"
+        warnings.warn(f"{_FN}: carfast cannot score {len(new)} group(s), {what}: "
+                      + "; ".join(f"{k}: {v}" for k, v in new.items()), stacklevel=3)
+
+    # -- how far the greedy goes -------------------------------------------------------------------------------
+    def _steps(self, layer: str, root: nn.Module, F: int) -> int:
+        self._initial.setdefault(layer, F)
+        if isinstance(self.depth, float):
+            return round(self.depth * F)
+        if self.depth is not None:
+            return self.depth
+        p = self.pruner
+        if p is None:
+            return F - 1
+        ratio = min(1.0, p.get_target_pruning_ratio(root) * (2 if p.global_pruning else 1))
+        need = max(0, F - int(self._initial[layer] * (1 - ratio)))
+        if p.round_to and need:                # Torch-Pruning rounds the channels left down to a multiple
+            need = F - (F - need) // p.round_to * p.round_to
+        return need
 
     @torch.no_grad()
-    def __call__(self, group) -> torch.Tensor:
+    def __call__(self, group):
         DG = group._DG
         model = DG.model
-        names = {m: n for n, m in model.named_modules()}
+        names = DG._module2name
         root, idxs = group[0].dep.target.module, [int(i) for i in group[0].idxs]
         if not DG.is_out_channel_pruning_fn(group[0].dep.handler) or not isinstance(root, (nn.Conv2d, nn.Linear)):
             raise ValueError(f"{_FN}: the group's root {type(root).__name__} is not a Conv2d / Linear losing output "
                              "channels; carfast scores output channels (use root_module_types=[nn.Conv2d, nn.Linear])")
-        producers = sorted({names[dep.target.module] for dep, _ in group
-                            if DG.is_out_channel_pruning_fn(dep.handler)
-                            and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))})
+        if self.pruner is not None and not self._checked:
+            self._check_all(DG)
         layer = names[root]
-        if len(producers) == 1:
-            scores = score_layer(model, layer, self.data, **self.options)
-        else:
-            scores = score_group(model, layer, self.data, **self.options)
-            found = sorted(m["layer"] for m in scores.members if m["role"] == "output")
-            if found != producers:
-                raise ValueError(f"{_FN}: Torch-Pruning's group of {layer!r} has producers {producers}, carfast's "
-                                 f"{found}; for channel-padding shortcuts pass customized_pruners="
-                                 "channel_map_pruners(model) to the pruner")
-        self.last_scores = scores
-        return car_importance(scores, self.rank_by)[idxs].float()
+        why, coupled = self._verdict(model, layer, _producers(DG, group), self._example())
+        if why is not None:
+            self._warn({layer: why})
+            return None if self.fallback is None else self.fallback(group)
+        if not self.greedy:
+            scores = (score_group if coupled else score_layer)(model, layer, self.data, **self.options)
+            self.last_scores = scores
+            return car_importance(scores, self.rank_by)[idxs].float()
+        opts = {k: v for k, v in self.options.items() if k != "progress"}
+        sequential = self.pruner is not None and not self.pruner.global_pruning and self.depth is None
+        if sequential and self._shadow_step != self.pruner.current_step:   # a new step: a fresh copy
+            self._shadow, self._shadow_step = copy.deepcopy(model).eval(), self.pruner.current_step
+        scored = self._shadow if sequential else model
+        scorer = (GroupScorer if coupled else LayerScorer)(scored, layer, self.data, progress=False, **opts)
+        steps = self._steps(layer, root, scorer.num_filters)
+        imp = greedy_importance(scorer, steps, self.rule, scorer.process_group)
+        if sequential and scorer.removed:      # what this step will remove, cut before the next group is scored
+            cut = remove_groups if coupled else remove_filters
+            self._shadow = cut(self._shadow, {layer: list(scorer.removed)[:steps]})
+        return imp[idxs].float()
+
+
+def _producers(DG, group) -> list[str]:
+    """The Conv2d / Linear layers of a Torch-Pruning group that lose output channels, by name."""
+    return sorted({DG._module2name[dep.target.module] for dep, _ in group if DG.is_out_channel_pruning_fn(dep.handler)
+                   and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))})
 
 
 class ChannelMapPruner(tp.pruner.BasePruningFunc):

@@ -17,7 +17,7 @@ from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.errors import resolve_layer
 from carfast.graph import analyze_units, build_graph
 from carfast.pruning.criteria import get_criterion
-from carfast.scoring.scores import DEFAULT_RULE, check_rule
+from carfast.scoring.selection import DEFAULT_RULE, check_rule
 
 __all__ = ["Target", "PruneConfig", "SCORE_KEYS"]
 
@@ -47,7 +47,7 @@ class PruneConfig:
     schedule: str = "sequential"
     criterion: object = None             # None: CAR; else a callable (model, layer, data) -> [F]
     criterion_name: str = "car"
-    rule: str = DEFAULT_RULE             # CAR's selection rule (scores.rule_keys)
+    rule: str = DEFAULT_RULE             # CAR's selection rule (scoring.selection)
     finetune: object = None
     checkpoint: str | None = None
     score_options: dict = field(default_factory=dict)

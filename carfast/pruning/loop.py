@@ -8,7 +8,7 @@
 - ``schedule="global"``: each iteration scores every open target on the current (physically pruned)
   model and removes the best channels across all of them.
 
-The choice is the channel with the smallest key under CAR's selection rule (``scores.rule_keys``; the
+The choice is the channel with the smallest key under CAR's selection rule (``selection.rule_keys``; the
 paper's: the removal that keeps the most images correct, then the smallest loss), then (global) the
 earlier listed target, then the lowest original index; with a baseline criterion the lowest
 importance, then target, then index. A target with an accuracy budget (``max_accuracy_drop``) stops
@@ -27,7 +27,7 @@ from carfast.distributed import all_reduce_sum
 from carfast.pruning.checkpoint import write_checkpoint
 from carfast.pruning.evaluate import Evaluation, evaluate
 from carfast.scoring import GroupScorer, LayerScorer
-from carfast.scoring.scores import flip_counts, rule_keys
+from carfast.scoring.selection import score_by_rule
 from carfast.surgery import remove_filters, remove_groups
 
 __all__ = ["Candidate", "GreedyRun"]
@@ -133,12 +133,7 @@ class GreedyRun:
 
     def car_scores(self, scorer):
         """Score every remaining channel of ``scorer``; returns (LayerScores, [removal key per channel])."""
-        rule, pg = self.config.rule, self.config.score_options["process_group"]
-        s = scorer.score(per_image=rule == "lcb")
-        flips = None
-        if rule == "lcb" and pg is not False and pg is not None:    # images flipped, summed over processes
-            flips = all_reduce_sum(list(flip_counts(s)), pg, _FN)
-        return s, rule_keys(s, rule, flips)
+        return score_by_rule(scorer, self.config.rule, self.config.score_options["process_group"])
 
     # -- sequential ----------------------------------------------------------------------------------------
     def sequential(self) -> None:

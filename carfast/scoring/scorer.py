@@ -178,6 +178,11 @@ class LayerScorer:
         return getattr(self._method, "channels_last", False)
 
     @property
+    def process_group(self):
+        """The ``torch.distributed`` process group the counts are summed over, or None (this process alone)."""
+        return self._process_group
+
+    @property
     def cached(self) -> bool:
         """Whether the prefix of the whole data set is held in memory."""
         return self._cache_complete

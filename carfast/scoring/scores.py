@@ -1,61 +1,13 @@
 """``LayerScores``: what scoring one layer's filters yields, as plain tensors and derived views."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["DEFAULT_RULE", "LayerScores", "RULES", "check_rule", "flip_counts", "removal_key", "rule_keys"]
+from carfast.scoring.selection import rule_keys
 
-RULES = ("accuracy", "lcb", "loss")
-DEFAULT_RULE = "accuracy"   # prune's and the command's (chosen by measurement: experiments/RESULTS.md)
-LCB_Z = 1.0     # standard errors the "lcb" rule subtracts (chosen by measurement: experiments/RESULTS.md)
-
-
-def check_rule(rule: str, fn: str) -> str:
-    """``rule`` if it is a selection rule, else ValueError naming the choices."""
-    if rule not in RULES:
-        raise ValueError(f"{fn}: rule must be one of {list(RULES)} ('accuracy': the paper's, most images still "
-                         f"correct; 'lcb': a lower confidence bound of that; 'loss': smallest loss), got {rule!r}")
-    return rule
-
-
-def removal_key(correct: int, loss_sum: float, *ties) -> tuple:
-    """The order in which greedy CAR removes under the paper's rule: most images still correct without the
-    filter first, then the smallest summed loss, then ``ties`` (e.g. the target's position, the filter's index)."""
-    return (-correct, loss_sum, *ties)
-
-
-def flip_counts(scores: "LayerScores") -> tuple[torch.Tensor, torch.Tensor]:
-    """([F] int64 images each removal turns right, [F] int64 images it turns wrong), from per-image results."""
-    if scores.image_correct is None:
-        raise ValueError("the 'lcb' rule needs per-image results: score with per_image=True")
-    now, base = scores.image_correct, scores.base_image_correct
-    return (now & ~base).sum(1), (~now & base).sum(1)
-
-
-def rule_keys(scores: "LayerScores", rule: str = "accuracy", flips=None) -> list[tuple]:
-    """Per scored filter (in ``scores.filters`` order), the key greedy CAR removes the smallest of.
-
-    "accuracy" (the paper's): ``removal_key`` (most images correct, then smallest loss).
-    "lcb": the largest lower confidence bound of the change in correct images, ``gained - lost -
-    LCB_Z * sqrt(gained + lost)``, where gained / lost count the images the removal turns right / wrong
-    (each flip is a paired +-1, so ``sqrt(gained + lost)`` is the count's standard error); a removal
-    that flips many images in both directions is less certain than one that flips none, and the plain
-    count picks the luckiest of many such (the winner's curse). Ties: most images correct, then loss.
-    Needs per-image results (``score(per_image=True)``) or ``flips``, ``flip_counts`` summed over processes.
-    "loss": smallest summed cross-entropy, then most images correct.
-    """
-    check_rule(rule, "rule_keys")
-    correct, loss = scores.correct.sum(1).tolist(), scores.loss_sum.tolist()
-    if rule == "accuracy":
-        return [removal_key(c, lo) for c, lo in zip(correct, loss)]
-    if rule == "loss":
-        return [(lo, -c) for c, lo in zip(correct, loss)]
-    gained, lost = (t.tolist() for t in (flips if flips is not None else flip_counts(scores)))
-    return [(-(g - lo - LCB_Z * math.sqrt(g + lo)), -c, ls) for g, lo, c, ls in zip(gained, lost, correct, loss)]
-
+__all__ = ["LayerScores"]
 
 @dataclass
 class LayerScores:
@@ -144,7 +96,7 @@ class LayerScores:
         return (self.loss_sum - self.base_loss_sum) / self.num_images
 
     def ranking(self, rule: str = "accuracy") -> torch.Tensor:
-        """[F] int64 filter indices, least important first, under the selection ``rule`` (``rule_keys``).
+        """[F] int64 filter indices, least important first, under the selection ``rule`` (``selection.rule_keys``).
 
         The default, the paper's: most images still correct without the filter, then smallest loss
         increase, then lowest filter index. The greedy CAR step removes ``ranking(rule)[0]``.
