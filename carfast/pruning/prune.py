@@ -65,7 +65,7 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         criterion: "car" (default), a name in ``carfast.criteria.CRITERIA`` ("random", "l1",
             "mean_activation", "apoz", "taylor") or a callable ``(model, layer, data) -> [F]`` importance
             (higher = more important).
-        rule: CAR's selection rule, which removal greedy CAR picks (``carfast.scoring.scores.rule_keys``):
+        rule: CAR's selection rule, which removal greedy CAR picks (``carfast.scoring.selection``):
             "accuracy" (the paper's: most images still correct), "lcb" (a lower confidence bound of that,
             from the images each removal flips either way: resists the winner's curse of picking the
             luckiest of many noisy counts) or "loss" (smallest loss); None: ``DEFAULT_RULE``. Measured on
