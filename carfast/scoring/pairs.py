@@ -135,8 +135,10 @@ def suffix_base_logits(suffix, Z, B, batch: int, channels_last: bool, keep=None)
     (after a filter removal has updated Z), ``batch`` images per call; ``keep`` [1, U + 1] the removals
     for a suffix that masks readers."""
     n = Z[0].shape[0] if Z else B[0].shape[0]
-    return torch.cat([run_suffix(suffix, [z[s:s + batch] for z in Z], [b[s:s + batch] for b in B], channels_last,
-                                 keep=keep) for s in range(0, n, batch)])
+    # copies: a suffix may compute in place (a ReLU(inplace=True) right after the consumer), and Z and B
+    # are the cache the next removals update
+    return torch.cat([run_suffix(suffix, [z[s:s + batch].clone() for z in Z], [b[s:s + batch].clone() for b in B],
+                                 channels_last, keep=keep) for s in range(0, n, batch)])
 
 
 def run_suffix(suffix, zs, bs, channels_last: bool, dtype: torch.dtype = torch.float32, keep=None) -> torch.Tensor:
