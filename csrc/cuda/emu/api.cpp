@@ -1,5 +1,5 @@
 // C entry points of the CPU emulation of carfast's CUDA kernels, called through ctypes by
-// tests/ops/cuda_emu.py: the counterpart of csrc/cuda/bindings.cpp without torch. The Python side does
+// tests/ops/cuda_emu/emulator.py: the counterpart of csrc/cuda/bindings.cpp without torch. The Python side does
 // what the binding does with tensors (dtype and layout conversions, output allocation); these functions
 // fill the launchers' argument structs from the raw pointers as the binding does, run the binding's
 // shared-memory check against the emulated device, and call the launchers of kernels.h as it calls them.

@@ -4,11 +4,11 @@
 //
 // The .cu files reach this header through the stub <cuda_runtime.h>, <cuda_fp16.h> and <cuda_bf16.h> of
 // csrc/cuda/emu/include. Two constructs a C++ compiler cannot parse are rewritten at build time by
-// tests/ops/cuda_emu.py (translate), one line each, so line numbers stay those of the .cu file:
+// tests/ops/cuda_emu/sources.py (translate), one line each, so line numbers stay those of the .cu file:
 //   kernel<<<grid, block, smem, stream>>>(args)  ->  ::carfast_emu::launch(kernel, LaunchConfig(...), args)
 //   extern __shared__ T name[];                  ->  T* name = ::carfast_emu::dynamic_shared<T>();
 //
-// A launch (runtime.cpp) checks the configuration as the driver does, then runs the blocks one after
+// A launch (launch.cpp) checks the configuration as the driver does, then runs the blocks one after
 // another; a block's threads are cooperative fibers that switch only at __syncthreads and at warp
 // collectives, in a chosen order, so barriers and shuffles have their real semantics and a missing
 // barrier gives wrong results instead of passing by luck.
@@ -212,7 +212,7 @@ struct LaunchConfig {
 };
 
 namespace detail {
-// Runs body(ctx) once per thread of every block (runtime.cpp); the launch error goes to cudaGetLastError.
+// Runs body(ctx) once per thread of every block (launch.cpp); the launch error goes to cudaGetLastError.
 void launch(const void* kernel, const LaunchConfig& cfg, void (*body)(void*), void* ctx);
 }  // namespace detail
 

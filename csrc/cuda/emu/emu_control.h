@@ -1,4 +1,4 @@
-// Host-side control of the CPU emulation (runtime.cpp), for the C API (api.cpp, selftest.cu): the
+// Host-side control of the CPU emulation (launch.cpp), for the C API (api.cpp, selftest.cu): the
 // schedule, the emulated device's shared memory limit, and what the last call launched and why it failed.
 #pragma once
 
@@ -11,7 +11,7 @@
 
 namespace carfast_emu {
 
-// The order in which a block's threads (and a grid's blocks) run: see runtime.cpp.
+// The order in which a block's threads (and a grid's blocks) run: see runtime.h.
 enum class Order : int { kForward = 0, kReverse = 1, kShuffled = 2 };
 
 struct LaunchRecord {

@@ -1,6 +1,6 @@
-// Kernels that check the CPU emulation itself (tests/ops/test_cuda_emulated.py, test_emulator_*): the
+// Kernels that check the CPU emulation itself (tests/ops/test_cuda_emu_runtime.py, test_emulator_*): the
 // barrier, the warp collectives, and the faults and bad launches the emulator must report. Plain CUDA
-// in the kernels' style; built only into the emulation (tests/ops/cuda_emu.py), not into carfast.
+// in the kernels' style; built only into the emulation (tests/ops/cuda_emu/), not into carfast.
 #include <cuda_runtime.h>
 
 #include <cstdint>
