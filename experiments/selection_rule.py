@@ -1,11 +1,11 @@
 """Which selection rule should greedy CAR use? The paper's, against rules that resist the winner's curse.
 
-    python experiments/selection_rule.py [--depth 20] [--keep 0.75] [--n-select 1000] [--rules accuracy,lcb,loss]
-                                         [--data test.npz] [--threads 1] [--out FILE]
+    python experiments/selection_rule.py [--depth 20] [--keep 0.75] [--n-select 1000] [--offset 0]
+                                         [--rules accuracy,lcb,loss] [--data test.npz] [--threads 1] [--out FILE]
 
 Greedy CAR (``carfast.prune``, sequential, step 1) prunes every block's first conv of a bundled pretrained
 CIFAR ResNet to ``--keep`` of its filters, once per selection rule (``carfast.scoring.selection``), scored on
-the first ``--n-select`` images of the CIFAR-10 test set; each pruned network's top-1 is measured on those
+``--n-select`` images of the CIFAR-10 test set from ``--offset`` on; each pruned network's top-1 is measured on those
 selection images and on all the other test images (held out), before any fine-tuning. The gap between the
 two is the winner's curse: the greedy picks, among many noisy counts, the removals that happened to cost
 least on its own images. The rule to prefer keeps held-out accuracy at least as high with a smaller gap.
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=20, choices=carfast.models.bundled_resnet_depths())
     ap.add_argument("--keep", type=float, default=0.75, help="share of each block conv1's filters KEPT")
-    ap.add_argument("--n-select", type=int, default=1000, help="selection images (the first of the test set)")
+    ap.add_argument("--n-select", type=int, default=1000, help="selection images")
+    ap.add_argument("--offset", type=int, default=0, help="index of the first selection image (several splits)")
     ap.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {list(RULES)}")
     ap.add_argument("--data", default=str(SHARED_TEST) if SHARED_TEST.is_file() else None,
                     help="CIFAR-10 test .npz (default: ../shared/data/cifar10/test.npz, else the bundled slice)")
@@ -66,10 +67,12 @@ def main(argv=None) -> int:
         ap.error(f"unknown rule(s) {bad}; choose from {list(RULES)}")
     torch.set_num_threads(args.threads)
     x, y = carfast.data.cifar10_test(path=args.data)
-    if args.n_select >= len(y):
-        ap.error(f"--n-select {args.n_select} leaves no held-out images of {len(y)}")
-    select, held = (x[:args.n_select], y[:args.n_select]), (x[args.n_select:], y[args.n_select:])
-    settings = {"depth": args.depth, "keep": args.keep, "n_select": args.n_select,
+    lo, hi = args.offset, args.offset + args.n_select
+    if args.offset < 0 or hi > len(y) or args.n_select >= len(y):
+        ap.error(f"--offset {args.offset} --n-select {args.n_select} do not fit {len(y)} images with some held out")
+    select = (x[lo:hi], y[lo:hi])
+    held = (torch.cat([x[:lo], x[hi:]]), torch.cat([y[:lo], y[hi:]]))
+    settings = {"depth": args.depth, "keep": args.keep, "n_select": args.n_select, "offset": args.offset,
                 "data": os.path.basename(args.data) if args.data else "bundled slice", "held_out": len(held[1])}
     saved = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     if saved.get("settings") != settings:
@@ -88,7 +91,8 @@ def main(argv=None) -> int:
               f"{100 * row['held_out_accuracy']:.2f} %  gap {100 * row['gap']:.2f} pts  {row['seconds']:.0f} s",
               flush=True)
     u = saved["unpruned"]
-    print(f"\nResNet-{args.depth}, block conv1s kept {args.keep:.0%}, {args.n_select} selection / {len(held[1])} "
+    print(f"\nResNet-{args.depth}, block conv1s kept {args.keep:.0%}, {args.n_select} selection (from image "
+          f"{args.offset}) / {len(held[1])} "
           f"held-out images; unpruned {100 * u['selection_accuracy']:.2f} / {100 * u['held_out_accuracy']:.2f} %")
     print(f"{'rule':<9} {'selection %':>11} {'held out %':>10} {'gap pts':>8} {'seconds':>8}")
     for r in saved["rows"]:

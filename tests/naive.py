@@ -12,11 +12,14 @@ Linear after flatten after a depthwise conv).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from carfast.scoring.selection import LCB_Z
 
 __all__ = ["NaiveResult", "naive_scores", "naive_stream_scores", "naive_stream_logits", "RESNET20_STREAMS",
            "naive_logits", "naive_greedy", "per_class_counts",
@@ -201,27 +204,40 @@ def _result(filters, data_y, base_logits, logits) -> NaiveResult:
 
 
 def naive_greedy(model: nn.Module, consumers: dict[str, int], data_x: torch.Tensor, labels: torch.Tensor,
-                 num_filters: int, num_remove: int, batch_size: int = 256) -> list[dict]:
+                 num_filters: int, num_remove: int, batch_size: int = 256, rule: str = "accuracy") -> list[dict]:
     """The naive greedy CAR loop with the filters zeroed at each consumer (``naive_logits``)."""
     return naive_greedy_by(lambda gone: naive_logits(model, consumers, data_x, None, batch_size, removed=gone),
-                           labels, num_filters, num_remove)
+                           labels, num_filters, num_remove, rule)
 
 
-def naive_greedy_by(logits_without, labels: torch.Tensor, num_units: int, num_remove: int) -> list[dict]:
+def naive_greedy_by(logits_without, labels: torch.Tensor, num_units: int, num_remove: int,
+                    rule: str = "accuracy") -> list[dict]:
     """The naive greedy CAR loop: at every step run the whole network once per remaining candidate, with the
     units removed so far and the candidate (``logits_without(list of units) -> [N, C]``), and remove the
-    candidate that keeps the most images correct, then the smallest summed cross-entropy, then the lowest
-    index. Returns one dict per removal: ``filter``, ``correct`` (images correct after it), ``loss_sum``."""
+    best candidate under ``rule``, ties to the lowest index:
+    "accuracy" (the paper's): most images correct, then smallest summed cross-entropy;
+    "loss": smallest summed cross-entropy, then most images correct;
+    "lcb": largest gained - lost - LCB_Z * sqrt(gained + lost), gained / lost the images the candidate's
+    removal turns right / wrong against the network as it is now, then most correct, then smallest loss.
+    Returns one dict per removal: ``filter``, ``correct`` (images correct after it), ``loss_sum``."""
     removed, steps = [], []
     for _ in range(num_remove):
+        now = logits_without(list(removed)).argmax(1) == labels
         best = None
         for k in range(num_units):
             if k in removed:
                 continue
             logits = logits_without(removed + [k])
-            correct = int((logits.argmax(1) == labels).sum())
+            right = logits.argmax(1) == labels
+            correct = int(right.sum())
             loss = float(F.cross_entropy(logits.double(), labels, reduction="sum"))
-            key = (-correct, loss, k)
+            if rule == "accuracy":
+                key = (-correct, loss, k)
+            elif rule == "loss":
+                key = (loss, -correct, k)
+            else:
+                gained, lost = int((right & ~now).sum()), int((~right & now).sum())
+                key = (-(gained - lost - LCB_Z * math.sqrt(gained + lost)), -correct, loss, k)
             if best is None or key < best[0]:
                 best = (key, {"filter": k, "correct": correct, "loss_sum": loss})
         removed.append(best[1]["filter"])

@@ -18,6 +18,7 @@ import carfast
 from carfast.criteria import l1_norm
 from carfast.data import cifar10_test
 from carfast.models import cifar_resnet
+from carfast.scoring.selection import DEFAULT_RULE, RULES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,16 +40,17 @@ def _masked_logits(model, consumers, x, removed):
     return naive_logits(model, consumers, x, None, removed=removed)
 
 
+@pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("layer,consumer,n,steps", [
     ("layer1.0.conv1", "layer1.0.conv2", 120, 2),      # suffix method
     ("layer3.2.conv1", "layer3.2.conv2", 64, 2),       # closed form
 ])
-def test_greedy_equals_naive_loop_on_real_layer(resnet20, layer, consumer, n, steps):
+def test_greedy_equals_naive_loop_on_real_layer(resnet20, layer, consumer, n, steps, rule):
     x, y = cifar10_test(n)
     before = _state(resnet20)
     num = resnet20.get_submodule(layer).out_channels
-    result = carfast.prune(resnet20, layer, (x, y), keep=num - steps, progress=False)
-    naive = naive_greedy(resnet20, {consumer: 1}, x, y, num, steps)
+    result = carfast.prune(resnet20, layer, (x, y), keep=num - steps, rule=rule, progress=False)
+    naive = naive_greedy(resnet20, {consumer: 1}, x, y, num, steps, rule=rule)
     assert result.removed[layer] == [s["filter"] for s in naive]
     assert [r["correct"] for r in result.history] == [s["correct"] for s in naive]
     for r, s in zip(result.history, naive):
@@ -70,7 +72,7 @@ def test_greedy_equals_naive_loop_on_synthetic_nets(name):
     num = carfast.graph.target_num_filters(case.model.get_submodule(case.layer))
     steps = min(3, num - 1)
     result = carfast.prune(case.model, case.layer, (x, y), keep=num - steps, progress=False)
-    naive = naive_greedy(case.model, case.consumers, x, y, num, steps)
+    naive = naive_greedy(case.model, case.consumers, x, y, num, steps, rule=DEFAULT_RULE)
     assert result.removed[case.layer] == [s["filter"] for s in naive]
     assert [r["correct"] for r in result.history] == [s["correct"] for s in naive]
 
@@ -78,7 +80,7 @@ def test_greedy_equals_naive_loop_on_synthetic_nets(name):
 def test_step_removes_the_best_of_one_scoring(resnet20):
     x, y = cifar10_test(60)
     s = carfast.score_layer(resnet20, "layer1.0.conv1", (x, y))
-    result = carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=12, step=2, progress=False)
+    result = carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=12, step=2, rule="accuracy", progress=False)
     first = s.ranking()[:2].tolist()
     assert result.removed["layer1.0.conv1"][:2] == first
     assert len(result.history) == 4 and [r["iteration"] for r in result.history] == [0, 0, 1, 1]

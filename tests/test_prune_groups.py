@@ -17,6 +17,7 @@ from carfast.criteria import l1_norm
 from carfast.groups import find_group
 from carfast.integrations.masks import to_masks
 from carfast.models import cifar_resnet
+from carfast.scoring.selection import DEFAULT_RULE
 
 GROUP_TARGETS = [(name, t.layer) for name, make in FAMILIES.items() for t in make().targets if t.group]
 
@@ -37,14 +38,16 @@ def _same_steps(history, ref, n):
     assert [h["loss"] * n for h in history] == pytest.approx([r["loss_sum"] for r in ref], rel=1e-4)
 
 
-@pytest.mark.parametrize("layer, n, steps", [("conv1", 120, 4), ("layer3.2.conv2", 64, 3)])
-def test_group_greedy_equals_the_naive_loop_on_resnet20(layer, n, steps):
+@pytest.mark.parametrize("layer, n, steps, rule", [("conv1", 120, 4, "accuracy"), ("layer3.2.conv2", 64, 3, "accuracy"),
+                                                   ("conv1", 120, 3, "loss"), ("layer3.2.conv2", 64, 3, "lcb")])
+def test_group_greedy_equals_the_naive_loop_on_resnet20(layer, n, steps, rule):
     """The stage-1 group (the stem and every stage-1 block's second conv) and the stage-3 group."""
     model = resnet20()
     x, y = cifar(n)
     units = model.get_submodule(layer).out_channels
-    result = carfast.prune(model, layer, (x, y), keep=units - steps, progress=False)
-    ref = naive_greedy_by(lambda gone: naive_stream_logits(model, RESNET20_STREAMS[layer], x, gone), y, units, steps)
+    result = carfast.prune(model, layer, (x, y), keep=units - steps, rule=rule, progress=False)
+    ref = naive_greedy_by(lambda gone: naive_stream_logits(model, RESNET20_STREAMS[layer], x, gone), y, units, steps,
+                          rule)
     _same_steps(result.history, ref, n)
     assert result.settings["groups"] == [layer] and len(result.kept[layer]) == units - steps
     producers = find_group(model, layer, x[:1]).producers       # the stem / every block's second conv
@@ -66,7 +69,7 @@ def test_group_greedy_equals_the_naive_loop_on_families(name, layer):
         y = fam.model(x).argmax(1)
     y[::3] = torch.randint(0, 5, (len(y[::3]),), generator=g)
     result = carfast.prune(fam.model, layer, (x, y), keep=t.units - 2, progress=False)
-    ref = naive_greedy_by(lambda gone: naive_removal_logits(fam.model, t.removal, x, gone), y, t.units, 2)
+    ref = naive_greedy_by(lambda gone: naive_removal_logits(fam.model, t.removal, x, gone), y, t.units, 2, DEFAULT_RULE)
     _same_steps(result.history, ref, len(x))
     with torch.no_grad():
         assert torch.allclose(result.model(x), naive_removal_logits(fam.model, t.removal, x, result.removed[layer]),
