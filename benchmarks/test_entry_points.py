@@ -26,6 +26,7 @@ from naive import (
 from torch import nn
 
 import carfast
+from carfast.scoring.selection import DEFAULT_RULE
 
 ROUNDS = {"carfast": 3, "naive": 1}
 NAIVE = {}      # group -> the naive answer, from the naive row (run first)
@@ -98,10 +99,10 @@ def test_prune(benchmark, who):
     group = f"prune: resnet20 {layer} 16 -> 13 greedy, {len(y)} images"
     if who == "naive":
         NAIVE[group] = _time(benchmark, group, who,
-                             lambda: naive_greedy(model, {"layer1.0.conv2": 1}, x, y, 16, 3))
+                             lambda: naive_greedy(model, {"layer1.0.conv2": 1}, x, y, 16, 3, rule=DEFAULT_RULE))
         return
     res = _time(benchmark, group, who, lambda: carfast.prune(model, layer, (x, y), keep=13, progress=False))
-    ref = NAIVE.get(group) or naive_greedy(model, {"layer1.0.conv2": 1}, x, y, 16, 3)
+    ref = NAIVE.get(group) or naive_greedy(model, {"layer1.0.conv2": 1}, x, y, 16, 3, rule=DEFAULT_RULE)
     assert res.removed[layer] == [r["filter"] for r in ref]
 
 

@@ -18,6 +18,7 @@ from carfast import criteria, data, finetune, integrations, models, train_data
 from carfast.extensions import backends
 from carfast.graph import LayerInfo, layers
 from carfast.pruning import PruneResult, evaluate, load_pruned, prune
+from carfast.pruning.compare import CriteriaComparison, compare_criteria
 from carfast.report import write_report
 from carfast.scoring import (
     ClassImportance,
@@ -36,6 +37,7 @@ except PackageNotFoundError:      # not installed (a bare checkout on sys.path)
     __version__ = "0+unknown"
 
 __all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "layers", "LayerInfo",
-           "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned", "remove_filters", "write_report",
+           "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned", "compare_criteria",
+           "CriteriaComparison", "remove_filters", "write_report",
            "evaluate", "ClassImportance", "criteria", "finetune", "train_data", "integrations", "backends", "models",
            "data", "__version__"]

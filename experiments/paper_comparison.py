@@ -12,6 +12,11 @@ positions: every reported accuracy). The two never overlap.
 
 Run ``python experiments/paper_comparison.py --help``; experiments/README.md says how long each
 stage takes. Every stage writes its JSON into ``--results`` as it goes and resumes from it.
+
+Data and weights come from ``--test``, ``--train`` and ``--alexnet``; by default from ``../shared/data``
+beside the repository (the project's data folder, see its README) where it exists, else the test
+images and the AlexNet weights bundled with carfast (the 2,000-image slice: 1,000 images per half, fewer
+than the full run's settings ask for; the fine-tuning stages need the training set).
 """
 from __future__ import annotations
 
@@ -37,11 +42,19 @@ from carfast.atomic import write_json_atomic
 from carfast.criteria import CRITERIA, random_scores
 from carfast.data import normalize_images
 from carfast.finetune import FinetuneConfig, finetune
-from carfast.models import CIFAR_RESNET_NORMALIZATION, AlexNetCifar, CifarResNet, alexnet_cifar, cifar_resnet
+from carfast.models import (
+    ALEXNET_CIFAR_NORMALIZATION,
+    CIFAR_RESNET_NORMALIZATION,
+    AlexNetCifar,
+    CifarResNet,
+    alexnet_cifar,
+    cifar_resnet,
+)
 from carfast.train_data import cifar10_train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+SHARED = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))      # the data folder beside the repository
 _FN = "paper_comparison"
 
 # ---- what is run -------------------------------------------------------------------------------------
@@ -146,6 +159,8 @@ class Data:
 def load_network(name: str, args) -> tuple[nn.Module, tuple]:
     """(model in eval mode, input normalisation)."""
     if name == "alexnet":
+        if args.alexnet is None:                  # the copy bundled with carfast (float16-stored, same accuracy)
+            return alexnet_cifar(), ALEXNET_CIFAR_NORMALIZATION
         ckpt = torch.load(args.alexnet, map_location="cpu", weights_only=True)
         norm = (tuple(float(v) for v in ckpt["mean"]), tuple(float(v) for v in ckpt["std"]))
         return alexnet_cifar(args.alexnet), norm
@@ -345,8 +360,8 @@ def stage_prune(key: str, cfg: Config, data: Data, args, variant: str = "prune")
         t0 = time.perf_counter()
         if crit == "car":
             car_sel = data.get("sel", n_sel, norm)
-            res = carfast.prune(model, spec.layer, car_sel, keep=keep, step=step, criterion="car", progress=False,
-                                checkpoint=ckpt)
+            res = carfast.prune(model, spec.layer, car_sel, keep=keep, step=step, criterion="car", rule="accuracy",
+                                progress=False, checkpoint=ckpt)     # the paper's rule, as the recorded runs
         else:
             res = carfast.prune(model, spec.layer, tick, keep=keep, step=step, progress=False, checkpoint=ckpt,
                                 criterion=criterion_fn(crit, seed, sel))
@@ -888,6 +903,34 @@ def expand(stages: list[str], cfg: Config) -> list[str]:
     return out
 
 
+def resolve_data(args) -> None:
+    """Fill in the default data and weight paths (``../shared/data`` beside the repository, else what
+    carfast bundles) and say which are used."""
+    from importlib import resources
+    if args.test is None:
+        shared = os.path.join(SHARED, "cifar10", "test.npz")
+        if os.path.isfile(shared):
+            args.test = shared
+        else:
+            with resources.as_file(resources.files("carfast.assets") / "cifar10_test_2000.npz") as path:
+                args.test = os.fspath(path)
+            log(f"no {shared}: using carfast's bundled 2,000-image CIFAR-10 slice (1,000 images per half; pass "
+                "--test for the full test set)")
+    if args.train is None:
+        args.train = os.path.join(SHARED, "cifar10", "train_jpegq75.npz")
+    if args.alexnet is None:
+        shared = os.path.join(SHARED, "models", "alexnet_cifar.pt")
+        if os.path.isfile(shared):
+            args.alexnet = shared
+        else:
+            log(f"no {shared}: using the AlexNet-style weights bundled with carfast")
+    for option, path in (("--test", args.test), ("--alexnet", args.alexnet)):
+        if path is not None and not os.path.isfile(path):
+            raise SystemExit(f"{_FN}: {option} {path}: no such file")
+    log(f"test images: {args.test}; AlexNet weights: {args.alexnet or 'bundled with carfast'}; training set: "
+        f"{args.train}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -895,14 +938,21 @@ def main(argv=None) -> None:
                    help="stages to run, in order: prune:<layer>, finetune:<layer>, colour, figures, summary; "
                         "groups: alexnet, resnet56, report, all (default). Layers: " + ", ".join(LAYERS))
     p.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run (tiny data; results in results/quick)")
-    p.add_argument("--test", default="/work/shared/data/cifar10/test.npz", help="CIFAR-10 test.npz (x, y)")
-    p.add_argument("--train", default="/work/shared/data/cifar10/train_jpegq75.npz", help="JPEG training set")
-    p.add_argument("--alexnet", default="/work/shared/data/models/alexnet_cifar.pt", help="AlexNet-style weights")
+    p.add_argument("--test", default=None,
+                   help="CIFAR-10 test.npz (x, y) (default: ../shared/data/cifar10/test.npz beside the repository if "
+                        "present, else the 2,000-image slice bundled with carfast)")
+    p.add_argument("--train", default=None,
+                   help="JPEG training set for the fine-tuning stages (default: "
+                        "../shared/data/cifar10/train_jpegq75.npz beside the repository)")
+    p.add_argument("--alexnet", default=None,
+                   help="AlexNet-style weights (default: ../shared/data/models/alexnet_cifar.pt beside the "
+                        "repository if present, else the weights bundled with carfast)")
     p.add_argument("--results", default=None, help="folder for the JSON (default experiments/results[/quick])")
     p.add_argument("--figures", default=None, help="folder for the PNGs (default experiments/figures[/quick results])")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--fresh", action="store_true", help="ignore saved stage JSON and start the stages anew")
     args = p.parse_args(argv)
+    resolve_data(args)
     torch.set_num_threads(args.threads)
     environment()
     cfg = QUICK if args.quick else Config()
@@ -912,6 +962,9 @@ def main(argv=None) -> None:
         args.figures = os.path.join(args.results, "figures") if args.quick else os.path.join(HERE, "figures")
     os.makedirs(args.results, exist_ok=True)
     stages = expand(args.stage, cfg)
+    if any(s.startswith("finetune") for s in stages) and not os.path.isfile(args.train):
+        raise SystemExit(f"{_FN}: the fine-tuning stages need the training set; {args.train}: no such file (pass "
+                         "--train, see ../shared/data/README.md for the format)")
     log(f"stages: {stages}; config: {asdict(cfg)}")
     needs_data = ("prune", "carsel", "carstep", "finetune", "selacc")
     data = Data(args.test) if any(s.startswith(needs_data) for s in stages) else None

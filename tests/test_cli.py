@@ -67,6 +67,15 @@ def test_each_subcommand_has_help(command, capsys):
     assert "--quick" not in out                                   # the demo's test switch stays hidden
 
 
+def test_keep_help_says_it_is_the_share_kept(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "what to KEEP per layer, not what to remove" in out
+    assert "pruning_ratio" in out and "share REMOVED: --keep 0.75 = pruning_ratio 0.25" in out
+    assert "--compare CRITERIA" in out and "--held-out FILE.npz" in out
+
+
 def _one_line_error(capsys, command: str) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"carfast {command}: error: "), err
@@ -81,6 +90,7 @@ def _one_line_error(capsys, command: str) -> str:
     (["--layer", "layer1.0.conv1", "--keep", "half"], "'half' is neither a filter count"),
     (["--layer", "layer1.0.conv1", "--keep", "3", "--data", "MISSING"], "no such file"),
     (["--layer", "layer1.0.conv1", "--keep", "3", "--weights", "MISSING"], "no such file"),
+    (["--layer", "layer1.0.conv1", "--keep", "3", "--criterion", "l1", "--rule", "lcb"], "--rule lcb is CAR's"),
 ])
 def test_prune_bad_arguments_exit_2_with_one_line(argv, expected, tmp_path, capsys):
     argv = [str(tmp_path / "nope") if a == "MISSING" else a for a in argv]
@@ -94,10 +104,11 @@ def test_prune_bad_arguments_exit_2_with_one_line(argv, expected, tmp_path, caps
     assert not out.exists()
 
 
-def test_alexnet_without_weights_and_missing_result_exit_2(tmp_path, capsys):
-    assert main(["prune", "--model", "alexnet", "--layer", "features.0", "--keep", "3", "--out",
-                 str(tmp_path / "r.pt")]) == 2
-    assert "needs --weights" in _one_line_error(capsys, "prune")
+def test_missing_result_and_weights_exit_2(tmp_path, capsys):
+    assert main(["prune", "--model", "alexnet", "--weights", str(tmp_path / "none.pt"), "--layer", "features.0",
+                 "--keep", "3", "--out", str(tmp_path / "r.pt")]) == 2
+    assert "no such file; pass a checkpoint file or leave it out for the bundled weights" in \
+        _one_line_error(capsys, "prune")
     assert main(["report", str(tmp_path / "none.pt")]) == 2
     assert "no such file" in _one_line_error(capsys, "report")
 
@@ -105,11 +116,11 @@ def test_alexnet_without_weights_and_missing_result_exit_2(tmp_path, capsys):
 def test_prune_then_report(tmp_path, capsys):
     result_path = tmp_path / "run" / "result.pt"
     assert main(["prune", "--model", "resnet20", "--layer", "layer1.0.conv1", "--n", "40", "--keep", "14",
-                 "--out", str(result_path)]) == 0
+                 "--rule", "accuracy", "--out", str(result_path)]) == 0
     out = capsys.readouterr().out
     assert "layer1.0.conv1 filters" in out and f"wrote {result_path}" in out
     result = carfast.load_pruned(result_path)
-    assert len(result.kept["layer1.0.conv1"]) == 14
+    assert len(result.kept["layer1.0.conv1"]) == 14 and result.settings["rule"] == "accuracy"
     assert result.settings["cli_model"] == {"model": "resnet20", "weights": None, "data": None, "n": 40,
                                             "normalization": [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]}
 
@@ -144,10 +155,46 @@ def test_demo_quick_writes_a_new_folder(tmp_path, monkeypatch, capsys):
     assert (folder / "index.html").exists() and (folder / "result.pt").exists()
     d = json.loads((folder / "summary.json").read_text())
     assert d["heldout"]["num_images"] == 20 and d["settings"]["num_images"] == 20
-    assert f"held-out top-1 % (20 images)  {100 * d['heldout']['accuracy_before']:.2f}" in out
     assert f"report: {folder / 'index.html'}" in out
-    # the saved result reports again, with the demo's held-out split recorded
-    assert carfast.load_pruned(folder / "result.pt").settings["cli_model"]["n"] == 20
+    # CAR, L1 and random side by side, measured by the run on the same 20 held-out images
+    comp = d["comparison"]
+    assert [r["criterion"] for r in comp["rows"]] == ["car", "l1", "random"] and comp["held_out_images"] == 20
+    assert comp["unpruned_held_out_accuracy"] == d["heldout"]["accuracy_before"]
+    assert comp["rows"][0]["held_out_accuracy"] == d["heldout"]["accuracy_after"]
+    x, y = cifar10_test(40)
+    for row, label in zip(comp["rows"], ("CAR", "L1 norm", r"random \(seed 0\)")):
+        change = 100 * (row["held_out_accuracy"] - comp["unpruned_held_out_accuracy"])
+        assert re.search(rf"\n  {label}\s+{100 * row['held_out_accuracy']:.2f}\s+{re.escape(f'{change:+.2f}')} pts\s+"
+                         rf"{100 * row['selection_accuracy']:.2f}\n", out)
+        assert len(row["removed"]["layer3.2.conv1"]) == 4
+    assert re.search(rf"\n  unpruned\s+{100 * comp['unpruned_held_out_accuracy']:.2f}\s+"
+                     rf"{100 * comp['unpruned_selection_accuracy']:.2f}\n", out)
+    page = (folder / "index.html").read_text(encoding="utf-8")
+    assert "<h2>Criteria compared on held-out images</h2>" in page and (folder / "criteria.png").exists()
+    # the saved result reports again, with the demo's held-out split and the comparison recorded
+    saved = carfast.load_pruned(folder / "result.pt")
+    assert saved.settings["cli_model"]["n"] == 20 and saved.comparison["rows"][2]["criterion"] == "random"
+    assert comp["rows"][1]["held_out_accuracy"] == carfast.evaluate(
+        carfast.prune(carfast.models.cifar_resnet(20), "layer3.2.conv1", (x[:20], y[:20]), keep=60, criterion="l1",
+                      progress=False).model, (x[20:], y[20:])).accuracy
+
+
+def test_demo_quick_alexnet_shows_the_first_layer_filters(tmp_path, capsys):
+    assert main(["demo", "--quick", "--model", "alexnet", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "bundled AlexNet-style CIFAR-10 network" in out and "features.0: 64 -> 60 filters" in out
+    assert re.search(r"features\.0 filters\s+64 -> 60\s+\(kept 93.8 %, removed 4\)", out)
+    folder = tmp_path / "a"
+    page = (folder / "index.html").read_text(encoding="utf-8")
+    assert "<h2>First-layer filters: features.0</h2>" in page
+    assert "<h2>Criteria compared on held-out images</h2>" in page
+    for png in ("filters_features.0.png", "filter_classes_features.0.png", "colour_features.0.png", "criteria.png",
+                "classwise_features.11.png"):
+        assert (folder / png).exists(), png
+    d = json.loads((folder / "summary.json").read_text())
+    assert d["layers"]["features.0"]["filters"]["weights"] == "original"
+    assert len(d["layers"]["features.0"]["filters"]["colour_selectivity"]["removed"]) == 4
+    assert carfast.load_pruned(folder / "result.pt").settings["cli_model"]["model"] == "alexnet"
 
 
 def test_threads_follow_the_idle_cores(monkeypatch):

@@ -59,7 +59,7 @@ def test_prune_and_report_a_users_model(user_project, capsys):
     folder, model, x, y = user_project
     assert main(["prune", "--model", "mynet:make", "--weights", "w.pt", "--layer", "0", "--keep", "5",
                  "--data", "d.npz", "--n", "40", "--out", "r.pt", "--threads", "1"]) == 0
-    assert re.search(r"\n0 filters\s+8\s+5\s+0\.62x", capsys.readouterr().out)
+    assert re.search(r"\n  0 filters\s+8 -> 5\s+\(kept 62\.5 %, removed 3\)", capsys.readouterr().out)
     result = carfast.load_pruned("r.pt", model=model)
     assert result.settings["cli_model"]["model"] == "mynet:make" and result.settings["cli_model"]["n"] == 40
     ref = carfast.prune(model, "0", (x[:40], y[:40]), keep=5, progress=False)
@@ -142,7 +142,7 @@ def test_resnet56_group_and_block_convs_end_to_end(tmp_path):
            "--threads", "1", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert run.returncode == 0, run.stderr
-    assert re.search(r"layer3\.8\.conv2 group channels\s+64\s+48\s+0\.75x", run.stdout)
+    assert re.search(r"layer3\.8\.conv2 group channels\s+64 -> 48\s+\(kept 75 %, removed 16\)", run.stdout)
     check = ("import carfast, json; r = carfast.load_pruned(%r); m = r.model; "
              "print(json.dumps([m.conv1.out_channels, m.layer3[8].conv2.out_channels, m.layer3[0].conv2.out_channels,"
              " m.layer1[0].conv1.out_channels, m.layer2[0].conv1.out_channels, r.settings['groups']]))" % str(out))

@@ -1,4 +1,7 @@
 """Bundled models and data load with weights_only and give the published accuracy."""
+import os
+from importlib import resources
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +51,27 @@ def test_alexnet_shape():
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert model.features[0].out_channels == 64 and model.features[0].kernel_size == (5, 5)
+
+
+SHARED_ALEXNET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "models",
+                              "alexnet_cifar.pt")
+
+
+def test_bundled_alexnet_loads_with_weights_only_and_classifies():
+    from carfast.models import ALEXNET_CIFAR_NORMALIZATION
+    with resources.as_file(resources.files("carfast.assets") / "alexnet_cifar10_fp16.pt") as p:
+        stored = torch.load(p, map_location="cpu", weights_only=True)       # plain data: no pickled code
+    assert stored["state_dict"]["features.0.weight"].dtype == torch.float16
+    assert [float(v) for v in stored["mean"]] == pytest.approx(ALEXNET_CIFAR_NORMALIZATION[0], abs=1e-6)
+    model = alexnet_cifar()
+    assert not model.training and model.features[0].weight.dtype == torch.float32
+    x, y = cifar10_test(n=200, normalization=ALEXNET_CIFAR_NORMALIZATION)
+    with torch.no_grad():
+        bundled = (model(x).argmax(1) == y).float().mean().item()
+    assert bundled > 0.7                                                    # chance: 0.1
+    if os.path.exists(SHARED_ALEXNET):            # the float32 original: float16 storage costs no accuracy
+        with torch.no_grad():
+            original = (alexnet_cifar(SHARED_ALEXNET)(x).argmax(1) == y).float().mean().item()
+        assert abs(bundled - original) <= 0.005
+    untrained = alexnet_cifar(pretrained=False)
+    assert not torch.equal(untrained.features[0].weight, model.features[0].weight)

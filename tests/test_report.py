@@ -239,3 +239,69 @@ def test_figures_write_pngs_and_refuse_empty_input(rgb_run, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(p).st_mode & 0o777 == 0o666 & ~umask        # not the private mode of a temp file
+
+
+# ---- wide layers and compared criteria -------------------------------------------------------------------
+def _wide_scores(num_filters=512, num_classes=10, images=200):
+    """Synthetic LayerScores of a 512-filter layer (every filter scored on 200 images of 10 classes)."""
+    from carfast.scoring.scores import LayerScores
+    g = torch.Generator().manual_seed(0)
+    totals = torch.full((num_classes,), images // num_classes, dtype=torch.int64)
+    base = totals - 2
+    correct = (base - torch.randint(-1, 4, (num_filters, num_classes), generator=g)).clamp(0, int(totals[0]))
+    return LayerScores("features.8", torch.arange(num_filters), images, totals, base, correct, 300.0,
+                       300.0 + torch.rand(num_filters, generator=g, dtype=torch.float64))
+
+
+def _png_height(path) -> int:
+    from matplotlib.image import imread
+    return imread(path).shape[0]
+
+
+def test_heatmap_of_a_wide_layer_stays_bounded(tmp_path):
+    scores = _wide_scores()
+    imp = ClassImportance.from_scores(scores)
+    car = imp.car.tolist()
+    order = sorted(range(512), key=lambda i: (-car[i], i))                      # most important first
+    removed = order[::-1][:300]                                                 # 300 removed, least important first
+    rows, note = figures.heatmap_rows(imp, removed)
+    assert len(rows) == figures.HEATMAP_MAX_ROWS == 64
+    assert rows[:16] == order[:16] and rows[-16:] == order[-16:]               # the most and least important
+    # then the first removed among the rest: the 16 least important were removed first
+    assert [i for i in rows if 16 <= order.index(i) < 496] == sorted(removed[16:48], key=order.index)
+    assert ("64 of 512 filters shown: the 16 most and 16 least important by CAR and the first 32 removed filters "
+            "among the rest (of 284)") in note
+    path = figures.classwise_heatmap(imp, tmp_path / "wide.png", removed=removed)
+    height = _png_height(path)
+    assert height <= round(figures.HEATMAP_MAX_HEIGHT_IN * figures.DPI) < 2000
+    # a small layer shows every filter, and says nothing about a selection
+    small = ClassImportance.from_scores(_wide_scores(24))
+    assert figures.heatmap_rows(small)[1] == "" and len(figures.heatmap_rows(small)[0]) == 24
+    assert _png_height(figures.classwise_heatmap(small, tmp_path / "small.png")) < height
+
+
+def test_report_of_a_wide_layer_captions_what_the_heatmap_shows(rgb_run, tmp_path):
+    _, result = rgb_run
+    scores = _wide_scores()
+    wide = dataclasses.replace(result, scores={"features.8": scores}, kept={"features.8": list(range(256, 512))},
+                               removed={"features.8": list(range(256))}, history=[])
+    text = _strip_images(open(write_report(wide, tmp_path), encoding="utf-8").read())
+    assert "64 of 512 filters shown: the 16 most and 16 least important by CAR" in text
+    assert "<details><summary>512 filters, most important first</summary>" in text
+    assert _png_height(tmp_path / "classwise_features.8.png") <= round(figures.HEATMAP_MAX_HEIGHT_IN * figures.DPI)
+
+
+def test_criteria_bars_and_bad_input(tmp_path):
+    p = figures.criteria_bars(tmp_path / "c.png", labels=["CAR", "L1 norm", "random"], held_out=[0.88, 0.72, 0.68],
+                              selection=[0.9, 0.72, 0.66], unpruned_held_out=0.92, unpruned_selection=0.91,
+                              held_out_images=1000)
+    assert open(p, "rb").read(8) == PNG_MAGIC
+    with pytest.raises(ValueError, match="criteria_bars: one held-out"):
+        figures.criteria_bars(tmp_path / "d.png", labels=["a", "b"], held_out=[0.5])
+
+
+def test_summary_says_kept_and_removed(resnet_run):
+    _, result, _ = resnet_run
+    text = str(result.summary())
+    assert "keep is the share KEPT" in text
+    assert re.search(r"\n  layer1\.0\.conv1 filters\s+16 -> 14\s+\(kept 87\.5 %, removed 2\)", text)

@@ -1,9 +1,11 @@
 """LayerScores: derived fields, ranking order, JSON export."""
 import json
 
+import pytest
 import torch
 
 from carfast.scoring.scores import LayerScores
+from carfast.scoring.selection import DEFAULT_RULE, LCB_Z, flip_counts
 
 
 def _scores():
@@ -26,9 +28,32 @@ def test_derived_fields():
 def test_ranking_accuracy_then_loss_then_index():
     s = _scores()
     # filters 5 and 7 tie on accuracy and loss: lowest index first; filter 2 costs accuracy: last
-    assert s.ranking().tolist() == [5, 7, 2]
+    assert s.ranking("accuracy").tolist() == [5, 7, 2]
     s.loss_sum = torch.tensor([2.6, 3.0, 2.5], dtype=torch.float64)
-    assert s.ranking().tolist() == [7, 5, 2]
+    assert s.ranking("accuracy").tolist() == [7, 5, 2]
+
+
+def test_rules_order_differently():
+    s = _scores()
+    s.loss_sum = torch.tensor([2.9, 2.6, 2.5], dtype=torch.float64)     # filter 2 costs an image, little loss
+    assert s.ranking("accuracy").tolist() == [7, 5, 2]
+    assert s.ranking("loss").tolist() == [7, 2, 5]
+    assert s.ranking().tolist() == s.ranking(DEFAULT_RULE).tolist()
+    with pytest.raises(ValueError, match="per-image"):
+        s.ranking("lcb")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        s.ranking("best")
+    # lcb: filter 5 turns 4 images wrong and 2 right, filter 2 turns one wrong, filter 7 none: 7, 2, 5 at z = 2
+    base = torch.tensor([True] * 8 + [False] * 2)
+    now5 = base.clone()
+    now5[:4] = False
+    now5[8:] = True
+    now5[4:6] = True
+    s.base_image_correct = base
+    s.image_correct = torch.stack([now5, torch.cat([base[:7], torch.tensor([False]), base[8:]]), base.clone()])
+    gained, lost = flip_counts(s)
+    assert gained.tolist() == [2, 0, 0] and lost.tolist() == [4, 1, 0]
+    assert LCB_Z == 2.0 and s.ranking("lcb").tolist() == [7, 2, 5]
 
 
 def test_to_dict_is_json_and_table_lists_every_filter():

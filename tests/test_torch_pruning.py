@@ -55,7 +55,7 @@ def test_single_importance_is_car_with_loss_tie_break():
             carfast.score_layer(model, layer, (x, y), progress=False)
         assert torch.allclose(got.double(), car_importance(ref), atol=1e-6)
         # higher = more important: ascending importance is carfast's ranking (least important first)
-        assert torch.argsort(got, stable=True).tolist()[:3] == ref.ranking().tolist()[:3]
+        assert torch.argsort(got, stable=True).tolist()[:3] == ref.ranking("accuracy").tolist()[:3]
         lost = ref.base_correct.sum() - ref.correct.sum(1)
         assert torch.equal(torch.floor(got.double() * ref.num_images + 1e-6).long(), lost)
     assert imp.last_scores is not None

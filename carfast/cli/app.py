@@ -2,10 +2,11 @@
 
     carfast score  [--model M] [--layer L ...] [--group] [--n N] [--data FILE.npz] [--json out.json]
     carfast prune  --model M [--weights PATH] --layer L [--layer L2 ...] --keep K [--step S]
-                   [--schedule sequential|global] [--criterion car|l1|...] [--n N] [--data FILE.npz]
+                   [--schedule sequential|global] [--criterion car|l1|...] [--rule loss|accuracy|lcb]
+                   [--n N] [--data FILE.npz] [--compare l1,random [--held-out FILE.npz]]
                    [--checkpoint run.json] [--max-accuracy-drop 0.02] --out result.pt
     carfast report RESULT.pt [--model M --weights PATH] [--out DIR] [--data FILE.npz] [--heldout-n N]
-    carfast demo   [--out DIR] [--n 2000]
+    carfast demo   [--model resnet20|alexnet] [--out DIR] [--n 2000]
     carfast layers [--model M] [--input 3,224,224]
     carfast --version        (also lists the backends found)
 

@@ -1,6 +1,7 @@
 """What the ``carfast`` subcommands share: argument types, the model and data options, threads, errors.
 
-``--model`` is a bundled network (resnet20, resnet56, alexnet) or ``package.module:factory``: a callable
+``--model`` is a bundled network (resnet20, resnet56, alexnet: pretrained weights ship with carfast) or
+``package.module:factory``: a callable
 importable from the current folder that returns the network (``--weights``: a state dict to load).
 ``--data`` is an ``.npz`` file (``DATA_HELP``); without it the bundled 2,000-image CIFAR-10 test slice.
 """
@@ -14,7 +15,7 @@ import sys
 
 __all__ = ["CliError", "Parser", "BUNDLED", "DATA_HELP", "keep_value", "positive_int", "nonnegative_int",
            "existing_file", "set_threads", "add_model_options", "add_data_options", "add_compute_options",
-           "add_threads", "build_model", "load_data", "check_layers", "plain_norm"]
+           "add_threads", "build_model", "load_data", "check_layers", "plain_norm", "criteria_list", "KEEP_HELP"]
 
 BUNDLED = ("resnet20", "resnet56", "alexnet")
 DATA_HELP = ("an .npz file with x: uint8 images [N, H, W, C] (scaled to [0, 1], then normalised by --normalize) "
@@ -25,6 +26,9 @@ _NORMALIZE_HELP = ("for uint8 --data images: 'cifar' (the bundled ResNets' mean 
                    "model's own; 'none' for package.module:factory)")
 _PRECISION_HELP = ("arithmetic of the network after the consumer: fp32 (default), or bf16/fp16 with an exact "
                    "float32 re-run of the image/filter pairs whose top-1 margin is too small to trust")
+KEEP_HELP = ("what to KEEP per layer, not what to remove: a count of filters (a group's channels) to keep (14) or "
+             "the fraction kept (0.75 keeps three quarters, removes one quarter). Torch-Pruning's pruning_ratio "
+             "and torch.nn.utils.prune's amount are the share REMOVED: --keep 0.75 = pruning_ratio 0.25")
 _THREADS_HELP = "torch threads (default: torch's default, fewer when other processes keep the cores busy)"
 
 
@@ -50,6 +54,22 @@ def keep_value(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a filter count (14) nor a fraction (0.5)") from None
+
+
+def criteria_list(text: str) -> list[str]:
+    """``--compare``: comma-separated baseline criteria, e.g. "l1,random" (names of carfast.criteria.CRITERIA,
+    or car)."""
+    from carfast.criteria import CRITERIA
+    valid = ["car", *CRITERIA]
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    bad = [c for c in names if c not in valid]
+    if bad or not names:
+        what = f"unknown criterion {bad[0]!r}" if bad else "no criterion named"
+        raise argparse.ArgumentTypeError(f"{text!r}: {what}; give comma-separated names from "
+                                         f"{', '.join(valid)} (e.g. --compare l1,random)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a criterion is named twice; name each once")
+    return names
 
 
 def positive_int(text: str) -> int:
@@ -83,7 +103,7 @@ def existing_file(path: str | None, option: str, hint: str) -> str | None:
 # ---- options --------------------------------------------------------------------------------------------
 def add_model_options(p, required: bool = False, default: str | None = "resnet20") -> None:
     p.add_argument("--model", required=required, default=None if required else default,
-                   help=f"{' / '.join(BUNDLED)} (bundled CIFAR-10 networks; alexnet needs --weights), or "
+                   help=f"{' / '.join(BUNDLED)} (bundled pretrained CIFAR-10 networks), or "
                         "package.module:factory, a callable importable from the current folder that returns your "
                         f"network{'' if required or default is None else f' (default {default})'}")
     p.add_argument("--weights", default=None, help="a checkpoint (state dict) to load into the model")
@@ -166,14 +186,10 @@ def build_model(spec: str, weights: str | None):
     """(model in eval mode, input normalisation (mean, std) or None) for a ``--model`` value."""
     from carfast import models
     weights = existing_file(weights, "--weights", "pass a checkpoint file" +
-                            ("" if spec == "alexnet" or spec not in BUNDLED else
-                             " or leave it out for the bundled weights"))
+                            ("" if spec not in BUNDLED else " or leave it out for the bundled weights"))
     if spec not in BUNDLED:
         return _user_model(spec, weights), None
     if spec == "alexnet":
-        if weights is None:
-            raise CliError("--model alexnet needs --weights PATH (e.g. shared/data/models/alexnet_cifar.pt): "
-                           "carfast bundles no AlexNet weights")
         return models.alexnet_cifar(weights), models.ALEXNET_CIFAR_NORMALIZATION
     return models.cifar_resnet(int(spec.removeprefix("resnet")), weights=weights), models.CIFAR_RESNET_NORMALIZATION
 
@@ -212,19 +228,20 @@ def _normalization(text: str | None, default):
     return mean, std
 
 
-def load_data(path: str | None, normalize: str | None, default_norm, need: int | None = None):
+def load_data(path: str | None, normalize: str | None, default_norm, need: int | None = None,
+              option: str = "--data"):
     """(x [N, ...] float32, y [N] int64, class names or None, normalisation used): all of ``--data`` (or of
-    the bundled slice), which must hold at least ``need`` images."""
+    the bundled slice), which must hold at least ``need`` images; ``option`` names the file in errors."""
     from carfast.data import cifar10_classes, cifar10_test, load_npz
-    path = existing_file(path, "--data", f"pass {DATA_HELP.split(' (default')[0]}, or leave it out for the "
-                                         "bundled CIFAR-10 slice")
+    path = existing_file(path, option, f"pass {DATA_HELP.split(' (default')[0]}" +
+                         (", or leave it out for the bundled CIFAR-10 slice" if option == "--data" else ""))
     norm = _normalization(normalize, default_norm)
     if path is None:
         x, y = cifar10_test(normalization=norm if norm is not None else _UNIT)
         classes = cifar10_classes()
     else:
         try:
-            x, y, classes = load_npz(path, normalization=norm, fn="--data")
+            x, y, classes = load_npz(path, normalization=norm, fn=option)
         except (ValueError, TypeError) as err:
             raise CliError(str(err)) from None
     if need is not None and need > len(y):

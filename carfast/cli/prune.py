@@ -3,13 +3,20 @@
 The saved ``PruneResult`` records in ``settings["cli_model"]`` how to rebuild the original network and
 its data (``--model``, ``--weights``, ``--data``, the number of images, the input normalisation), so
 ``carfast report`` can time the original, picture the removed first-layer filters and measure held-out
-accuracy on the images after the scored ones.
+accuracy on the images after the scored ones (or on ``--held-out``).
+
+``--compare l1,random`` also prunes the same layers to the same sizes with those criteria
+(``carfast.compare_criteria``), measures every pruned network on held-out images (``--held-out FILE.npz``,
+else the images of ``--data`` after the ``--n`` scored ones), prints the comparison and stores it in the
+saved result (``PruneResult.comparison``), which ``carfast report`` draws.
 """
 from __future__ import annotations
 
 import os
 
 from carfast.cli.common import (
+    DATA_HELP,
+    KEEP_HELP,
     CliError,
     add_compute_options,
     add_data_options,
@@ -17,6 +24,7 @@ from carfast.cli.common import (
     add_threads,
     build_model,
     check_layers,
+    criteria_list,
     keep_value,
     load_data,
     plain_norm,
@@ -26,8 +34,13 @@ from carfast.cli.common import (
 __all__ = ["add_parser", "run"]
 
 
+def _log(message: str) -> None:
+    print(f"compare: {message}", flush=True)
+
+
 def add_parser(sub) -> None:
     from carfast.criteria import CRITERIA
+    from carfast.scoring.selection import DEFAULT_RULE, RULES
     r = sub.add_parser("prune", help="greedy CAR (or baseline) pruning of layers and groups; saves the result",
                        description="Remove filters greedily (the least important by CAR, re-scored after each "
                                    "removal) until --keep remain, print the summary table and save the pruned "
@@ -38,14 +51,26 @@ def add_parser(sub) -> None:
     r.add_argument("--layer", action="append", required=True,
                    help="layer to prune (repeatable; carfast layers --model M lists them); a coupled layer "
                         "means its coupling group")
-    r.add_argument("--keep", type=keep_value, required=True,
-                   help="filters (a group's channels) to keep per layer: a count (14) or a fraction (0.5)")
+    r.add_argument("--keep", type=keep_value, required=True, help=KEEP_HELP)
     r.add_argument("--step", type=positive_int, default=1, help="filters removed per scoring (default 1)")
     r.add_argument("--schedule", choices=("sequential", "global"), default="sequential",
                    help="sequential: layer after layer (default); global: best filter of any layer each step")
     r.add_argument("--criterion", choices=("car", *CRITERIA), default="car", help="importance criterion (default car)")
-    r.add_argument("--n", type=positive_int, default=None, help="number of scoring images (default all)")
+    r.add_argument("--rule", choices=RULES, default=None,
+                   help=f"CAR's selection rule (default {DEFAULT_RULE}): 'accuracy' the paper's (most images still "
+                        "correct), 'loss' the smallest loss, 'lcb' a lower confidence bound of the accuracy "
+                        "(see experiments/RESULTS.md)")
+    r.add_argument("--n", type=positive_int, default=None,
+                   help="number of scoring images: the first N of --data (default all)")
     add_data_options(r, "the images to score on")
+    r.add_argument("--compare", type=criteria_list, default=None, metavar="CRITERIA",
+                   help="also prune the same layers to the same sizes with these criteria (comma-separated, e.g. "
+                        "l1,random), measure every pruned network on held-out images, print the comparison and "
+                        "store it in --out for carfast report")
+    r.add_argument("--held-out", default=None, metavar="FILE.npz",
+                   help="held-out images for --compare, not used for scoring (same format as --data: "
+                        f"{DATA_HELP.split(' (default')[0]}); default: the images of --data after the --n scored "
+                        "ones")
     r.add_argument("--checkpoint", default=None, help="JSON file written after every removal; resumes if present")
     r.add_argument("--max-accuracy-drop", type=float, default=None,
                    help="stop a layer before accuracy falls more than this below the original (fraction: 0.02 = "
@@ -55,26 +80,60 @@ def add_parser(sub) -> None:
     add_threads(r)
 
 
+def _held_out(args, x, y, norm):
+    """(inputs, labels) for --compare: --held-out, else the images of --data after the --n scored ones."""
+    if args.held_out is not None:
+        hx, hy, _, _ = load_data(args.held_out, args.normalize, norm, option="--held-out")
+        return hx, hy
+    n = len(y) if args.n is None else args.n
+    if n >= len(y):
+        source = args.data or "the bundled CIFAR-10 slice"
+        raise CliError(f"--compare needs held-out images, but the run scores on all {len(y):,} images of {source}; "
+                       "pass --held-out FILE.npz (images not used for scoring) or a smaller --n")
+    return x[n:], y[n:]
+
+
 def run(args) -> int:
     import carfast
 
     if os.path.isdir(args.out):
         raise CliError(f"--out {args.out} is a folder; pass a file name such as result.pt")
+    if args.held_out is not None and args.compare is None:
+        raise CliError("--held-out serves --compare; pass --compare l1,random (or carfast report --data FILE.npz "
+                       "for held-out accuracy in the report)")
+    if args.rule is not None and args.criterion != "car":
+        raise CliError(f"--rule {args.rule} is CAR's selection rule; --criterion {args.criterion} ranks by its own "
+                       "importance: drop --rule")
+    if args.compare is not None and args.criterion in args.compare:
+        raise CliError(f"--compare {','.join(args.compare)}: {args.criterion} is already --criterion; compare it "
+                       "with other criteria")
     model, norm = build_model(args.model, args.weights)
     check_layers(model, args.layer, args.model)
-    x, y, _, norm = load_data(args.data, args.normalize, norm, need=args.n)
-    x, y = x[:args.n], y[:args.n]
-    result = carfast.prune(model, args.layer, (x, y), keep=args.keep, step=args.step, schedule=args.schedule,
-                           criterion=args.criterion, max_accuracy_drop=args.max_accuracy_drop,
-                           checkpoint=args.checkpoint, progress=None, backend=args.backend,
-                           precision=args.precision, device=args.device)
+    x_all, y_all, _, norm = load_data(args.data, args.normalize, norm, need=args.n)
+    x, y = x_all[:args.n], y_all[:args.n]
+    options = dict(step=args.step, schedule=args.schedule, max_accuracy_drop=args.max_accuracy_drop, rule=args.rule,
+                   checkpoint=args.checkpoint, progress=None, backend=args.backend, precision=args.precision,
+                   device=args.device)
+    if args.compare is None:
+        result = carfast.prune(model, args.layer, (x, y), keep=args.keep, criterion=args.criterion, **options)
+    else:
+        held_out = _held_out(args, x_all, y_all, norm)
+        comparison = carfast.compare_criteria(model, args.layer, (x, y), held_out, args.keep,
+                                              [args.criterion, *args.compare], log=_log, **options)
+        result = comparison.results[args.criterion]
+        result.comparison = comparison.to_dict()
     result.settings["cli_model"] = {
         "model": args.model, "weights": None if args.weights is None else os.path.abspath(args.weights),
         "data": None if args.data is None else os.path.abspath(args.data), "n": int(len(y)),
         "normalization": plain_norm(norm)}
+    if args.held_out is not None:
+        result.settings["cli_model"]["held_out"] = os.path.abspath(args.held_out)
     print(result.summary())
     seconds = sum(r["seconds"] for r in result.history)
     print(f"\n{len(result.history)} removals in {seconds:.1f} s")
+    if args.compare is not None:
+        print()
+        print(comparison.table())
     result.save(args.out)
     print(f"wrote {args.out}  (carfast report {args.out} writes the report)")
     return 0

@@ -3,7 +3,9 @@
 The original network (for its latency and pictures of the removed first-layer filters) is ``--model``
 with ``--weights``, or what ``carfast prune`` recorded; a result saved from Python by
 ``PruneResult.save`` has no such record, so pass ``--model`` there. Held-out accuracy is measured on the
-images that follow the scored ones in the source ``carfast prune`` read, or on ``--data``.
+images that follow the scored ones in the source ``carfast prune`` read, on the ``--held-out`` file of
+``carfast prune --compare``, or on ``--data``. A result saved with a comparison of criteria
+(``--compare``, ``carfast demo``) gets its figure and tables.
 """
 from __future__ import annotations
 
@@ -67,13 +69,22 @@ def _original(args, cli: dict):
 
 def _heldout(args, cli: dict, norm):
     """((x, y) held-out images or None, class names or None). The images after the run's scored ones when
-    the source is the one the run scored on (default), else the first of ``--data``."""
+    the source is the one the run scored on (default), else the first of ``--data`` (or of the
+    ``--held-out`` file ``carfast prune --compare`` recorded)."""
     if args.heldout_n == 0:
         return None, None
     if not cli and args.data is None:
         _note("no held-out images: pass --data with images the run did not score on")
         return None, None
-    data = os.path.abspath(args.data) if args.data is not None else cli.get("data")
+    recorded = cli.get("held_out")
+    if args.data is None and recorded is not None and not os.path.isfile(recorded):
+        _note(f"the recorded held-out file {recorded} is gone: held-out accuracy uses the images after the scored "
+              "ones (pass --data for others)")
+        recorded = None
+    if args.data is not None:
+        data = os.path.abspath(args.data)
+    else:
+        data = recorded if recorded is not None else cli.get("data")
     same = bool(cli) and data == cli.get("data")
     start = int(cli.get("n", 0)) if same else 0
     x, y, classes, _ = load_data(data, args.normalize, norm)

@@ -13,9 +13,16 @@ from torch import nn
 from carfast.scoring.scores import LayerScores
 from carfast.surgery.pruned_io import read_pruned, save_pruned
 
-__all__ = ["PruneResult", "PruneSummary", "load_pruned"]
+__all__ = ["PruneResult", "PruneSummary", "load_pruned", "kept_percent"]
 
 _FORMAT = "carfast-prune-result/1"
+
+
+def kept_percent(after: int, before: int) -> str:
+    """``after`` of ``before`` as a share kept: "75 %", "87.5 %", "66.7 %" ("-" when ``before`` is 0)."""
+    if not before:
+        return "-"
+    return f"{100.0 * after / before:.1f}".removesuffix(".0") + " %"
 
 
 @dataclass
@@ -36,6 +43,20 @@ class PruneSummary:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def layer_lines(self) -> list[str]:
+        """One line per layer: ``layer1.2.conv1 filters  16 -> 12  (kept 75 %, removed 4)``."""
+        heads = {layer: f"{layer} {'group channels' if layer in self.groups else 'filters'}"
+                 for layer in self.filters_before}
+        wh = max(len(h) for h in heads.values())
+        wb = max(len(str(b)) for b in self.filters_before.values())
+        wa = max(len(str(a)) for a in self.filters_after.values())
+        out = []
+        for layer, before in self.filters_before.items():
+            after = self.filters_after[layer]
+            out.append(f"  {heads[layer]:<{wh}}  {before:>{wb}} -> {after:<{wa}}  (kept {kept_percent(after, before)}"
+                       f", removed {before - after})")
+        return out
+
     def __str__(self) -> str:
         def ratio(a, b):
             return f"{a / b:.2f}x" if b else "-"
@@ -48,13 +69,12 @@ class PruneSummary:
         if self.accuracy_finetuned is not None:
             rows.append(("fine-tuned %", "", f"{100 * self.accuracy_finetuned:.2f}",
                          f"{100 * (self.accuracy_finetuned - self.accuracy_before):+.2f} pts"))
-        for layer, before in self.filters_before.items():
-            unit = "group channels" if layer in self.groups else "filters"
-            rows.append((f"{layer} {unit}", str(before), str(self.filters_after[layer]),
-                         ratio(self.filters_after[layer], before)))
         w0 = max(len(r[0]) for r in rows)
         w = [max(len(r[i]) for r in rows) for i in (1, 2, 3)]
         lines = [f"{r[0]:<{w0}}  {r[1]:>{w[0]}}  {r[2]:>{w[1]}}  {r[3]:>{w[2]}}" for r in rows]
+        if self.filters_before:
+            lines.append("per layer, before -> after (keep is the share KEPT; a pruning ratio is the share removed):")
+            lines += self.layer_lines()
         for layer, why in self.stops.items():
             lines.append(f"{layer}: stopped at {why['remaining']} by max_accuracy_drop (the next removal would "
                          f"leave {100 * why['accuracy_after_next']:.2f} % < {100 * why['threshold']:.2f} %)")
@@ -80,6 +100,11 @@ class PruneResult:
               other criteria and for layers whose removals were all replayed from a checkpoint.
     stops:    {layer: {"reason", "remaining", "accuracy_after_next", "threshold", "iteration"}} for each
               layer that stopped before its ``keep`` (``max_accuracy_drop``).
+    comparison: None, or the plain-data record of other criteria pruning the same layers to the same
+              sizes, measured on held-out images (``carfast.compare_criteria``; ``CriteriaComparison.to_dict``):
+              {"held_out_images", "selection_images", "unpruned_held_out_accuracy",
+              "unpruned_selection_accuracy", "filters", "rows": [{"criterion", "held_out_accuracy",
+              "selection_accuracy", "removed"}, ...]}. Saved with the result; the report draws it.
     A layer listed as a coupling group (``settings["groups"]``) has its group's channels in ``removed`` /
     ``kept`` (``score_group``'s indices).
     """
@@ -93,6 +118,7 @@ class PruneResult:
     finetuned_accuracy: float | None = None
     scores: dict = field(default_factory=dict)
     stops: dict = field(default_factory=dict)
+    comparison: dict | None = None
 
     @property
     def accuracy(self) -> float:
@@ -112,7 +138,8 @@ class PruneResult:
         return {"format": _FORMAT, "removed": self.removed, "kept": self.kept, "history": self.history,
                 "base": self.base, "settings": self.settings, "stats": self.stats,
                 "finetuned_accuracy": self.finetuned_accuracy, "stops": self.stops,
-                "scores": {layer: s.to_dict() for layer, s in self.scores.items()}}
+                "scores": {layer: s.to_dict() for layer, s in self.scores.items()},
+                "comparison": self.comparison}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the pruned model and the run's record to ``path`` (atomically); see ``load_pruned``."""
@@ -138,4 +165,4 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> Prun
     return PruneResult(pruned, extra["removed"], extra["kept"], extra["history"], extra["base"], extra["settings"],
                        extra.get("stats", {}), extra.get("finetuned_accuracy"),
                        {layer: LayerScores.from_dict(d) for layer, d in extra.get("scores", {}).items()},
-                       extra.get("stops", {}))
+                       extra.get("stops", {}), extra.get("comparison"))

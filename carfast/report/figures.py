@@ -1,11 +1,13 @@
 """The report's plots: each function draws one figure and writes it as a PNG (atomically) at ``path``.
 
 - ``accuracy_curves``: accuracy (%) against filters remaining, one line per curve (layer or criterion).
-- ``classwise_heatmap``: class-wise CAR of a layer (filters x classes, % points), filters by CAR.
+- ``classwise_heatmap``: class-wise CAR of a layer (filters x classes, % points), filters by CAR (a wide
+  layer: its most and least important and first removed filters, ``heatmap_rows``).
 - ``filter_images``: first-layer filters as RGB tiles, removed ones in removal order beside the kept.
 - ``filter_class_panel``: each first-layer filter's tile beside the classes that depend on it most and least.
 - ``colour_selectivity_plot``: the colour-selectivity index of removed vs kept filters.
 - ``summary_bars``: params, MACs and latency before vs after pruning.
+- ``criteria_bars``: held-out (and scoring-set) accuracy of several criteria pruning to the same sizes.
 
 matplotlib is imported inside the functions (``import carfast`` stays light) and figures are drawn on
 a ``matplotlib.figure.Figure`` with the Agg renderer, never through ``pyplot``: no global state, no
@@ -21,8 +23,9 @@ import torch
 from carfast.atomic import atomic_path
 from carfast.report.filter_images import colour_selectivity, filter_tiles
 
-__all__ = ["accuracy_curves", "classwise_heatmap", "filter_images", "filter_class_panel",
-           "colour_selectivity_plot", "summary_bars", "DPI"]
+__all__ = ["accuracy_curves", "classwise_heatmap", "heatmap_rows", "filter_images", "filter_class_panel",
+           "colour_selectivity_plot", "summary_bars", "criteria_bars", "DPI", "HEATMAP_MAX_ROWS",
+           "HEATMAP_MAX_HEIGHT_IN"]
 
 DPI = 110
 _REMOVED_COLOUR = "#c0392b"
@@ -88,42 +91,88 @@ def accuracy_curves(curves: dict, path, *, title: str = "Accuracy while pruning"
 
 
 # ---- class-wise heatmap --------------------------------------------------------------------------------
-def classwise_heatmap(importance, path, *, removed=None, title: str | None = None) -> str:
+#: a layer with more filters shows this many rows: the most and least important and the first removed
+HEATMAP_MAX_ROWS = 64
+_ROW_IN, _BASE_IN = 0.23, 2.2
+#: the tallest heatmap, inches (x DPI = pixels): whatever the number of filters
+HEATMAP_MAX_HEIGHT_IN = _BASE_IN + _ROW_IN * HEATMAP_MAX_ROWS
+_MAX_CLASS_LABELS = 40
+
+
+def heatmap_rows(importance, removed=None, max_rows: int = HEATMAP_MAX_ROWS) -> tuple[list[int], str]:
+    """Which filters the class-wise heatmap draws: (row indices into ``importance``, most important first by
+    CAR, ties to the lower filter index; a sentence saying what is shown, "" when every filter is).
+
+    Up to ``max_rows`` filters: all of them. More: the ``max_rows // 4`` most and least important, and the
+    removed filters in removal order (``removed``: original indices) up to ``max_rows`` rows in all.
+    """
+    car = importance.car.double().tolist()
+    filters = importance.filters.tolist()
+    order = sorted(range(len(filters)), key=lambda i: (-car[i], filters[i]))
+    if len(order) <= max_rows:
+        return order, ""
+    end = max(1, max_rows // 4)
+    ranks = _order_labels(removed)
+    ends = set(order[:end]) | set(order[-end:])
+    gone = sorted((i for i in order if filters[i] in ranks and i not in ends), key=lambda i: ranks[filters[i]])
+    chosen = gone[:max_rows - len(ends)]
+    shown = ends | set(chosen)
+    rows = [i for i in order if i in shown]
+    what = f"the {end} most and {end} least important by CAR"
+    if chosen:
+        total = len(gone)
+        what += (f" and the {'first ' if len(chosen) < total else ''}{len(chosen)} removed filters among the rest"
+                 f"{f' (of {total})' if len(chosen) < total else ''}")
+    return rows, (f"{len(rows)} of {len(order)} filters shown: {what}; the label's r<k> is the filter's rank by "
+                  "CAR (r1 = most important) and a grey line marks skipped ranks. summary.json holds every filter.")
+
+
+def classwise_heatmap(importance, path, *, removed=None, title: str | None = None,
+                      max_rows: int = HEATMAP_MAX_ROWS) -> str:
     """Heatmap of class-wise CAR (``ClassImportance``): rows = filters sorted by CAR (most important on
     top), columns = classes, colour = accuracy of the class lost without the filter (% points;
     red = the class loses, blue = it gains, white = no change; grey = class without images).
 
     ``removed``: original indices of pruned filters in removal order; their row labels are drawn in red
-    with their removal order (``#1`` = removed first).
+    with their removal order (``#1`` = removed first). A layer of more than ``max_rows`` filters shows
+    ``max_rows`` of them (``heatmap_rows`` says which), so the figure stays at most
+    ``HEATMAP_MAX_HEIGHT_IN`` inches tall with one readable label per row; with many classes every k-th
+    class is labelled.
     """
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
-    mat = 100.0 * importance.matrix.double().numpy()                    # [F, C] % points
+    full = 100.0 * importance.matrix.double().numpy()                   # [F, C] % points
     car = 100.0 * importance.car.double().numpy()                        # [F]
     filters = importance.filters.tolist()
-    order = sorted(range(len(filters)), key=lambda i: (-car[i], filters[i]))
-    mat = mat[order]
-    finite = mat[np.isfinite(mat)]
+    rows, shown_note = heatmap_rows(importance, removed, max_rows)
+    rank = {i: k + 1 for k, i in enumerate(sorted(range(len(filters)), key=lambda i: (-car[i], filters[i])))}
+    mat = full[rows]
+    finite = full[np.isfinite(full)]
     vmax = float(np.abs(finite).max()) if finite.size else 0.0
     vmax = vmax if vmax > 0 else 1.0
     num_f, num_c = mat.shape
     ranks = _order_labels(removed)
-    fig = _figure(min(3.2 + 0.62 * num_c, 14), min(2.2 + 0.23 * num_f, 40))
+    fig = _figure(min(3.2 + 0.62 * num_c, 14), min(_BASE_IN + _ROW_IN * num_f, HEATMAP_MAX_HEIGHT_IN))
     ax = fig.add_subplot()
-    cmap = _diverging_cmap()
-    im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, norm=TwoSlopeNorm(0.0, -vmax, vmax), aspect="auto",
-                   interpolation="nearest")
-    ax.set_xticks(range(num_c), importance.class_names, rotation=45, ha="right", fontsize=9)
+    im = ax.imshow(np.ma.masked_invalid(mat), cmap=_diverging_cmap(), norm=TwoSlopeNorm(0.0, -vmax, vmax),
+                   aspect="auto", interpolation="nearest")
+    every = max(1, math.ceil(num_c / _MAX_CLASS_LABELS))
+    ax.set_xticks(range(0, num_c, every), list(importance.class_names)[::every], rotation=45, ha="right",
+                  fontsize=9 if num_c <= 20 else 7)
     labels = []
-    for i in order:
+    for i in rows:
         f = filters[i]
-        labels.append(f"#{ranks[f]} f{f}  {car[i]:+.1f}" if f in ranks else f"f{f}  {car[i]:+.1f}")
+        head = f"r{rank[i]} " if shown_note else ""
+        labels.append(f"{head}#{ranks[f]} f{f}  {car[i]:+.1f}" if f in ranks else f"{head}f{f}  {car[i]:+.1f}")
     ax.set_yticks(range(num_f), labels, fontsize=8 if num_f <= 40 else 6.5)
-    for tick, i in zip(ax.get_yticklabels(), order):
+    for tick, i in zip(ax.get_yticklabels(), rows):
         if filters[i] in ranks:
             tick.set_color(_REMOVED_COLOUR)
             tick.set_fontweight("bold")
+    for r in range(num_f - 1):                                            # ranks skipped between two rows
+        if rank[rows[r + 1]] - rank[rows[r]] > 1:
+            ax.axhline(r + 0.5, color="0.45", linewidth=1.2)
     if num_f * num_c <= 240:                                              # small enough to print values
         for r in range(num_f):
             for c in range(num_c):
@@ -131,12 +180,14 @@ def classwise_heatmap(importance, path, *, removed=None, title: str | None = Non
                 if math.isfinite(v) and abs(v) >= 0.05:                   # blank = no change
                     ax.text(c, r, f"{v:.0f}" if abs(v) >= 9.5 else f"{v:.1f}", ha="center", va="center",
                             fontsize=6.5, color="white" if abs(v) > 0.6 * vmax else "black")
-    ax.set_ylabel("filter and its CAR (% points), most important first")
-    ax.set_xlabel("class" + ("  (blank cell: no change)" if num_f * num_c <= 240 else ""))
+    ylabel = "filter and its CAR (% points), most important first"
+    ax.set_ylabel(ylabel + (f"\n({num_f} of {len(filters)} filters: see the caption)" if shown_note else ""))
+    ax.set_xlabel("class" + ("  (blank cell: no change)" if num_f * num_c <= 240 else "") +
+                  (f"  (one class in {every} labelled)" if every > 1 else ""))
     note = "; red labels: removed (#k = k-th removed)" if ranks else ""
     ax.set_title(title or f"Class-wise CAR of {importance.layer}: accuracy of each class lost without the "
                  f"filter{note}", fontsize=10, wrap=True)
-    cb = fig.colorbar(im, ax=ax, shrink=min(1.0, 8.0 / max(num_f * 0.23, 1.0)) if num_f > 35 else 1.0)
+    cb = fig.colorbar(im, ax=ax, shrink=min(1.0, 8.0 / max(num_f * _ROW_IN, 1.0)) if num_f > 35 else 1.0)
     cb.set_label("class accuracy lost (% points)")
     return _save(fig, path)
 
@@ -286,4 +337,51 @@ def summary_bars(path, *, before: dict, after: dict, title: str = "Before and af
         ax.set_title(f"{label}: {ratio}", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+# ---- criteria compared -----------------------------------------------------------------------------------
+def criteria_bars(path, *, labels: list, held_out: list, selection: list | None = None,
+                  unpruned_held_out: float | None = None, unpruned_selection: float | None = None,
+                  held_out_images: int | None = None, title: str | None = None) -> str:
+    """Bars of held-out top-1 accuracy (%) per criterion, all pruned to the same sizes, with the unpruned
+    network's held-out accuracy as a dashed line; ``selection`` (accuracy on the images the filters were
+    chosen on) as a lighter bar beside each, the unpruned one as a dotted line.
+
+    Args:
+        labels: K criterion names, in the order to draw.
+        held_out, selection: K accuracies (fractions in [0, 1]).
+    """
+    if not labels or len(held_out) != len(labels) or (selection is not None and len(selection) != len(labels)):
+        raise ValueError(f"criteria_bars: one held-out (and selection) accuracy per label; got {len(labels)} "
+                         f"labels, {len(held_out)} held-out" +
+                         ("" if selection is None else f", {len(selection)} selection") + " accuracies")
+    k = len(labels)
+    fig = _figure(max(6.0, 1.6 + 1.5 * k), 4.8)
+    ax = fig.add_subplot()
+    width = 0.38 if selection is not None else 0.6
+    xs = list(range(k))
+    shift = -width / 2 if selection is not None else 0.0
+    n_text = "" if held_out_images is None else f" ({held_out_images:,} images)"
+    bars = [ax.bar([x + shift for x in xs], [100.0 * v for v in held_out], width, color=_KEPT_COLOUR,
+                   label=f"held out{n_text}")]
+    if selection is not None:
+        bars.append(ax.bar([x + width / 2 for x in xs], [100.0 * v for v in selection], width, color="#9cc3e6",
+                           label="selection (the images the filters were chosen on)"))
+    for group in bars:
+        for bar in group:
+            h = bar.get_height()
+            ax.text(bar.get_x() + bar.get_width() / 2, h + 0.8, f"{h:.1f}", ha="center", va="bottom", fontsize=8.5)
+    if unpruned_held_out is not None:
+        ax.axhline(100.0 * unpruned_held_out, color="0.25", linestyle="--", linewidth=1.2,
+                   label=f"unpruned, held out ({100.0 * unpruned_held_out:.1f} %)")
+    if unpruned_selection is not None and selection is not None:
+        ax.axhline(100.0 * unpruned_selection, color="0.55", linestyle=":", linewidth=1.2,
+                   label=f"unpruned, selection ({100.0 * unpruned_selection:.1f} %)")
+    ax.set_xticks(xs, [str(v) for v in labels])
+    ax.set_ylim(0, 112)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "Criteria pruning the same layers to the same sizes: top-1 accuracy", fontsize=10.5)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
     return _save(fig, path)

@@ -4,12 +4,16 @@
 ``carfast.load_pruned``'s) and writes into ``out_dir``:
 
 - ``index.html``: run settings; the summary table (params, MACs, accuracy on the scoring data before
-  and after, held-out accuracy and latency when given the means); the accuracy curve; for each layer
-  with CAR scores the class-wise heatmap and a per-filter interpretation table; for each pruned layer
+  and after, held-out accuracy and latency when given the means); when the result holds a comparison of
+  criteria (``PruneResult.comparison``), their held-out accuracy as a figure and a table and each
+  layer's removal order per criterion (``comparison.py``); the accuracy curve; for each layer
+  with CAR scores the class-wise heatmap (of a wide layer, its most and least important and first removed
+  filters) and a per-filter interpretation table; for each pruned layer
   that reads the RGB image (weight ``[F, 3, kh, kw]``) the removed and kept filters as pictures, each
   filter beside the classes that depend on it, and the colour-selectivity index of removed vs kept
-  filters (``filter_images.py``); the removal history. Images are embedded as base64 data URIs and
-  there is no external CSS or JS: the page is one file that can be mailed. All text is HTML-escaped.
+  filters (``filter_section.py``, ``filter_images.py``); the removal history. Images are embedded as
+  base64 data URIs and there is no external CSS or JS: the page is one file that can be mailed. All
+  text is HTML-escaped.
 - the same figures as ``*.png`` beside it, and ``summary.json`` (the page's numbers as plain data).
 
 Every file is written atomically (``atomic.py``), ``index.html`` last, so a reader never sees a
@@ -29,9 +33,10 @@ from torch import nn
 from carfast.atomic import atomic_path, write_json_atomic
 from carfast.batching import model_device
 from carfast.pruning.evaluate import evaluate
-from carfast.pruning.result import PruneResult
+from carfast.pruning.result import PruneResult, kept_percent
 from carfast.report import figures
-from carfast.report.filter_images import colour_selectivity
+from carfast.report.comparison import comparison_section
+from carfast.report.filter_section import filters_section
 from carfast.report.html_page import CSS, Page, count, e, pct, plain, ratio, safe_name, table
 from carfast.scoring.classwise import ClassImportance
 from carfast.surgery.measure import latency
@@ -150,8 +155,9 @@ def _summary_section(page, result, original, heldout, example) -> dict:
                      f"{1e3 * lat_after:.2f} ms", ratio(lat_after, lat_before)))
         bars_before["latency_s"], bars_after["latency_s"] = lat_before, lat_after
     for layer, before in s.filters_before.items():
-        rows.append((f"filters of {layer}", str(before), str(s.filters_after[layer]),
-                     ratio(s.filters_after[layer], before)))
+        after = s.filters_after[layer]
+        rows.append((f"filters of {layer}", str(before), str(after),
+                     f"{ratio(after, before)} (kept {kept_percent(after, before)}, removed {before - after})"))
     page.heading(2, "Summary")
     page.add(table(["", "before", "after", "after / before"], rows, num_cols=(1, 2, 3)))
     notes = []
@@ -212,8 +218,10 @@ def _classwise_section(page, result, layer, class_names) -> tuple[dict, ClassImp
                 f"writes, removed from every layer that writes or reads it. {note or ''}").strip()
     if note:
         page.note(note)
+    shown = figures.heatmap_rows(imp, removed)[1]
     page.figure(figures.classwise_heatmap, f"classwise_{safe_name(layer)}.png",
-                f"Class-wise CAR of {layer} (% points)", importance=imp, removed=removed)
+                f"Class-wise CAR of {layer} (% points)" + (f". {shown}" if shown else ""), importance=imp,
+                removed=removed)
     sel = imp.selectivity().tolist()
     per = [{"filter": f, **d} for f, d in imp.per_filter(3).items()]
     loss = (result.scores[layer].loss_increase.tolist() if hasattr(result.scores[layer], "loss_increase")
@@ -231,87 +239,12 @@ def _classwise_section(page, result, layer, class_names) -> tuple[dict, ClassImp
     page.note('CAR: accuracy lost without the filter (% points); loss +: mean cross-entropy '
              "increase; class selectivity: 1 = its removal hurts a single class, 0 = all classes alike (or none); "
              "then the classes that lose most and those that gain (% points).")
-    page.add(table(["filter", "status", "CAR %", "loss +", "class selectivity", "classes that lose most",
-                     "classes that gain"], rows, classes, num_cols=(0, 2, 3, 4)))
-    return {"classwise": imp.to_dict(3), "note": note or None}, imp
-
-
-def _filters_section(page, result, layer, original, imp, input_std) -> dict:
-    pruned_w = result.model.get_submodule(layer).weight.detach().cpu()
-    kept, removed = list(result.kept[layer]), list(result.removed.get(layer, []))
-    page.heading(2, f"First-layer filters: {layer}")
-    orig_w = None
-    if original is not None:
-        try:
-            m = original.get_submodule(layer)
-        except AttributeError:
-            m = None
-        if isinstance(m, nn.Conv2d) and m.weight.shape[0] == len(kept) + len(removed) and \
-                m.weight.shape[1:] == pruned_w.shape[1:]:
-            orig_w = m.weight.detach().cpu()
-        else:
-            page.note(f"The original model given has no matching {layer} "
-                      f"({len(kept) + len(removed)} filters of shape {tuple(pruned_w.shape[1:])}); "
-                     "removed filters are not shown.")
-    if orig_w is None and original is None:
-        page.note('The removed filters\' weights are not in the pruned model: pass the original '
-                 "model (write_report(original=...); carfast report rebuilds it from the run's settings) to see "
-                 "them. Only the kept filters are shown.")
-    if orig_w is None and result.finetuned_accuracy is not None:
-        page.note('The kept filters are shown after fine-tuning.')
-    kept_w = orig_w[kept] if orig_w is not None else pruned_w
-    removed_w = orig_w[removed] if orig_w is not None and removed else None
-    page.figure(figures.filter_images, f"filters_{safe_name(layer)}.png",
-                f"{layer}: removed filters in removal order and kept filters", kept_weight=kept_w, kept=kept,
-                removed_weight=removed_w, removed=removed, input_std=input_std)
-    if imp is not None:
-        ids = kept + removed if removed_w is not None else kept
-        w = torch.cat([kept_w, removed_w]) if removed_w is not None else kept_w
-        page.figure(figures.filter_class_panel, f"filter_classes_{safe_name(layer)}.png",
-                    f"{layer}: each filter beside the classes that lose most and least without it", weight=w,
-                    filters=ids, importance=imp, removed=removed, input_std=input_std)
-    else:
-        page.note('No CAR scores for this layer (another criterion, or all removals replayed '
-                 "from a checkpoint): no class panel.")
-    cs_kept = colour_selectivity(kept_w, input_std).tolist()
-    data = {"colour_selectivity": {"kept": dict(zip(map(str, kept), cs_kept)), "removed": None},
-            "weights": "original" if orig_w is not None else "pruned model"}
-    page.heading(3, "Colour selectivity of removed vs kept filters")
-    page.note('Colour-selectivity index: the share of a filter\'s weight energy orthogonal to the '
-             "luminance axis (1,1,1)/\u221a3 at each position; 0 = grey (responds to brightness only), 1 = pure "
-              "colour opponent (e.g. red minus green). The CAR paper reports that greedy CAR removes "
-              "colour-selective first-layer filters first.")
-    rows = [("kept", len(cs_kept), f"{_mean(cs_kept):.3f}", f"{_median(cs_kept):.3f}")]
-    if removed_w is not None:
-        cs_removed = colour_selectivity(removed_w, input_std).tolist()
-        data["colour_selectivity"]["removed"] = dict(zip(map(str, removed), cs_removed))
-        first = cs_removed[:max(1, len(cs_removed) // 2)]
-        rows.insert(0, ("removed", len(cs_removed), f"{_mean(cs_removed):.3f}", f"{_median(cs_removed):.3f}"))
-        rows.insert(1, (f"first {len(first)} removed", len(first), f"{_mean(first):.3f}", f"{_median(first):.3f}"))
-        median_all = _median(cs_removed + cs_kept)
-        above = sum(v > median_all for v in cs_removed)
-        data["colour_selectivity"]["removed_above_layer_median"] = above
-        page.add(table(["filters", "count", "mean index", "median index"], rows, num_cols=(1, 2, 3)))
-        page.note(f'Removed filters with an index above the median of all the layer\'s filters '
-                 f"({median_all:.3f}): {above} of {len(cs_removed)} (about half by chance).")
-        page.figure(figures.colour_selectivity_plot, f"colour_{safe_name(layer)}.png",
-                    f"{layer}: colour-selectivity index by removal order, and of the kept filters",
-                    removed_index=cs_removed, kept_index=cs_kept)
-    else:
-        page.add(table(["filters", "count", "mean index", "median index"], rows, num_cols=(1, 2, 3)))
-    return data
-
-
-def _mean(v: list) -> float:
-    return sum(v) / len(v) if v else float("nan")
-
-
-def _median(v: list) -> float:
-    if not v:
-        return float("nan")
-    s = sorted(v)
-    m = len(s) // 2
-    return s[m] if len(s) % 2 else 0.5 * (s[m - 1] + s[m])
+    markup = table(["filter", "status", "CAR %", "loss +", "class selectivity", "classes that lose most",
+                    "classes that gain"], rows, classes, num_cols=(0, 2, 3, 4))
+    if len(rows) > figures.HEATMAP_MAX_ROWS:
+        markup = f"<details><summary>{len(rows)} filters, most important first</summary>\n{markup}\n</details>"
+    page.add(markup)
+    return {"classwise": imp.to_dict(3), "note": note or None, "heatmap_rows": shown or None}, imp
 
 
 def _settings_section(page, result, title) -> None:
@@ -374,6 +307,7 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
     data = {"format": _FORMAT, "title": title, "written": stamp, "settings": result.settings,
             "base": result.base, "stats": result.stats, "finetuned_accuracy": result.finetuned_accuracy}
     data.update(_summary_section(page, result, original, heldout, example))
+    data["comparison"] = comparison_section(page, result)
     data["curves"] = _curve_section(page, result, curves)
     data["layers"] = {layer: {"removed": list(result.removed.get(layer, [])), "kept": list(result.kept[layer])}
                       for layer in layers}
@@ -387,8 +321,8 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
         page.note("The result holds no CAR scores (a baseline criterion, or every removal replayed from a "
                   "checkpoint): no class-wise view.")
     for layer in _rgb_layers(result):
-        data["layers"][layer]["filters"] = _filters_section(page, result, layer, original, importances.get(layer),
-                                                           input_std)
+        data["layers"][layer]["filters"] = filters_section(page, result, layer, original, importances.get(layer),
+                                                          input_std)
     _history_section(page, result)
     data["figures"] = list(page.figures)
     data["history"] = result.history

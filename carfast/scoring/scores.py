@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from carfast.scoring.selection import rule_keys
+from carfast.scoring.selection import DEFAULT_RULE, rule_keys
 
 __all__ = ["LayerScores"]
 
@@ -95,13 +95,15 @@ class LayerScores:
         """[F] float64: mean cross-entropy with the filter removed minus without."""
         return (self.loss_sum - self.base_loss_sum) / self.num_images
 
-    def ranking(self, rule: str = "accuracy") -> torch.Tensor:
-        """[F] int64 filter indices, least important first, under the selection ``rule`` (``selection.rule_keys``).
+    def ranking(self, rule: str | None = None) -> torch.Tensor:
+        """[F] int64 filter indices, least important first, under the selection ``rule``
+        (``carfast.scoring.selection``; None: ``DEFAULT_RULE``, the order ``carfast.prune`` removes in).
 
-        The default, the paper's: most images still correct without the filter, then smallest loss
-        increase, then lowest filter index. The greedy CAR step removes ``ranking(rule)[0]``.
+        "loss": smallest loss with the filter removed, then most images still correct; "accuracy" (the
+        paper's): most images still correct, then smallest loss; then the lowest filter index. The greedy
+        CAR step removes ``ranking(rule)[0]``.
         """
-        keys, filters = rule_keys(self, rule), self.filters.tolist()
+        keys, filters = rule_keys(self, DEFAULT_RULE if rule is None else rule), self.filters.tolist()
         order = sorted(range(len(filters)), key=lambda i: (keys[i], filters[i]))
         return self.filters[torch.tensor(order, dtype=torch.long)]
 

@@ -39,7 +39,7 @@ _SIZES = ((_CONVS, ("in_channels", "out_channels", "groups")), ((nn.Linear,), ("
 #: builders load_pruned_model may call to rebuild an architecture: name -> (function, allowed kwargs, fixed kwargs)
 _BUILDERS = {
     "cifar_resnet": (models.cifar_resnet, {"depth"}, {"pretrained": False}),
-    "alexnet_cifar": (models.alexnet_cifar, set(), {}),
+    "alexnet_cifar": (models.alexnet_cifar, set(), {"pretrained": False}),
 }
 
 
