@@ -35,16 +35,6 @@ _WHY = cuda_emu.unavailable_reason()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"CUDA emulation unavailable: {_WHY}")
 
 
-@pytest.fixture(scope="module")
-def lib() -> str:
-    return cuda_emu.build()
-
-
-@pytest.fixture
-def emu(lib) -> cuda_emu.Emulator:
-    return cuda_emu.Emulator(lib)
-
-
 
 # ---------------------------------------------------------------------------------------------
 # ablated_consumer (the cases of test_cuda_ops.py)

@@ -27,11 +27,6 @@ _WHY = cuda_emu.unavailable_reason()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"CUDA emulation unavailable: {_WHY}")
 
 
-@pytest.fixture(scope="module")
-def lib() -> str:
-    return cuda_emu.build()
-
-
 # ---------------------------------------------------------------------------------------------
 # The harness catches broken kernels: each mutation of a kernel's source (applied to a copy at build
 # time) must fail the comparison under at least one schedule, where the unmodified kernel passes.

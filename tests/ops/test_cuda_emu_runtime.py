@@ -22,16 +22,6 @@ _WHY = cuda_emu.unavailable_reason()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"CUDA emulation unavailable: {_WHY}")
 
 
-@pytest.fixture(scope="module")
-def lib() -> str:
-    return cuda_emu.build()
-
-
-@pytest.fixture
-def emu(lib) -> cuda_emu.Emulator:
-    return cuda_emu.Emulator(lib)
-
-
 
 @pytest.mark.parametrize("order", ["forward", "reverse", "shuffled"])
 def test_emulator_barrier_and_warp_collectives(lib, order):
