@@ -117,7 +117,8 @@ def greedy_importance(scorer, steps: int, rule: str = DEFAULT_RULE, process_grou
     s, i = last                            # the last scoring also scored the channels left
     rest = [p for p, f in enumerate(s.filters.tolist()) if p != i]
     vals = car_importance(s)[rest]
-    imp[s.filters[rest]] = float(imp.max()) + 1.0 / s.num_images + (vals - vals.min())
+    top = float(imp[s.filters[i]])         # the last removal's score, the highest of the greedy's
+    imp[s.filters[rest]] = top + 1.0 / s.num_images + (vals - vals.min())
     return imp
 
 
