@@ -81,7 +81,7 @@ def test_step_removes_the_best_of_one_scoring(resnet20):
     x, y = cifar10_test(60)
     s = carfast.score_layer(resnet20, "layer1.0.conv1", (x, y))
     result = carfast.prune(resnet20, "layer1.0.conv1", (x, y), keep=12, step=2, rule="accuracy", progress=False)
-    first = s.ranking()[:2].tolist()
+    first = s.ranking("accuracy")[:2].tolist()
     assert result.removed["layer1.0.conv1"][:2] == first
     assert len(result.history) == 4 and [r["iteration"] for r in result.history] == [0, 0, 1, 1]
     assert result.model.layer1[0].conv1.out_channels == 12
