@@ -8,8 +8,9 @@
 - ``schedule="global"``: each iteration scores every open target on the current (physically pruned)
   model and removes the best channels across all of them.
 
-The choice is the channel with the smallest key under CAR's selection rule (``selection.rule_keys``; the
-paper's: the removal that keeps the most images correct, then the smallest loss), then (global) the
+The choice is the channel with the smallest key under CAR's selection rule (``selection.rule_keys``; by
+default the removal that leaves the smallest loss, then the most images correct; the paper's: the most
+images correct, then the smallest loss), then (global) the
 earlier listed target, then the lowest original index; with a baseline criterion the lowest
 importance, then target, then index. A target with an accuracy budget (``max_accuracy_drop``) stops
 before the removal that would take accuracy below the input model's minus its budget; the others go
