@@ -107,7 +107,7 @@ def test_global_picks_the_best_filter_across_layers(resnet20):
     x, y = cifar10_test(40)
     layers = ["layer1.0.conv1", "layer2.0.conv1"]
     result = carfast.prune(resnet20, layers, (x, y), keep={"layer1.0.conv1": 15, "layer2.0.conv1": 31},
-                           schedule="global", progress=False)
+                           schedule="global", rule="accuracy", progress=False)
     scores = [carfast.score_layer(resnet20, name, (x, y)) for name in layers]
     best = min(((-int(s.correct[i].sum()), float(s.loss_sum[i]), li, int(s.filters[i]))
                 for li, s in enumerate(scores) for i in range(len(s.filters))))
@@ -120,11 +120,17 @@ def test_global_picks_the_best_filter_across_layers(resnet20):
 def test_max_accuracy_drop_stops_before_the_drop(resnet20):
     x, y = cifar10_test(100)
     base = carfast.evaluate(resnet20, (x, y)).accuracy
-    result = carfast.prune(resnet20, "layer3.2.conv1", (x, y), keep=1, max_accuracy_drop=0.0, progress=False)
+    result = carfast.prune(resnet20, "layer3.2.conv1", (x, y), keep=1, max_accuracy_drop=0.0, rule="accuracy",
+                           progress=False)
     assert all(r["accuracy"] >= base for r in result.history)
     assert len(result.kept["layer3.2.conv1"]) > 1          # stopped early
     nxt = carfast.score_layer(result.model, "layer3.2.conv1", (x, y))
     assert float(nxt.accuracy.max()) < base                 # the next removal would have dropped accuracy
+    # the default (loss) rule stops before its own pick would cross the budget
+    by_loss = carfast.prune(resnet20, "layer3.2.conv1", (x, y), keep=1, max_accuracy_drop=0.0, progress=False)
+    assert all(r["accuracy"] >= base for r in by_loss.history) and len(by_loss.kept["layer3.2.conv1"]) > 1
+    pick = carfast.score_layer(by_loss.model, "layer3.2.conv1", (x, y))
+    assert float(pick.accuracy[pick.filters.tolist().index(int(pick.ranking()[0]))]) < base
     stop = result.stops["layer3.2.conv1"]
     assert stop["reason"] == "max_accuracy_drop" and stop["remaining"] == len(result.kept["layer3.2.conv1"])
     assert "layer3.2.conv1: stopped at" in str(result.summary())

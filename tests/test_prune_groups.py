@@ -83,7 +83,7 @@ def test_global_schedule_mixes_a_group_and_layers():
     model = resnet20()
     x, y = cifar(96)
     order = ["layer1.0.conv1", "conv1"]
-    result = carfast.prune(model, order, (x, y), keep=14, schedule="global", progress=False)
+    result = carfast.prune(model, order, (x, y), keep=14, schedule="global", rule="accuracy", progress=False)
     assert result.settings["groups"] == ["conv1"] and [len(result.removed[n]) for n in order] == [2, 2]
     assert result.model.conv1.out_channels == 14 and result.model.layer1[0].conv1.out_channels == 14
     for i, row in enumerate(result.history):

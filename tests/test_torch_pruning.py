@@ -147,12 +147,14 @@ def test_merged_groups_without_the_shortcut_pruner_are_refused():
 @pytest.mark.parametrize("global_pruning", [False, True])
 def test_base_pruner_iterative_with_ignored_layers(global_pruning):
     model = cifar_resnet(20)
-    x, y = _data()
+    x, y = _data(24)
     macs0, _ = tp.utils.count_ops_and_params(model, EXAMPLE)
-    pruner = tp.pruner.BasePruner(model, EXAMPLE, CARImportance((x, y)), pruning_ratio=0.2, iterative_steps=2,
+    imp = CARImportance((x, y))
+    pruner = tp.pruner.BasePruner(model, EXAMPLE, imp, pruning_ratio=0.2, iterative_steps=2,
                                   global_pruning=global_pruning,
                                   ignored_layers=[model.linear, model.layer1[0].conv1],
                                   customized_pruners=channel_map_pruners(model))
+    imp.bind(pruner)           # the greedy goes only as far as each step needs
     for _ in range(2):
         pruner.step()
     macs, _ = tp.utils.count_ops_and_params(model, EXAMPLE)
@@ -168,8 +170,10 @@ def test_torch_pruning_surgery_equals_remove_groups():
     """The channels CAR picks, cut by Torch-Pruning, give the network carfast.remove_groups gives."""
     model, orig = cifar_resnet(20), cifar_resnet(20)
     x, y = _data(32)
-    pruner = tp.pruner.BasePruner(model, EXAMPLE, CARImportance((x, y)), pruning_ratio=0.25,
+    imp = CARImportance((x, y))
+    pruner = tp.pruner.BasePruner(model, EXAMPLE, imp, pruning_ratio=0.25,
                                   ignored_layers=[model.linear], customized_pruners=channel_map_pruners(model))
+    imp.bind(pruner)           # groups in sequence: the residual groups' removals cut on the copy too
     names = {m: n for n, m in model.named_modules()}
     removed = {}
     for group in pruner.step(interactive=True):
