@@ -4,15 +4,12 @@ shared by the kernel tests (test_cuda_emu_kernels.py) and the broken-kernel test
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from compare import assert_close_verbose
-from test_cuda_ops import CONV_KEYS, tol
+from test_cuda_ops import CONV_KEYS, check_score_against_references, tol
 
 from carfast.ops.ablated_consumer import ablated_consumer_ref
 from carfast.ops.closed_form_logits import closed_form_logits_ref
-from carfast.ops.closed_form_score import closed_form_score_ref
 from carfast.ops.score_reduce import score_reduce_ref
 
 
@@ -68,20 +65,7 @@ def check_score(got, c: dict, labels: torch.Tensor, own_logits: torch.Tensor | N
     J, (N, C) = len(c["filters"]), c["logits"].shape
     assert counts.shape == (J, C) and loss_sums.shape == (J, C) and correct.shape == (J, N)
     assert correct.view(torch.uint8).le(1).all(), "correct holds bytes other than 0 and 1 (left unwritten?)"
-    if own_logits is not None:   # reduced from the kernel's own logits: exactly the same decisions
-        slots = torch.arange(J).repeat_interleave(N)
-        c2, l2, k2 = score_reduce_ref(own_logits.reshape(J * N, C), labels.repeat(J), slots, J)
-        assert torch.equal(correct, k2.view(J, N)) and torch.equal(counts, c2)
-        torch.testing.assert_close(loss_sums, l2, rtol=1e-12, atol=1e-12)
-    ref_logits = closed_form_logits_ref(**c)
-    rc, rl, rk = closed_form_score_ref(**c, labels=labels)
-    top2 = ref_logits.topk(min(2, C), dim=2).values
-    margin = (top2[..., 0] - top2[..., -1]) if C > 1 else torch.full((J, N), math.inf)
-    near_tie = margin < 1e-5 * max(1.0, ref_logits.abs().max().item())
-    assert torch.equal(correct[~near_tie], rk[~near_tie])
-    if not near_tie.any():
-        assert torch.equal(counts, rc)
-    torch.testing.assert_close(loss_sums, rl, rtol=1e-5, atol=1e-5)
+    check_score_against_references(counts, loss_sums, correct, c, labels, own_logits)
 
 
 # ---------------------------------------------------------------------------------------------

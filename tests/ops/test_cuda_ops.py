@@ -232,15 +232,22 @@ def test_closed_form_score_matches_reference(name):
     assert counts.dtype == torch.int64 and loss_sums.dtype == torch.float64 and correct.dtype == torch.bool
     assert counts.shape == (J, C) and loss_sums.shape == (J, C) and correct.shape == (J, N)
 
-    # the same pairs reduced from the CUDA kernel's own logits (one code path): exactly the same
-    # counts and correctness, loss sums to float64 rounding
-    abl = run_logits(c).cpu()
-    slots = torch.arange(J).repeat_interleave(N)
-    c2, l2, k2 = score_reduce_ref(abl.reshape(J * N, C), labels.repeat(J), slots, J)
-    assert torch.equal(correct, k2.view(J, N)) and torch.equal(counts, c2)
-    torch.testing.assert_close(loss_sums, l2, rtol=1e-12, atol=1e-12)
+    check_score_against_references(counts, loss_sums, correct, c, labels, run_logits(c).cpu())
 
-    # against the reference: equal except on near-ties of the reference's top-1 (margin < 1e-5 of scale)
+
+def check_score_against_references(counts, loss_sums, correct, c: dict, labels, own_logits=None) -> None:
+    """closed_form_score's outputs against the references (also used by the CPU emulation's tests).
+
+    ``own_logits`` [J, N, C]: the same pairs reduced from the kernel's own logits (one code path) must
+    give exactly the same counts and correctness, loss sums to float64 rounding. Against the reference:
+    equal except on near-ties of the reference's top-1 (margin < 1e-5 of scale), loss sums to 1e-5.
+    """
+    J, (N, C) = len(c["filters"]), c["logits"].shape
+    if own_logits is not None:
+        slots = torch.arange(J).repeat_interleave(N)
+        c2, l2, k2 = score_reduce_ref(own_logits.reshape(J * N, C), labels.repeat(J), slots, J)
+        assert torch.equal(correct, k2.view(J, N)) and torch.equal(counts, c2)
+        torch.testing.assert_close(loss_sums, l2, rtol=1e-12, atol=1e-12)
     ref_logits = closed_form_logits_ref(**c)
     rc, rl, rk = closed_form_score_ref(**c, labels=labels)
     top2 = ref_logits.topk(min(2, C), dim=2).values
