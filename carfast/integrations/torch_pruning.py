@@ -169,6 +169,7 @@ class CARImportance(tp.importance.Importance):
         self._initial: dict[str, int] = {}     # {group root: channels when first seen} (the step's baseline)
         self._verdicts: dict[str, tuple] = {}   # {group root: (why carfast cannot score it or None, coupled)}
         self._checked = False
+        self._example_input = None
         self._shadow, self._shadow_step = None, None   # bound, local pruning: this step's removals so far
 
     def bind(self, pruner) -> "CARImportance":
@@ -179,7 +180,10 @@ class CARImportance(tp.importance.Importance):
 
     # -- which groups carfast can score ----------------------------------------------------------------------
     def _example(self) -> torch.Tensor:
-        return check_batch(next(iter(as_batches(self.data, _FN))), _FN)[0][:1]
+        """One input [1, ...] for the channel-flow analysis, read from the data once (it may be a DataLoader)."""
+        if self._example_input is None:
+            self._example_input = check_batch(next(iter(as_batches(self.data, _FN))), _FN)[0][:1]
+        return self._example_input
 
     def _verdict(self, model: nn.Module, layer: str, producers: list[str], example) -> tuple:
         """(None when carfast scores Torch-Pruning's group of ``layer`` as Torch-Pruning means it, else why
