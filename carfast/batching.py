@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["model_device", "model_dtype", "eval_mode", "as_batches", "check_batch", "iter_chunks",
+__all__ = ["model_device", "model_dtype", "eval_mode", "as_batches", "check_batch", "check_topk", "iter_chunks",
            "default_memory_budget", "check_labels", "check_work_sizes", "check_finite"]
 
 
@@ -139,6 +139,16 @@ def check_labels(y: torch.Tensor, num_classes: int, fn: str) -> None:
     if bool(bad.any()):
         raise ValueError(f"{fn}: label {int(y[bad][0])} is outside the model's {num_classes} classes "
                          f"(0..{num_classes - 1}); check the labels or the model's output size")
+
+
+def check_topk(topk, fn: str, num_classes: int | None = None) -> int:
+    """``topk`` if it is an int >= 1 (and below ``num_classes`` when given), else an error naming the fix."""
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"{fn}: topk must be an int >= 1 (1: top-1 accuracy, 5: top-5), got {topk!r}")
+    if num_classes is not None and topk >= num_classes:
+        raise ValueError(f"{fn}: topk={topk} with a model of {num_classes} classes counts every image correct; "
+                         f"pass topk < {num_classes}")
+    return topk
 
 
 def check_finite(logits: torch.Tensor, fn: str, what: str = "the model's output") -> None:

@@ -24,7 +24,7 @@ from carfast.scoring.selection import LCB_Z
 __all__ = ["NaiveResult", "naive_scores", "naive_stream_scores", "naive_stream_logits", "RESNET20_STREAMS",
            "naive_logits", "naive_greedy", "per_class_counts",
            "naive_removal_logits", "naive_removal_scores", "naive_greedy_by",
-           "near_tie", "margin_of"]
+           "near_tie", "margin_of", "topk_correct", "topk_margin_of"]
 
 
 @dataclass
@@ -75,6 +75,19 @@ def near_tie(margin: torch.Tensor, logits: torch.Tensor, rel: float = 1e-5) -> t
     """margin < rel * max(1, max |logit| of that image)."""
     scale = logits.abs().amax(dim=-1).clamp(min=1.0)
     return margin < rel * scale
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., N, C] logits, [N] labels -> [..., N] bool: is the label among the k first classes when each row
+    is sorted by logit, largest first, equal logits in class order (a stable sort)?"""
+    order = torch.sort(-logits, dim=-1, stable=True).indices[..., :k]
+    return (order == labels[:, None]).any(-1)
+
+
+def topk_margin_of(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., C] -> [...]: the k-th largest logit minus the (k+1)-th (where top-k membership can flip)."""
+    top = logits.topk(k + 1, dim=-1).values
+    return top[..., k - 1] - top[..., k]
 
 
 def per_class_counts(correct: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

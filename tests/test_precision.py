@@ -43,7 +43,7 @@ def test_without_the_rerun_bf16_differs(resnet20_data, monkeypatch):
     """The same scoring with the re-run disabled flips some pairs: the fallback is what makes it exact."""
     model, d = resnet20_data
     ref = _score(model, "layer1.0.conv1", d)
-    monkeypatch.setattr(suffix_eval, "top1_margin", lambda logits: torch.full((logits.shape[0],), float("inf")))
+    monkeypatch.setattr(suffix_eval, "topk_margin", lambda logits, k: torch.full((logits.shape[0],), float("inf")))
     low = _score(model, "layer1.0.conv1", d, precision="bf16")
     assert low.pairs_rechecked == 0
     assert not torch.equal(low.image_correct, ref.image_correct)

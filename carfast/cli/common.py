@@ -115,6 +115,9 @@ def add_data_options(p, what: str = "the images to score on") -> None:
 
 
 def add_compute_options(p) -> None:
+    p.add_argument("--topk", type=positive_int, default=1,
+                   help="count an image correct when its label is among the k largest logits (default 1: top-1 "
+                        "accuracy; 5: the top-5 accuracy ImageNet results quote)")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help=_PRECISION_HELP)
     p.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: cpu)")

@@ -113,7 +113,7 @@ def run(args) -> int:
     x, y = x_all[:args.n], y_all[:args.n]
     options = dict(step=args.step, schedule=args.schedule, max_accuracy_drop=args.max_accuracy_drop, rule=args.rule,
                    checkpoint=args.checkpoint, progress=None, backend=args.backend, precision=args.precision,
-                   device=args.device)
+                   device=args.device, topk=args.topk)
     if args.compare is None:
         result = carfast.prune(model, args.layer, (x, y), keep=args.keep, criterion=args.criterion, **options)
     else:

@@ -47,7 +47,8 @@ def run(args) -> int:
     for layer in layers:
         score = carfast.score_group if args.group else carfast.score_layer
         res = score(model, layer, (x, y), backend=args.backend, filters=args.filters,
-                    memory_budget=args.memory_budget, progress=None, precision=args.precision, device=args.device)
+                    memory_budget=args.memory_budget, progress=None, precision=args.precision, device=args.device,
+                    topk=args.topk)
         print(res.table(top=args.top))
         if args.group:
             print(f"  group of {len(res.members)} members: producers "
@@ -55,7 +56,7 @@ def run(args) -> int:
         print(f"  {res.pairs_evaluated:,} (filter, image) pairs evaluated, {res.pairs_skipped:,} skipped "
               f"(filter all zero), {res.seconds:.1f} s")
         if res.precision != "fp32":
-            print(f"  {res.precision}: {res.pairs_rechecked:,} pairs re-run in float32 (top-1 margin at most "
+            print(f"  {res.precision}: {res.pairs_rechecked:,} pairs re-run in float32 (top-{res.topk} margin at most "
                   f"{res.margin_threshold:.3g})")
         print()
         results.append(res.to_dict())

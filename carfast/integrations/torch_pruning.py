@@ -69,7 +69,8 @@ except ImportError as err:   # the rest of carfast works without it
 __all__ = ["CARImportance", "ChannelMapPruner", "channel_map_pruners", "car_importance", "greedy_importance"]
 
 _FN = "CARImportance"
-_OPTIONS = {"device", "batch_size", "memory_budget", "backend", "precision", "progress", "process_group", "options"}
+_OPTIONS = {"device", "batch_size", "memory_budget", "backend", "precision", "progress", "process_group", "options",
+            "topk"}
 
 
 def car_importance(scores, rank_by: str = "accuracy") -> torch.Tensor:
@@ -139,7 +140,7 @@ class CARImportance(tp.importance.Importance):
         fallback: None (default: a group carfast cannot score is left alone: None is returned) or a
             Torch-Pruning importance (e.g. ``tp.importance.MagnitudeImportance(p=1)``) that scores it.
         **score_options: passed to ``score_layer`` / ``score_group`` (device, batch_size, memory_budget,
-            backend, precision, progress, process_group, options).
+            backend, precision, progress, process_group, options, topk: the top-k accuracy CAR counts).
     ``last_scores`` holds the ``LayerScores`` of the last group scored alone (greedy=False); ``skipped``
     {group root: why} the groups carfast could not score.
     """

@@ -1,6 +1,6 @@
 """Scoring reduction: from ablated logits and labels, per-(filter, class) correct counts and loss sums.
 
-``pair_results`` is the per-pair primitive (top-1 correctness and cross-entropy of each row);
+``pair_results`` is the per-pair primitive (top-k correctness and cross-entropy of each row);
 ``score_reduce_ref`` is the op's reference: pairs grouped by a *slot* (the scored filter's position)
 reduce to integer counts and float64 loss sums per (slot, class of the label), which add up exactly
 across batches and processes (``scoring/scorer.py`` accumulates them).
@@ -8,7 +8,8 @@ across batches and processes (``scoring/scorer.py`` accumulates them).
 Backends: "torch" and "cpu" (this reference), "triton" (``ops/triton/score_reduce.py``) and "cuda"
 (``csrc/cuda/score_reduce.cu``, registered as ``torch.ops.carfast.score_reduce``). The compiled
 kernels give the same counts and correctness bits, and loss sums within float64 rounding; they are
-deterministic (no float atomics: each slot's pairs are summed in a fixed order).
+deterministic (no float atomics: each slot's pairs are summed in a fixed order). They count top-1;
+top-k with k > 1 runs this reference on any backend (same results, without the fused kernel's speed).
 """
 from __future__ import annotations
 
@@ -17,22 +18,30 @@ import torch.nn.functional as F
 
 from carfast import extensions
 
-__all__ = ["pair_results", "score_reduce_ref", "score_reduce"]
+__all__ = ["label_rank", "pair_results", "score_reduce_ref", "score_reduce"]
 
 
-def pair_results(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [P, C], labels [P] int64 -> [P] int64: the label's 0-based rank among its row's logits, ties
+    ranked by class index (lower first, as ``argmax``): classes above it plus equal classes before it."""
+    own = logits.gather(1, labels[:, None])
+    before = torch.arange(logits.shape[1], device=logits.device)[None, :] < labels[:, None]
+    return ((logits > own) | ((logits == own) & before)).sum(1)
+
+
+def pair_results(logits: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [P, C] float, labels [P] int64 -> (correct [P] bool, loss [P] float64).
 
-    ``correct`` is top-1 == label (ties resolve to the lowest class index, as ``argmax`` does);
-    ``loss`` is the cross-entropy, computed in float64.
+    ``correct``: the label is among the ``topk`` largest logits (top-1: argmax == label; ties resolve to
+    the lowest class index, as ``argmax`` does); ``loss`` is the cross-entropy, computed in float64.
     """
-    correct = logits.argmax(1) == labels
+    correct = logits.argmax(1) == labels if topk == 1 else label_rank(logits, labels) < topk
     loss = F.cross_entropy(logits.double(), labels, reduction="none")
     return correct, loss
 
 
 def score_reduce_ref(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor,
-                     num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     num_slots: int, topk: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-(slot, class) counts and loss sums of a batch of pairs; plain PyTorch.
 
     Args:
@@ -40,13 +49,14 @@ def score_reduce_ref(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Te
         labels:    [P] int64 in [0, C), the pair's image label.
         slots:     [P] int64 in [0, S), non-decreasing: which scored filter the pair belongs to.
         num_slots: S.
+        topk:      what counts as correct: the label among the ``topk`` largest logits (default 1).
     Returns:
-        counts    [S, C] int64:   pairs of slot s with label c whose top-1 is c;
+        counts    [S, C] int64:   pairs of slot s with label c counted correct (top-1: whose top-1 is c);
         loss_sums [S, C] float64: summed cross-entropy (computed in float64) of slot s's pairs of label c;
-        correct   [P] bool:       top-1 == label, per pair (ties go to the lowest class index).
+        correct   [P] bool:       correct per pair (ties go to the lowest class index).
     """
     C = logits.shape[1]
-    correct, loss = pair_results(logits, labels)
+    correct, loss = pair_results(logits, labels, topk)
     counts = torch.zeros(num_slots, C, dtype=torch.int64, device=logits.device)
     loss_sums = torch.zeros(num_slots, C, dtype=torch.float64, device=logits.device)
     counts.index_put_((slots, labels), correct.long(), accumulate=True)
@@ -69,14 +79,14 @@ def check_score_reduce_args(logits, labels, slots, num_slots) -> None:
         raise ValueError(f"{fn}: slots must be non-decreasing (pairs grouped by filter); sort the pairs by slot")
 
 
-def score_reduce(logits, labels, slots, num_slots: int, backend: str = "torch"):
+def score_reduce(logits, labels, slots, num_slots: int, backend: str = "torch", topk: int = 1):
     """``score_reduce_ref`` on the chosen backend ("torch", "cpu", "triton" or "cuda"); same contract.
 
-    The triton and cuda kernels check their arguments themselves (one device sync each), so the checks
-    are not repeated here for them."""
-    if backend in ("torch", "cpu"):
+    The triton and cuda kernels count top-1 and check their arguments themselves (one device sync each),
+    so the checks are not repeated here for them; ``topk`` > 1 runs the reference on any backend."""
+    if backend in ("torch", "cpu") or topk != 1:
         check_score_reduce_args(logits, labels, slots, num_slots)
-        return score_reduce_ref(logits, labels, slots, num_slots)
+        return score_reduce_ref(logits, labels, slots, num_slots, topk)
     if backend == "triton":
         extensions.require_backend("triton")
         from carfast.ops.triton import score_reduce as tri

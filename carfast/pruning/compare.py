@@ -52,10 +52,11 @@ class CriteriaComparison:
     """Several criteria pruning the same layers to the same sizes, measured on the same images.
 
     rows:     one dict per criterion, in the order given: ``criterion``, ``held_out_accuracy`` and
-              ``selection_accuracy`` (top-1 fractions of the pruned network on the held-out and on the
+              ``selection_accuracy`` (top-``topk`` fractions of the pruned network on the held-out and on the
               scoring images, both measured with ``carfast.evaluate``; after fine-tuning when ``finetune``
               was given), ``removed`` ({layer: original filter indices in removal order}).
     filters:  {layer: [filters before, filters after]}, the same for every row.
+    topk:     the accuracy measured: top-1, or top-k (``topk`` of the runs).
     results:  {criterion: PruneResult} of this run (not part of ``to_dict``).
     """
     held_out_images: int
@@ -64,6 +65,7 @@ class CriteriaComparison:
     unpruned_selection_accuracy: float
     filters: dict
     rows: list
+    topk: int = 1
     results: dict = field(default_factory=dict, repr=False, compare=False)
 
     def row(self, criterion: str) -> dict:
@@ -82,7 +84,7 @@ class CriteriaComparison:
                 "rows": [{"criterion": str(r["criterion"]), "held_out_accuracy": float(r["held_out_accuracy"]),
                           "selection_accuracy": float(r["selection_accuracy"]),
                           "removed": {k: [int(f) for f in v] for k, v in r["removed"].items()}}
-                         for r in self.rows]}
+                         for r in self.rows], "topk": int(self.topk)}
 
     @classmethod
     def from_dict(cls, record: dict) -> "CriteriaComparison":
@@ -100,7 +102,7 @@ class CriteriaComparison:
                                  f"selection_accuracy and removed; got {r!r:.200}")
         return cls(record["held_out_images"], record["selection_images"], record["unpruned_held_out_accuracy"],
                    record["unpruned_selection_accuracy"], {k: tuple(v) for k, v in record["filters"].items()},
-                   [dict(r) for r in record["rows"]])
+                   [dict(r) for r in record["rows"]], int(record.get("topk", 1)))
 
     def table_rows(self) -> list[tuple]:
         """(criterion label, held-out %, change vs unpruned in points, selection %) per row, unpruned first."""
@@ -114,7 +116,7 @@ class CriteriaComparison:
     def table(self) -> str:
         """A small text table: criterion, held-out top-1, change vs unpruned, top-1 on the scoring images."""
         sizes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.filters.items())
-        header = ("criterion", "held-out top-1 %", "vs unpruned", "selection top-1 %")
+        header = ("criterion", f"held-out top-{self.topk} %", "vs unpruned", f"selection top-{self.topk} %")
         rows = [header, *self.table_rows()]
         w = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = [f"criteria compared at the same sizes: {sizes}",
@@ -172,7 +174,8 @@ def compare_criteria(model: nn.Module, layers, data, held_out, keep, criteria=("
     for k in ("criterion", "keep", "layers"):
         if k in prune_kwargs:
             raise TypeError(f"{_FN}: {k}= is set by compare_criteria; pass criteria=[...] / keep / layers instead")
-    base_held = evaluate(model, held_out).accuracy
+    topk = prune_kwargs.get("topk", 1)
+    base_held = evaluate(model, held_out, topk=topk).accuracy
     results: dict[str, PruneResult] = {}
     rows, first_sizes, held_images = [], None, 0
     for i, name in enumerate(names):
@@ -189,17 +192,17 @@ def compare_criteria(model: nn.Module, layers, data, held_out, keep, criteria=("
         if sizes != first_sizes:                 # cannot happen without max_accuracy_drop, which only the first gets
             raise RuntimeError(f"{_FN}: {name} kept {sizes}, {names[0]} kept {first_sizes}; please report this")
         results[name] = res
-        ev = evaluate(res.model, held_out)
+        ev = evaluate(res.model, held_out, topk=topk)
         held_images = ev.num_images
         # measured, not taken from the run's history: the pruned network as it is, like the held-out figure
-        selection = res.finetuned_accuracy if res.finetuned_accuracy is not None else evaluate(res.model,
-                                                                                               data).accuracy
+        selection = res.finetuned_accuracy if res.finetuned_accuracy is not None else \
+            evaluate(res.model, data, topk=topk).accuracy
         rows.append({"criterion": name, "held_out_accuracy": ev.accuracy, "selection_accuracy": selection,
                      "removed": {layer: list(v) for layer, v in res.removed.items()}})
         if log is not None:
-            log(f"{criterion_label(name)}: held-out top-1 {100 * ev.accuracy:.2f} % (unpruned "
-                f"{100 * base_held:.2f} %, {ev.num_images:,} images), selection top-1 {100 * selection:.2f} %")
+            log(f"{criterion_label(name)}: held-out top-{topk} {100 * ev.accuracy:.2f} % (unpruned "
+                f"{100 * base_held:.2f} %, {ev.num_images:,} images), selection top-{topk} {100 * selection:.2f} %")
     first = results[names[0]]
     filters = {layer: (len(first.removed[layer]) + n, n) for layer, n in first_sizes.items()}
     return CriteriaComparison(held_images, first.base["num_images"], base_held, first.base["accuracy"], filters,
-                              rows, results)
+                              rows, topk, results)

@@ -22,7 +22,8 @@ from carfast.scoring.selection import DEFAULT_RULE, check_rule
 __all__ = ["Target", "PruneConfig", "SCORE_KEYS"]
 
 _FN = "prune"
-SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "options", "process_group", "group")
+SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "options", "process_group", "group",
+              "topk")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from carfast.batching import eval_mode, iter_chunks, model_device
+from carfast.batching import check_topk, eval_mode, iter_chunks, model_device
 from carfast.distributed import UNSET, all_reduce_sum, process_group_argument, resolve_group
 from carfast.ops.score_reduce import pair_results
 
@@ -30,21 +30,26 @@ class Evaluation:
 
 
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device=None, process_group=False,
-             group=UNSET) -> Evaluation:
+             group=UNSET, topk: int = 1) -> Evaluation:
     """Evaluate ``model`` on ``data`` ((inputs [N, ...], labels [N]) or an iterable of such batches).
 
     The model runs in eval mode under ``torch.no_grad`` and its train/eval flags are restored. Uses the
     scoring reduction of the engine (``ops/score_reduce.py``), so the figures match ``LayerScores``.
     ``process_group``: False (default) this process's data only; None (the default process group when
     ``torch.distributed`` is initialised) or a process group: the counts of every process's data, summed.
-    ``group`` is its deprecated name.
+    ``group`` is its deprecated name. ``topk``: an image counts correct when its label is among the
+    ``topk`` largest logits (default 1).
     """
+    check_topk(topk, "evaluate")
     group = resolve_group(process_group_argument(process_group, group, "evaluate"), "evaluate")
     device = model_device(model) if device is None else device
     correct, loss, n = 0, 0.0, 0
     with eval_mode(model), torch.no_grad():
         for x, y in iter_chunks(data, batch_size, device, "evaluate"):
-            c, l = pair_results(model(x), y)
+            logits = model(x)
+            if topk > 1:
+                check_topk(topk, "evaluate", logits.shape[1])
+            c, l = pair_results(logits, y, topk)
             correct += int(c.sum())
             loss += float(l.sum())
             n += y.numel()

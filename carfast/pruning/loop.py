@@ -227,7 +227,8 @@ class GreedyRun:
                 tentative = remove(self.model, {c.layer: [self.orig[c.layer].index(c.index)]},
                                    example=self.config.example)
                 ev = c.evaluation if i == 0 and c.evaluation is not None else \
-                    evaluate(tentative, self.data, process_group=self.config.score_options["process_group"])
+                    evaluate(tentative, self.data, process_group=self.config.score_options["process_group"],
+                             topk=self.config.score_options.get("topk", 1))
                 if self.crosses(c.layer, ev):
                     self.stop(c.layer, ev, len(self.orig[c.layer]))
                     continue

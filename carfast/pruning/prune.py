@@ -81,7 +81,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         progress: None (a bar on a terminal, periodic lines elsewhere), True, False, or
             ``callable(done, total)``.
         **score_options: ``device``, ``batch_size``, ``memory_budget``, ``backend``, ``precision``, ``options``,
-            ``process_group`` of ``score_layer`` (``group`` is its deprecated name). ``process_group``
+            ``process_group``, ``topk`` of ``score_layer`` (``group`` is its deprecated name); ``topk`` (default
+            1) is the accuracy CAR counts and ``max_accuracy_drop`` and the history report (top-5: 5). ``process_group``
             (default: the default process group when ``torch.distributed`` is initialised; False: this
             process alone): each process passes its own shard of the images; scores and accuracy checks
             are summed over the processes, so every process makes the same removals and returns the same
@@ -110,7 +111,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     # scorers built now fail early (before any data pass) and serve while the model is still the input model
     prebuilt = {t.name: (GroupScorer if t.group else LayerScorer)(work, t.name, data, progress=False,
                                                                    **config.score_options) for t in config.targets}
-    base = evaluate(work, data, process_group=config.score_options["process_group"])
+    topk = config.score_options.get("topk", 1)
+    base = evaluate(work, data, process_group=config.score_options["process_group"], topk=topk)
     settings = {"layers": config.names, "groups": [t.name for t in config.targets if t.group],
                 "keep": {t.name: t.keep for t in config.targets}, "step": config.step, "schedule": config.schedule,
                 "criterion": config.criterion_name, "rule": config.rule if config.criterion is None else None,
@@ -118,6 +120,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
                 "num_images": base.num_images, "input_shape": list(config.example.shape),
                 "backend": config.score_options.get("backend", "auto"),
                 "precision": config.score_options.get("precision", "fp32")}
+    if topk != 1:     # (absent for top-1, as in checkpoints written before top-k existed)
+        settings["topk"] = topk
     replay = []
     if checkpoint is not None:
         config.checkpoint = os.fspath(checkpoint)
@@ -136,7 +140,7 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
                          stats, scores=run.first_scores, stops=run.stops)
     if finetune is not None:
         result.model = _finetune(result.model, finetune)
-        result.finetuned_accuracy = evaluate(result.model, data).accuracy
+        result.finetuned_accuracy = evaluate(result.model, data, topk=topk).accuracy
         result.settings["finetune"] = ({k: v for k, v in finetune.items() if k != "data"}
                                        if isinstance(finetune, dict) else getattr(finetune, "__name__", "callable"))
     return result

@@ -39,6 +39,7 @@ class PruneSummary:
     accuracy_finetuned: float | None = None
     stops: dict = field(default_factory=dict)     # {layer: why it stopped before its keep}
     groups: list = field(default_factory=list)    # layers pruned as their coupling group (rows in channels)
+    topk: int = 1                                 # the accuracy counted: top-1, or top-k
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -64,7 +65,7 @@ class PruneSummary:
                 ("params", f"{self.params_before:,}", f"{self.params_after:,}",
                  ratio(self.params_after, self.params_before)),
                 ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", ratio(self.macs_after, self.macs_before)),
-                ("top-1 %", f"{100 * self.accuracy_before:.2f}", f"{100 * self.accuracy_after:.2f}",
+                (f"top-{self.topk} %", f"{100 * self.accuracy_before:.2f}", f"{100 * self.accuracy_after:.2f}",
                  f"{100 * (self.accuracy_after - self.accuracy_before):+.2f} pts")]
         if self.accuracy_finetuned is not None:
             rows.append(("fine-tuned %", "", f"{100 * self.accuracy_finetuned:.2f}",
@@ -131,7 +132,8 @@ class PruneResult:
         return PruneSummary(self.stats["before"]["params"], self.stats["after"]["params"],
                             self.stats["before"]["macs"], self.stats["after"]["macs"], self.base["accuracy"],
                             self.accuracy, before, {layer: len(k) for layer, k in self.kept.items()},
-                            self.finetuned_accuracy, dict(self.stops), list(self.settings.get("groups", [])))
+                            self.finetuned_accuracy, dict(self.stops), list(self.settings.get("groups", [])),
+                            int(self.settings.get("topk", 1)))
 
     def record(self) -> dict:
         """Everything but the model, as plain data (JSON-able)."""

@@ -44,24 +44,26 @@ def comparison_section(page, result) -> dict | None:
     labels = [criterion_label(r["criterion"]) for r in comp.rows]
     page.heading(2, "Criteria compared on held-out images")
     page.note(f"The same layers pruned to the same sizes by each criterion ({', '.join(labels)}), from the same "
-              f"network, choosing on the same {comp.selection_images:,} selection images; top-1 accuracy measured "
+              f"network, choosing on the same {comp.selection_images:,} selection images; top-{comp.topk} accuracy "
+              "measured "
               f"on {comp.held_out_images:,} held-out images the filters were not chosen on (and, lighter, on the "
               "selection images themselves, which flatter the criterion that chose on them). Measured by this "
               "run, without fine-tuning unless the settings say otherwise.")
     page.figure(figures.criteria_bars, "criteria.png",
-                "Top-1 accuracy of each criterion's pruned network, held out and on the selection images; dashed "
-                "line: the unpruned network held out", labels=labels,
+                f"Top-{comp.topk} accuracy of each criterion's pruned network, held out and on the selection images; "
+                "dashed line: the unpruned network held out", labels=labels,
                 held_out=[r["held_out_accuracy"] for r in comp.rows],
                 selection=[r["selection_accuracy"] for r in comp.rows],
                 unpruned_held_out=comp.unpruned_held_out_accuracy,
-                unpruned_selection=comp.unpruned_selection_accuracy, held_out_images=comp.held_out_images)
+                unpruned_selection=comp.unpruned_selection_accuracy, held_out_images=comp.held_out_images,
+                topk=comp.topk)
     rows = [("unpruned", pct(comp.unpruned_held_out_accuracy), "", pct(comp.unpruned_selection_accuracy), "")]
     for r in comp.rows:
         rows.append((criterion_label(r["criterion"]), pct(r["held_out_accuracy"]),
                      _change(r["held_out_accuracy"], comp.unpruned_held_out_accuracy), pct(r["selection_accuracy"]),
                      _change(r["selection_accuracy"], comp.unpruned_selection_accuracy)))
-    page.add(table(["criterion", f"held-out top-1 ({comp.held_out_images:,} images)", "change vs unpruned",
-                    f"selection top-1 ({comp.selection_images:,} images)", "change vs unpruned"], rows,
+    page.add(table(["criterion", f"held-out top-{comp.topk} ({comp.held_out_images:,} images)", "change vs unpruned",
+                    f"selection top-{comp.topk} ({comp.selection_images:,} images)", "change vs unpruned"], rows,
                    num_cols=(1, 2, 3, 4)))
     data = comp.to_dict()
     data["layers"] = {layer: _order_table(page, comp, layer) for layer in comp.filters}

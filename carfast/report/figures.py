@@ -51,7 +51,8 @@ def _order_labels(removed) -> dict:
 
 # ---- accuracy curves ---------------------------------------------------------------------------------
 def accuracy_curves(curves: dict, path, *, title: str = "Accuracy while pruning", baseline: float | None = None,
-                    threshold: float | None = None, xlabel: str = "filters remaining in the layer") -> str:
+                    threshold: float | None = None, xlabel: str = "filters remaining in the layer",
+                    ylabel: str = "top-1 accuracy (%)") -> str:
     """Accuracy (%) against filters remaining, one line per entry of ``curves``.
 
     Args:
@@ -83,7 +84,7 @@ def accuracy_curves(curves: dict, path, *, title: str = "Accuracy while pruning"
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"{xlabel} (pruning proceeds \u2192)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -343,7 +344,7 @@ def summary_bars(path, *, before: dict, after: dict, title: str = "Before and af
 # ---- criteria compared -----------------------------------------------------------------------------------
 def criteria_bars(path, *, labels: list, held_out: list, selection: list | None = None,
                   unpruned_held_out: float | None = None, unpruned_selection: float | None = None,
-                  held_out_images: int | None = None, title: str | None = None) -> str:
+                  held_out_images: int | None = None, title: str | None = None, topk: int = 1) -> str:
     """Bars of held-out top-1 accuracy (%) per criterion, all pruned to the same sizes, with the unpruned
     network's held-out accuracy as a dashed line; ``selection`` (accuracy on the images the filters were
     chosen on) as a lighter bar beside each, the unpruned one as a dotted line.
@@ -380,8 +381,8 @@ def criteria_bars(path, *, labels: list, held_out: list, selection: list | None 
                    label=f"unpruned, selection ({100.0 * unpruned_selection:.1f} %)")
     ax.set_xticks(xs, [str(v) for v in labels])
     ax.set_ylim(0, 112)
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "Criteria pruning the same layers to the same sizes: top-1 accuracy", fontsize=10.5)
+    ax.set_ylabel(f"top-{topk} accuracy (%)")
+    ax.set_title(title or f"Criteria pruning the same layers to the same sizes: top-{topk} accuracy", fontsize=10.5)
     ax.grid(True, axis="y", alpha=0.3)
     fig.legend(fontsize=8, loc="outside lower center", ncols=2, frameon=False)
     return _save(fig, path)

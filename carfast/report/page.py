@@ -129,20 +129,21 @@ def _rgb_layers(result: PruneResult) -> list[str]:
 # ---- sections ------------------------------------------------------------------------------------------
 def _summary_section(page, result, original, heldout, example) -> dict:
     s = result.summary()
+    top = f"top-{s.topk}"
     data = {"summary": s.to_dict(), "heldout": None, "latency_s": None}
     rows = [("parameters", count(s.params_before), count(s.params_after), ratio(s.params_after, s.params_before)),
             ("MACs per image", count(s.macs_before), count(s.macs_after), ratio(s.macs_after, s.macs_before)),
-            (f"top-1 on the scoring data ({result.base['num_images']:,} images)", pct(s.accuracy_before),
+            (f"{top} on the scoring data ({result.base['num_images']:,} images)", pct(s.accuracy_before),
              pct(s.accuracy_after), f"{100 * (s.accuracy_after - s.accuracy_before):+.2f} pts")]
     if s.accuracy_finetuned is not None:
-        rows.append(("top-1 on the scoring data after fine-tuning", "", pct(s.accuracy_finetuned),
+        rows.append((f"{top} on the scoring data after fine-tuning", "", pct(s.accuracy_finetuned),
                      f"{100 * (s.accuracy_finetuned - s.accuracy_before):+.2f} pts"))
     if heldout is not None:
-        after = evaluate(result.model, heldout).accuracy
-        before = evaluate(original, heldout).accuracy if original is not None else None
+        after = evaluate(result.model, heldout, topk=s.topk).accuracy
+        before = evaluate(original, heldout, topk=s.topk).accuracy if original is not None else None
         data["heldout"] = {"num_images": int(heldout[1].shape[0]), "accuracy_before": before,
                            "accuracy_after": after}
-        rows.append((f"top-1 held out ({heldout[1].shape[0]:,} images not used for scoring)", pct(before),
+        rows.append((f"{top} held out ({heldout[1].shape[0]:,} images not used for scoring)", pct(before),
                      pct(after), "-" if before is None else f"{100 * (after - before):+.2f} pts"))
     bars_before = {"params": s.params_before, "macs": s.macs_before}
     bars_after = {"params": s.params_after, "macs": s.macs_after}
@@ -192,6 +193,7 @@ def _curve_section(page, result, curves) -> dict:
         page.figure(figures.accuracy_curves, "accuracy.png",
                     "Accuracy on the scoring data against filters remaining, one line per pruned layer",
                     curves=hist, baseline=result.base["accuracy"], threshold=threshold,
+                    ylabel=f"top-{result.summary().topk} accuracy (%)",
                     title=f"Greedy {_criterion_name(result)} pruning: accuracy on the scoring data after each "
                           "removal")
     else:
@@ -265,8 +267,8 @@ def _history_section(page, result) -> None:
     rows = [(r["step"], r["layer"], r["filter"], f"{100 * r['accuracy']:.2f}", f"{r['loss']:.4f}", r["remaining"],
              f"{r['seconds']:.2f}") for r in result.history]
     page.add(f"<details><summary>{len(rows)} removals, in order</summary>")
-    page.add(table(["step", "layer", "filter (original index)", "top-1 % after", "loss after", "remaining",
-                     "seconds"], rows, num_cols=(0, 2, 3, 4, 5, 6)))
+    page.add(table(["step", "layer", "filter (original index)", f"top-{result.summary().topk} % after", "loss after",
+                    "remaining", "seconds"], rows, num_cols=(0, 2, 3, 4, 5, 6)))
     page.add("</details>")
 
 

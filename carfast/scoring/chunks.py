@@ -1,7 +1,8 @@
 """The typed records the scoring methods share: what a chunk of images keeps, and pair counts.
 
 - ``Chunk``: what the prefix pass keeps for a chunk of n images, for every method: the labels, the
-  logits and per-image results of the model with the removals made so far, and the method's own
+  logits and per-image results (top-``topk`` correct, loss) of the model with the removals made so far,
+  and the method's own
   tensors: the consumers' gathered inputs ``A`` and outputs ``Z`` and the boundary values ``B`` (suffix
   and closed form, ``graph.split``), or the inputs ``x`` (full network).
 - ``PairStats``: (filter, image) pairs evaluated, skipped (the filter is all zero on the image) and
@@ -32,11 +33,12 @@ class Chunk:
     x: torch.Tensor | None = None           # [n, ...] the inputs (full network)
     base_correct: torch.Tensor | None = field(default=None, repr=False)   # [n] bool
     base_loss: torch.Tensor | None = field(default=None, repr=False)      # [n] float64
+    topk: int = 1                           # an image counts correct when its label is among the top-k logits
 
     def set_logits(self, logits: torch.Tensor) -> None:
         """New base logits (after a removal), with the per-image results that follow from them."""
         self.logits = logits
-        self.base_correct, self.base_loss = pair_results(logits, self.y)
+        self.base_correct, self.base_loss = pair_results(logits, self.y, self.topk)
 
     @property
     def num_classes(self) -> int:

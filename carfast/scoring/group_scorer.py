@@ -49,7 +49,7 @@ class GroupScorer(LayerScorer):
 def score_group(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
                 memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
                 per_image: bool = False, process_group=None, options: ScoreOptions | None = None,
-                group=UNSET) -> LayerScores:
+                group=UNSET, topk: int = 1) -> LayerScores:
     """Score each channel of the coupling group of ``layer`` by CAR (``carfast.groups``).
 
     ``layer`` names any producer of the group (the stem conv, a block's second conv, a 1x1 shortcut
@@ -68,5 +68,5 @@ def score_group(model: nn.Module, layer, data, *, filters=None, device=None, bat
         resolve_layer(model, layer, "score_group")
     scorer = GroupScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
                          backend=backend, precision=precision, progress=progress, process_group=process_group,
-                         options=options, group=group)
+                         options=options, group=group, topk=topk)
     return scorer.score(filters, per_image=per_image)

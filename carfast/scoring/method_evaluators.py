@@ -5,8 +5,8 @@ place), ``catch_up(chunk, removed)`` (a fresh chunk gets the removals made so fa
 
 - ``ClosedFormMethod``: the consumer is followed by an elementwise epilogue and an affine tail
   (``closed_form.py``); one fused op computes the ablated logits of all (filter, image) pairs and reduces
-  them to counts (``ops/closed_form_score.py``), or, for a Linear consumer, the reference computes them
-  and ``score_reduce`` counts.
+  them to top-1 counts (``ops/closed_form_score.py``), or, for a Linear consumer or top-k with k > 1,
+  the reference computes them and ``score_reduce`` counts.
 - ``FullNetworkMethod``: for models torch.fx cannot trace, the whole network reruns per filter with the
   removal applied at the readers (``graph.apply``), the naive method, exact by construction.
 """
@@ -73,7 +73,7 @@ class ClosedFormMethod:
     def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar):
         cf, y = self.cf, chunk.y
         F_, n = len(filt), y.numel()
-        if cf.kind == "conv":
+        if cf.kind == "conv" and chunk.topk == 1:    # the fused op counts top-1
             R = chunk.B[cf.residual_index] if cf.residual_index is not None else None
             counts, loss, correct = closed_form_score(chunk.A[0], cf.weight, chunk.Z[0], cf.scale, cf.shift, R, cf.act,
                                                       cf.tail, chunk.logits, filt.to(y.device), y, cf.stride,
@@ -84,7 +84,7 @@ class ClosedFormMethod:
             abl = self.ablated(chunk, filt).reshape(F_ * n, -1)          # [F * n, classes]
             check_finite(abl, self.fn, _WHAT)
             slots = torch.arange(F_, device=abl.device).repeat_interleave(n)
-            counts, loss, correct = score_reduce(abl, y.repeat(F_), slots, F_, backend=self.backend)
+            counts, loss, correct = score_reduce(abl, y.repeat(F_), slots, F_, backend=self.backend, topk=chunk.topk)
         n_active = int(active_pairs(chunk.A, self.lg.consumers, filt).sum())
         stats.evaluated += n_active
         stats.skipped += F_ * n - n_active
@@ -131,7 +131,7 @@ class FullNetworkMethod:
         for f, k in enumerate(filt.tolist()):
             abl = self.run_removed(chunk.x, list(removed) + [k])
             check_finite(abl, self.fn, _WHAT)
-            c, l, correct[f] = score_reduce(abl, y, slots, 1, backend=self.backend)
+            c, l, correct[f] = score_reduce(abl, y, slots, 1, backend=self.backend, topk=chunk.topk)
             counts[f], loss[f] = c[0], l.sum()
             bar.update(y.numel())
         stats.evaluated += y.numel() * len(filt)

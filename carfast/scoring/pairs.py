@@ -62,15 +62,17 @@ class Accumulator:
             base_image_correct=torch.cat(self.base_image_correct) if self.per_image else None, **info)
 
 
-def reduce_pair_batch(abl, y_b, f_b, n_b, counts, loss, img_correct, kernel: str, fn: str, what: str) -> None:
+def reduce_pair_batch(abl, y_b, f_b, n_b, counts, loss, img_correct, kernel: str, fn: str, what: str,
+                      topk: int = 1) -> None:
     """Add one batch of pairs to the running results, in place.
 
     abl [P, classes] ablated logits of pairs (slot f_b[p], image n_b[p]); y_b [P] their labels; counts
     [F, C] int64 and loss [F] float64 running sums; img_correct [F, n] bool or None; ``kernel`` the
-    backend of ``score_reduce``; ``fn`` / ``what`` name the caller and the logits in the non-finite error.
+    backend of ``score_reduce``; ``fn`` / ``what`` name the caller and the logits in the non-finite error;
+    ``topk``: correct means the label is among the top-k logits.
     """
     check_finite(abl, fn, what)
-    c, l, corr = score_reduce(abl, y_b, f_b, counts.shape[0], backend=kernel)
+    c, l, corr = score_reduce(abl, y_b, f_b, counts.shape[0], backend=kernel, topk=topk)
     counts += c
     loss += l.sum(1)
     if img_correct is not None:

@@ -42,6 +42,7 @@ from carfast.batching import (
     check_batch,
     check_finite,
     check_labels,
+    check_topk,
     check_work_sizes,
     default_memory_budget,
     eval_mode,
@@ -113,8 +114,9 @@ class LayerScorer:
 
     def __init__(self, model: nn.Module, layer, data, *, device=None, batch_size: int | None = None,
                  memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                 process_group=None, options: ScoreOptions | None = None, group=UNSET):
+                 process_group=None, options: ScoreOptions | None = None, group=UNSET, topk: int = 1):
         self._options = options or ScoreOptions()
+        self.topk = check_topk(topk, self.fn)
         self._process_group = resolve_group(process_group_argument(process_group, group, self.fn), self.fn)
         self._dtype = check_precision(precision, self.fn)
         if not isinstance(model, nn.Module):
@@ -266,6 +268,8 @@ class LayerScorer:
             chunk = self._method.prefix(x, y)
             check_finite(chunk.logits, self.fn)
             check_labels(y, chunk.num_classes, self.fn)
+            check_topk(self.topk, self.fn, chunk.num_classes)
+            chunk.topk = self.topk
             chunk.set_logits(chunk.logits)                 # the per-image results of the intact model
             if self._cache is not None:
                 used += y.numel() * self._cache_bytes
@@ -333,13 +337,13 @@ class LayerScorer:
         return acc.result(self.name, filt, method=self.method, backend=self.backend, pairs_evaluated=stats.evaluated,
                           pairs_skipped=stats.skipped, seconds=time.perf_counter() - t0,
                           precision=self._method.precision, pairs_rechecked=stats.rechecked,
-                          margin_threshold=self._method.margin_threshold)
+                          margin_threshold=self._method.margin_threshold, topk=self.topk)
 
 
 def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
                 memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
                 per_image: bool = False, process_group=None, options: ScoreOptions | None = None,
-                group=UNSET) -> LayerScores:
+                group=UNSET, topk: int = 1) -> LayerScores:
     """Score each filter of ``layer`` by CAR: the accuracy the model loses when that filter is removed.
 
     Removing filter k means what docs/design.md section 2 says: the channel disappears from every consumer
@@ -363,7 +367,7 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
         backend: "auto", "torch" (plain PyTorch), "cpu" (the compiled C++ kernels), "triton", "cuda" (the GPU
             kernels); "auto" picks cuda, then triton, on a GPU and cpu on the CPU, where available.
         precision: "fp32" (default), "bf16" or "fp16": the suffix's arithmetic. Low precision re-runs in
-            float32 every pair whose top-1 margin is below a calibrated threshold (``carfast.precision``), so
+            float32 every pair whose top-k margin is below a calibrated threshold (``carfast.precision``), so
             accuracies equal float32's; ``pairs_rechecked`` says how many. Applies to the suffix method; the
             closed form and the full-network method always compute in float32.
         progress: None (a bar on stderr when it is a terminal), True, False, or ``callable(done, total)``.
@@ -377,6 +381,9 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
             raise RuntimeError after the process group's timeout (``carfast.distributed``).
         options: ``ScoreOptions`` engine settings.
         group: the deprecated name of ``process_group``.
+        topk: an image counts correct when its label is among the ``topk`` largest logits (default 1:
+            top-1; 5 for the top-5 accuracy ImageNet results quote; ties go to the lower class index).
+            The fused kernels count top-1; k > 1 counts with the plain-PyTorch reduction (same results).
     Returns:
         ``LayerScores`` (see ``carfast.scoring.scores``).
     Raises:
@@ -388,5 +395,5 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
     options = dataclasses.replace(options or ScoreOptions(), cache=False)   # one score: nothing to keep
     scorer = LayerScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
                          backend=backend, precision=precision, progress=progress, process_group=process_group,
-                         options=options, group=group)
+                         options=options, group=group, topk=topk)
     return scorer.score(filters, per_image=per_image)

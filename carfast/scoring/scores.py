@@ -20,6 +20,7 @@ class LayerScores:
         class_totals:   [C] int64, images per class.
         base_correct:   [C] int64, images of each class the intact model classifies correctly.
         correct:        [F, C] int64, images of each class classified correctly with filter f removed.
+        topk:           what "correctly" means: the label is among the ``topk`` largest logits (1: top-1).
         base_loss_sum:  float, summed cross-entropy of the intact model (float64 accumulation).
         loss_sum:       [F] float64, summed cross-entropy with filter f removed.
     Derived: ``base_accuracy``, ``accuracy`` [F], ``car`` [F], ``class_car`` [F, C], ``loss_increase`` [F].
@@ -55,6 +56,7 @@ class LayerScores:
     pairs_rechecked: int = 0
     margin_threshold: float = 0.0
     members: list | None = None
+    topk: int = 1
     image_correct: torch.Tensor | None = field(default=None, repr=False)
     base_image_correct: torch.Tensor | None = field(default=None, repr=False)
 
@@ -64,13 +66,18 @@ class LayerScores:
         return int(self.class_totals.numel())
 
     @property
+    def accuracy_name(self) -> str:
+        """"accuracy" (top-1) or "top-k accuracy", for labels."""
+        return "accuracy" if self.topk == 1 else f"top-{self.topk} accuracy"
+
+    @property
     def base_accuracy(self) -> float:
-        """Top-1 accuracy of the intact model (fraction in [0, 1])."""
+        """Top-``topk`` accuracy of the intact model (fraction in [0, 1])."""
         return int(self.base_correct.sum()) / self.num_images
 
     @property
     def accuracy(self) -> torch.Tensor:
-        """[F] float64: top-1 accuracy with each filter removed."""
+        """[F] float64: top-``topk`` accuracy with each filter removed."""
         return self.correct.sum(1).double() / self.num_images
 
     @property
@@ -120,7 +127,7 @@ class LayerScores:
             "coupled": self.coupled, "method": self.method, "backend": self.backend,
             "pairs_evaluated": self.pairs_evaluated, "pairs_skipped": self.pairs_skipped,
             "seconds": self.seconds, "precision": self.precision, "pairs_rechecked": self.pairs_rechecked,
-            "margin_threshold": self.margin_threshold, "members": self.members,
+            "margin_threshold": self.margin_threshold, "members": self.members, "topk": self.topk,
         }
         return d
 
@@ -134,7 +141,7 @@ class LayerScores:
                    float(d["base_loss_sum"]), t(d["loss_sum"], dtype=torch.float64), d.get("coupled", False),
                    d.get("method", ""), d.get("backend", ""), d.get("pairs_evaluated", 0), d.get("pairs_skipped", 0),
                    d.get("seconds", 0.0), d.get("precision", "fp32"), d.get("pairs_rechecked", 0),
-                   d.get("margin_threshold", 0.0), d.get("members"))
+                   d.get("margin_threshold", 0.0), d.get("members"), topk=int(d.get("topk", 1)))
 
     def table(self, top: int | None = None) -> str:
         """A readable table, filters in ranking order (least important first)."""
@@ -142,7 +149,8 @@ class LayerScores:
         pos = {int(f): i for i, f in enumerate(self.filters.tolist())}
         acc, car, dloss = self.accuracy, self.car, self.loss_increase
         lines = [f"CAR scores of {self.layer!r}: {len(order)} filters on {self.num_images} images, "
-                 f"base accuracy {100 * self.base_accuracy:.2f} %  ({self.method}, {self.backend}, {self.precision})",
+                 f"base {self.accuracy_name} {100 * self.base_accuracy:.2f} %  "
+                 f"({self.method}, {self.backend}, {self.precision})",
                  f"{'rank':>4}  {'filter':>6}  {'accuracy %':>10}  {'CAR %':>7}  {'loss +':>9}"]
         shown = order if top is None or top >= len(order) else order[:top]
         for r, f in enumerate(shown):

@@ -29,7 +29,7 @@ from carfast.scoring.pairs import (
     suffix_base_logits,
     suffix_logits,
 )
-from carfast.scoring.precision import CALIBRATION_PAIRS, margin_threshold, top1_margin
+from carfast.scoring.precision import CALIBRATION_PAIRS, margin_threshold, topk_margin
 
 __all__ = ["SuffixMethod"]
 
@@ -108,12 +108,13 @@ class SuffixMethod:
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
             abl = self._pair_logits(chunk, filt, weights, removed, f_b, n_b, self.dtype)
             if low:
-                redo = (top1_margin(abl) <= self.threshold).nonzero().flatten()
+                redo = (topk_margin(abl, chunk.topk) <= self.threshold).nonzero().flatten()
                 abl = abl.float()
                 if redo.numel():
                     abl[redo] = self._exact_logits(chunk, filt, weights, removed, f_b[redo], n_b[redo])
                 stats.rechecked += redo.numel()
-            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, img_correct, self.backend, self.fn, _WHAT)
+            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, img_correct, self.backend, self.fn, _WHAT,
+                              chunk.topk)
             bar.update(f_b.numel())
         c, l = intact_counts(~active, chunk.base_correct, chunk.base_loss, y, C)
         total = F_ * y.numel()
