@@ -6,7 +6,8 @@ network loses when that filter is removed, equal to re-running the network once 
 ``carfast.criteria``) and returns a physically smaller model; ``remove_filters`` is the surgery;
 ``ClassImportance`` interprets the class-wise CAR of each filter. ``score_group`` and
 ``remove_groups`` do the same for the coupled channels of a residual stream (``carfast.groups``);
-``layers(model)`` says which layers carfast scores alone, as a group, or not.
+``layers(model)`` says which layers carfast scores alone, as a group, or not. A model whose forward does
+not take one tensor and return logits is scored through ``adapt(model, forward)``.
 
 The package: ``graph`` (the channel-flow analysis), ``scoring``, ``surgery``, ``pruning``, ``report``,
 ``models`` and ``data`` (bundled), ``ops`` (kernels), ``integrations``, ``cli``; ``docs/design.md``.
@@ -15,6 +16,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from carfast import criteria, data, finetune, integrations, models, train_data
+from carfast.adapter import adapt, unadapt
 from carfast.extensions import backends
 from carfast.graph import LayerInfo, layers
 from carfast.pruning import PruneResult, evaluate, load_pruned, prune
@@ -40,4 +42,4 @@ __all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_g
            "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned", "compare_criteria",
            "CriteriaComparison", "remove_filters", "write_report",
            "evaluate", "ClassImportance", "criteria", "finetune", "train_data", "integrations", "backends", "models",
-           "data", "__version__"]
+           "data", "adapt", "unadapt", "__version__"]

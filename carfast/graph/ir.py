@@ -322,6 +322,11 @@ def from_recording(model: nn.Module, example: torch.Tensor) -> FlowGraph:
     try:
         with torch.no_grad(), rec:
             out = model(example)
+    except Exception as err:
+        raise ValueError(f"the model does not run on one input tensor of shape {list(example.shape)} "
+                         f"({type(err).__name__}: {err}); if its forward takes something else (a dict, keyword "
+                         "arguments, several tensors) or returns something else than logits, adapt it: "
+                         "carfast.adapt(model, lambda m, x: m(...))") from err
     finally:
         for h in handles:
             h.remove()
