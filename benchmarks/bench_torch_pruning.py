@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--global", dest="global_pruning", action="store_true", help="global pruning")
     ap.add_argument("--blocks-only", action="store_true", help="prune only the blocks' first convs (ignore the "
                     "stem and every conv2, so the residual-stream groups keep their channels)")
-    ap.add_argument("--precision", default="fp32", help="CAR's score_layer precision (groups: fp32)")
+    ap.add_argument("--precision", default="fp32", help="CAR's score_layer precision (groups: fp32; greedy CAR's "
+                                                        "default loss rule needs fp32)")
     ap.add_argument("--variants", default="magnitude,magnitude-l1,car", help="comma-separated: magnitude, "
                     "magnitude-l1, car (greedy), car-single, car-loss (single, ranked by the loss increase)")
     ap.add_argument("--data", default=default_data_path(), help="CIFAR-10 test .npz (default: ../shared)")

@@ -139,3 +139,34 @@ def test_fp16_scores_exact_without_onednn_fp16(resnet20_data, monkeypatch):
     ref = _score(model, "layer2.1.conv1", d, filters=range(6))
     low = _score(model, "layer2.1.conv1", d, filters=range(6), precision="fp16")
     assert low.precision == "fp16" and torch.equal(low.image_correct, ref.image_correct)
+
+
+@pytest.mark.parametrize("rule", ["accuracy", "lcb"])
+def test_greedy_in_bf16_makes_float32s_removals(rule, monkeypatch):
+    """Counting rules stay exact in bf16: ties in count are settled by float32 loss sums of the tied."""
+    x, y = data.cifar10_test(200)
+    model = models.cifar_resnet(20)
+    calls = []
+    real = carfast.LayerScorer.score
+
+    def spy(self, filters=None, per_image=False, float32=False):
+        calls.append(float32)
+        return real(self, filters, per_image, float32)
+
+    monkeypatch.setattr(carfast.LayerScorer, "score", spy)
+    kw = dict(keep=11, rule=rule, progress=False)
+    ref = carfast.prune(model, "layer1.0.conv1", (x, y), **kw)
+    low = carfast.prune(model, "layer1.0.conv1", (x, y), precision="bf16", **kw)
+    assert [r["filter"] for r in low.history] == [r["filter"] for r in ref.history]
+    assert [r["correct"] for r in low.history] == [r["correct"] for r in ref.history]
+    assert any(calls), "no tie was settled in float32: the test does not exercise the settling"
+
+
+def test_the_loss_rule_refuses_low_precision():
+    x, y = data.cifar10_test(50)
+    model = models.cifar_resnet(20)
+    with pytest.raises(ValueError, match="the 'loss' rule ranks by summed losses.*precision='fp32'"):
+        carfast.prune(model, "layer1.0.conv1", (x, y), keep=8, precision="bf16", progress=False)
+    with pytest.raises(ValueError, match="the 'loss' rule"):
+        carfast.prune(model, "layer1.0.conv1", (x, y), keep=8, rule="loss", precision="fp16", progress=False)
+    carfast.prune(model, "layer3.2.conv1", (x, y), keep=63, criterion="l1", precision="bf16", progress=False)

@@ -25,7 +25,8 @@ _NORMALIZE_HELP = ("for uint8 --data images: 'cifar' (the bundled ResNets' mean 
                    "[0, 1]) or MEAN/STD per channel, e.g. 0.49,0.48,0.45/0.25,0.24,0.26 (default: the bundled "
                    "model's own; 'none' for package.module:factory)")
 _PRECISION_HELP = ("arithmetic of the network after the consumer: fp32 (default), or bf16/fp16 with an exact "
-                   "float32 re-run of the image/filter pairs whose top-1 margin is too small to trust")
+                   "float32 re-run of the image/filter pairs whose top-k margin is too small to trust (pruning: "
+                   "with --rule accuracy or lcb; the loss rule needs fp32)")
 KEEP_HELP = ("what to KEEP per layer, not what to remove: a count of filters (a group's channels) to keep (14) or "
              "the fraction kept (0.75 keeps three quarters, removes one quarter). Torch-Pruning's pruning_ratio "
              "and torch.nn.utils.prune's amount are the share REMOVED: --keep 0.75 = pruning_ratio 0.25")

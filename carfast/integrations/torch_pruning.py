@@ -56,7 +56,7 @@ from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.graph import analyze_units, is_channel_map
 from carfast.scoring.group_scorer import GroupScorer, score_group
 from carfast.scoring.scorer import LayerScorer, score_layer
-from carfast.scoring.selection import DEFAULT_RULE, check_rule, score_by_rule
+from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule
 from carfast.surgery import remove_filters, remove_groups
 from carfast.surgery.slicers import remap_channel_map
 
@@ -162,6 +162,8 @@ class CARImportance(tp.importance.Importance):
             raise TypeError(f"{_FN}: unknown score options {sorted(unknown)}; accepted: {sorted(_OPTIONS)}")
         self.greedy, self.depth, self.rank_by, self.fallback = bool(greedy), depth, rank_by, fallback
         self.rule = DEFAULT_RULE if rule is None else check_rule(rule, _FN)
+        if greedy:
+            check_rule_precision(self.rule, score_options.get("precision"), _FN)
         self.data = data
         self.options = {"progress": False, **score_options}
         self.last_scores = None

@@ -17,7 +17,7 @@ from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.errors import resolve_layer
 from carfast.graph import analyze_units, build_graph
 from carfast.pruning.criteria import get_criterion
-from carfast.scoring.selection import DEFAULT_RULE, check_rule
+from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision
 
 __all__ = ["Target", "PruneConfig", "SCORE_KEYS"]
 
@@ -79,6 +79,8 @@ class PruneConfig:
             raise ValueError(f"{_FN}: rule={rule!r} is CAR's selection rule; criterion={criterion!r} ranks by its own "
                              "importance: drop rule, or use criterion='car'")
         rule = DEFAULT_RULE if rule is None else check_rule(rule, _FN)
+        if crit is None:
+            check_rule_precision(rule, score_options.get("precision"), _FN)
         _check_finetune(finetune)
         example = _example(data)
         names = _layer_names(model, layers)

@@ -134,7 +134,8 @@ class GreedyRun:
 
     def car_scores(self, scorer):
         """Score every remaining channel of ``scorer``; returns (LayerScores, [removal key per channel])."""
-        return score_by_rule(scorer, self.config.rule, self.config.score_options["process_group"])
+        return score_by_rule(scorer, self.config.rule, self.config.score_options["process_group"],
+                             exact_first=self.config.step)
 
     # -- sequential ----------------------------------------------------------------------------------------
     def sequential(self) -> None:

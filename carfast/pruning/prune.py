@@ -88,8 +88,9 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
             are summed over the processes, so every process makes the same removals and returns the same
             result, equal to one process on all the shards (a baseline criterion's importance is averaged
             over the processes; ``checkpoint`` and ``finetune`` are refused). With ``precision="bf16"`` /
-            ``"fp16"`` accuracies are float32's, but ties in accuracy are broken by loss sums carrying the
-            low precision's rounding, so the removal order can differ from float32's at such ties.
+            ``"fp16"`` the counts are float32's and the counting rules ("accuracy", "lcb") settle their ties
+            with float32 loss sums of the tied candidates, so the removals are float32's; the "loss" rule
+            needs float32 (refused otherwise: low-precision loss sums would decide).
     Returns:
         ``PruneResult`` (model, removed, kept, history, stops, summary(), save()).
     """

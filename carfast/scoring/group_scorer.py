@@ -40,8 +40,8 @@ class GroupScorer(LayerScorer):
     def num_channels(self) -> int:
         return self.num_filters
 
-    def score(self, filters=None, per_image: bool = False) -> LayerScores:
-        res = super().score(filters, per_image)
+    def score(self, filters=None, per_image: bool = False, float32: bool = False) -> LayerScores:
+        res = super().score(filters, per_image, float32)
         res.coupled, res.members = self.flow.coupled, self.members
         return res
 

@@ -160,6 +160,11 @@ class LayerScorer:
         return self._method.name
 
     @property
+    def precision(self) -> str:
+        """The suffix's arithmetic: "fp32", "bf16" or "fp16" (the closed form and full network: "fp32")."""
+        return self._method.precision
+
+    @property
     def backend(self) -> str:
         """The backend the method's ops run on."""
         return self._method.backend
@@ -314,8 +319,12 @@ class LayerScorer:
             check_finite(chunk.logits, self.fn, f"the model's output with filters {self.removed} removed")
 
     # ---- scoring -------------------------------------------------------------------------------------
-    def score(self, filters=None, per_image: bool = False) -> LayerScores:
-        """CAR scores of ``filters`` (default all that remain), see ``score_layer``."""
+    def score(self, filters=None, per_image: bool = False, float32: bool = False) -> LayerScores:
+        """CAR scores of ``filters`` (default all that remain), see ``score_layer``. ``float32``: compute in
+        float32 even when the scorer's precision is lower (exact loss sums, e.g. to settle ties)."""
+        if float32 and self._method.precision != "fp32":
+            with self._method.float32():
+                return self.score(filters, per_image)
         t0 = time.perf_counter()
         filt = check_filters(self.remaining if filters is None else filters, self.num_filters, self.name, self.fn)
         gone = sorted(set(filt.tolist()) & set(self.removed))

@@ -12,6 +12,7 @@ and loss sums (``ops/score_reduce.py``); the inactive pairs take the intact resu
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -56,6 +57,16 @@ class SuffixMethod:
         self.threshold: float | None = None
         self._low = {}       # low-precision copies of the suffix (or of fused.post), made on first use
         self._weights = {}   # (consumer index, unit) -> the consumer's weight over the unit's inputs
+
+    @contextlib.contextmanager
+    def float32(self):
+        """Score in float32 inside the block (exact loss sums, e.g. to settle ties of a low-precision run)."""
+        dtype, precision = self.dtype, self.precision
+        self.dtype, self.precision = torch.float32, "fp32"
+        try:
+            yield
+        finally:
+            self.dtype, self.precision = dtype, precision
 
     @property
     def margin_threshold(self) -> float:
