@@ -53,11 +53,12 @@ def _adapted_class(base: type) -> type:
 
 
 def _shallow(model: nn.Module) -> nn.Module:
-    """A new module object with the same submodules, parameters and buffers, in dicts of its own (so that
-    setting an attribute on it does not set one on ``model``)."""
+    """A new module object with the same submodules, parameters, buffers and hooks, in containers of its
+    own (so that setting an attribute or registering a hook on it does not do so on ``model``)."""
     out = copy.copy(model)
-    for key in ("_modules", "_parameters", "_buffers"):
-        object.__setattr__(out, key, dict(getattr(model, key)))
+    for key, value in list(vars(out).items()):
+        if isinstance(value, (dict, set)):
+            vars(out)[key] = type(value)(value)
     return out
 
 

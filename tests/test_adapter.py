@@ -130,3 +130,15 @@ def test_an_unadapted_dict_model_gets_an_error_naming_adapt():
         carfast.adapt(dict_net, "logits")
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         carfast.adapt(lambda x: x, lambda m, x: m(x))
+
+
+def test_a_hook_on_the_adapted_copy_is_not_on_the_model():
+    dict_net, _ = _nets()
+    net = carfast.adapt(dict_net, lambda m, x: m({"image": x, "gain": 2.0})["logits"])
+    seen = []
+    net.register_forward_hook(lambda mod, args, out: seen.append(1))
+    with torch.no_grad():
+        dict_net({"image": torch.zeros(1, 3, 8, 8), "gain": 2.0})
+        assert not seen
+        net(torch.zeros(1, 3, 8, 8))
+    assert seen == [1]
