@@ -27,6 +27,7 @@ from carfast.scoring.pairs import active_pairs
 __all__ = ["ClosedFormMethod", "FullNetworkMethod", "prefix_chunk"]
 
 _WHAT = "the model's output with a filter removed"
+_SLICE_ELEMENTS = 1 << 25   # ablated logits materialised at once by the closed form's unfused path
 
 
 def prefix_chunk(lg, x: torch.Tensor, y: torch.Tensor, batch: int) -> Chunk:
@@ -80,11 +81,17 @@ class ClosedFormMethod:
                                                       cf.padding, cf.dilation, backend=self.backend)
             if not bool(torch.isfinite(loss).all()):   # a non-finite logit makes its loss non-finite
                 check_finite(self.ablated(chunk, filt), self.fn, _WHAT)
-        else:
-            abl = self.ablated(chunk, filt).reshape(F_ * n, -1)          # [F * n, classes]
-            check_finite(abl, self.fn, _WHAT)
-            slots = torch.arange(F_, device=abl.device).repeat_interleave(n)
-            counts, loss, correct = score_reduce(abl, y.repeat(F_), slots, F_, backend=self.backend, topk=chunk.topk)
+        else:   # the ablated logits [f, n, classes] of a slice of filters at a time (at most ~128 MB)
+            per = max(1, _SLICE_ELEMENTS // (n * chunk.num_classes))
+            parts = []
+            for s in range(0, F_, per):
+                f = filt[s:s + per]
+                abl = self.ablated(chunk, f).reshape(len(f) * n, -1)     # [f * n, classes]
+                check_finite(abl, self.fn, _WHAT)
+                slots = torch.arange(len(f), device=abl.device).repeat_interleave(n)
+                parts.append(score_reduce(abl, y.repeat(len(f)), slots, len(f), backend=self.backend,
+                                          topk=chunk.topk))
+            counts, loss, correct = (torch.cat(t) for t in zip(*parts))
         n_active = int(active_pairs(chunk.A, self.lg.consumers, filt).sum())
         stats.evaluated += n_active
         stats.skipped += F_ * n - n_active
