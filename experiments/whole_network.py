@@ -19,7 +19,8 @@ once per candidate) already has its later blocks thinned. ``--order forward`` pr
 
 A run writes a checkpoint after every removal (``experiments/results/whole_<run>_ckpt.json``) and is
 resumed from it when started again, so a run may span several sittings; the seconds spent are summed
-in ``whole_<run>_time.json``. The finished row goes to ``whole_<run>.json``. The time the naive greedy
+in ``whole_<run>_time.json``, and the removals' own times in the checkpoint's history (the row's
+``seconds``). The finished row goes to ``whole_<run>.json``. The time the naive greedy
 loop would take (one full network pass over the selection images per candidate per step) is estimated
 from the measured pass time of the unpruned and of the pruned network.
 """
@@ -77,7 +78,8 @@ def measure(model, select, held) -> dict:
 
 
 class Clock:
-    """Seconds spent on a run, summed over the sittings that resumed it (saved after every removal)."""
+    """Progress of a run (removals done, sittings, wall seconds summed over the sittings), saved after
+    every removal. The row's ``seconds`` is the sum of the removals' times in the run's history."""
 
     def __init__(self, path: Path, settings: dict):
         saved = json.loads(path.read_text()) if path.is_file() else {}
@@ -103,7 +105,7 @@ def prune(args, select, settings: dict) -> dict:
     clock = Clock(args.out_dir / f"whole_{args.run}_time.json", settings)
     res = carfast.prune(model, layers, select, keep=0.5, criterion=criterion, rule=rule, progress=clock,
                         checkpoint=str(args.out_dir / f"whole_{args.run}_ckpt.json"))
-    seconds = clock.seconds
+    seconds = sum(r["seconds"] for r in res.history)    # the removals' time, summed over every sitting
     res.save(args.out_dir / f"whole_{args.run}_model.pt")
     row = {"run": args.run, "criterion": criterion, "rule": rule, "seconds": seconds, "sittings": clock.sittings,
            "removals": len(res.history), "threads": args.threads}
