@@ -109,6 +109,18 @@ def test_prune_an_adapted_model_and_get_the_users_class_back():
     assert carfast.unadapt(dict_net) is dict_net
 
 
+def test_an_adapted_result_saves_and_loads(tmp_path):
+    dict_net, _ = _nets()
+    net = carfast.adapt(dict_net, lambda m, x: m({"image": x, "gain": 2.0})["logits"])
+    x, y = _data()
+    res = carfast.prune(net, ["conv2"], (x, y), keep=6, progress=False)
+    res.save(tmp_path / "r.pt")
+    loaded = carfast.load_pruned(tmp_path / "r.pt", model=net)
+    assert is_adapted(loaded.model) and loaded.model.conv2.out_channels == 6
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), res.model(x))
+
+
 def test_adapting_twice_replaces_the_forward_and_setting_a_child_stays_on_the_copy():
     dict_net, _ = _nets()
     once = carfast.adapt(dict_net, lambda m, x: m({"image": x, "gain": 1.0})["logits"])
