@@ -2,7 +2,7 @@
 
 ``compare_criteria(model, layers, data, held_out, keep, criteria)`` runs ``carfast.prune`` once per
 criterion (greedy CAR and/or the baselines of ``carfast.criteria``), all on the same scoring images
-``data``, and measures every pruned network's top-1 accuracy on ``held_out`` (images the filters were
+``data``, and measures every pruned network's top-1 (or top-k) accuracy on ``held_out`` (images the filters were
 not chosen on: accuracy on the scoring images flatters the criterion that chose on them, CAR most) with
 ``carfast.evaluate``. The first criterion sets the sizes: the others are pruned to exactly the number
 of filters it kept in each layer (so a ``max_accuracy_drop`` that stops it early also fixes their size).
@@ -114,7 +114,7 @@ class CriteriaComparison:
         return rows
 
     def table(self) -> str:
-        """A small text table: criterion, held-out top-1, change vs unpruned, top-1 on the scoring images."""
+        """A small text table: criterion, held-out top-k, change vs unpruned, top-k on the scoring images."""
         sizes = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in self.filters.items())
         header = ("criterion", f"held-out top-{self.topk} %", "vs unpruned", f"selection top-{self.topk} %")
         rows = [header, *self.table_rows()]

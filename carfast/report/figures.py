@@ -345,7 +345,7 @@ def summary_bars(path, *, before: dict, after: dict, title: str = "Before and af
 def criteria_bars(path, *, labels: list, held_out: list, selection: list | None = None,
                   unpruned_held_out: float | None = None, unpruned_selection: float | None = None,
                   held_out_images: int | None = None, title: str | None = None, topk: int = 1) -> str:
-    """Bars of held-out top-1 accuracy (%) per criterion, all pruned to the same sizes, with the unpruned
+    """Bars of held-out top-``topk`` accuracy (%) per criterion, all pruned to the same sizes, with the unpruned
     network's held-out accuracy as a dashed line; ``selection`` (accuracy on the images the filters were
     chosen on) as a lighter bar beside each, the unpruned one as a dotted line.
 
