@@ -31,7 +31,8 @@ _FN = "adapt"
 
 class _OwnForward:
     """What ``forward(m, x)`` receives as ``m``: calling it runs the model's own forward on the adapted
-    instance (so the submodules it calls are the adapted model's); attributes read through to it."""
+    instance (so the submodules it calls are the adapted model's; hooks on the adapted model itself run
+    around the adapted forward, not again here); attributes read through to it."""
 
     def __init__(self, module: nn.Module, base: type):
         object.__setattr__(self, "_module", module)
