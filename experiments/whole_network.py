@@ -4,6 +4,7 @@
     python experiments/whole_network.py --run car-accuracy
     python experiments/whole_network.py --run l1 | taylor | random
     python experiments/whole_network.py --table             (the results so far, as a Markdown table)
+    python experiments/whole_network.py --figure            (experiments/figures/whole_resnet56.png)
 
 One ``--run`` prunes the 27 block conv1s of the bundled pretrained ResNet-56 to half their filters
 (``carfast.prune``: sequential, step 1, re-scored after every removal) on ``--n-select`` CIFAR-10 test
@@ -43,6 +44,7 @@ from carfast.pruning.finetune import finetune
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TEST = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"
 RESULTS = REPO / "experiments" / "results"
+FIGURE = REPO / "experiments" / "figures" / "whole_resnet56.png"
 RUNS = {"car-loss": ("car", "loss"), "car-accuracy": ("car", "accuracy"), "l1": ("l1", None),
         "taylor": ("taylor", None), "random": ("random", None)}
 #: the one fixed fine-tune every pruned network gets (and the unpruned one, for reference). BatchNorm
@@ -129,10 +131,73 @@ def table(out_dir: Path, settings: dict) -> str:
     return "\n".join(lines)
 
 
+LABELS = {"car-loss": "CAR, loss rule (default)", "car-accuracy": "CAR, paper's rule", "l1": "L1 norm",
+          "taylor": "Taylor", "random": "random (seed 0)", "unpruned": "unpruned"}
+COLOURS = {"car-loss": "tab:red", "car-accuracy": "darkred", "l1": "tab:blue", "taylor": "tab:green",
+           "random": "0.5", "unpruned": "k"}
+
+
+def figure(out_dir: Path, settings: dict, path: Path) -> None:
+    """Left: selection accuracy after every removal, from each run's checkpoint (unfinished runs stop where
+    they are). Right: held-out accuracy of every finished run before and after the fixed fine-tune."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=130, gridspec_kw={"width_ratios": [1.5, 1]})
+    for run in RUNS:
+        ckpt = out_dir / f"whole_{run}_ckpt.json"
+        if not ckpt.is_file():
+            continue
+        history = json.loads(ckpt.read_text())["history"]
+        acc = [100 * r["accuracy"] for r in history]
+        done = "" if len(history) == 504 else f" ({len(history)} of 504 so far)"
+        left.plot(range(1, len(acc) + 1), acc, color=COLOURS[run], lw=1.4, label=LABELS[run] + done)
+    for boundary, name in ((288, "stage 3 done"), (432, "stage 2 done")):
+        left.axvline(boundary, color="0.7", ls=":", lw=1)
+        left.text(boundary, 3, name, rotation=90, ha="right", va="bottom", fontsize=7, color="0.4")
+    left.set_xlim(0, 504)
+    left.set_ylim(0, 100)
+    left.set_xlabel("filters removed (deepest block conv1 first; 504 = every block conv1 at half)")
+    left.set_ylabel(f"top-1 %, the {settings['n_select']:,} selection images")
+    left.set_title("ResNet-56, sequential greedy, step 1: accuracy on the images that choose", fontsize=10)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="lower left")
+
+    rows = {}
+    for p in out_dir.glob("whole_*.json"):
+        rec = json.loads(p.read_text())
+        if not p.stem.endswith(("_ckpt", "_time")) and rec.get("settings") == settings and "finetune" in rec["row"]:
+            rows[rec["row"]["run"]] = rec["row"]
+    names = [r for r in ("unpruned", *RUNS) if r in rows]
+    before = [100 * rows[r]["held_out_accuracy"] for r in names]
+    after = [100 * rows[r]["finetuned_held_out_accuracy"] for r in names]
+    pos = range(len(names))
+    right.bar([p - 0.2 for p in pos], before, 0.4, color="0.75", label="before fine-tuning")
+    right.bar([p + 0.2 for p in pos], after, 0.4, color="0.3", label="after the fixed fine-tune")
+    for p, b, a in zip(pos, before, after):
+        right.text(p - 0.2, b + 1, f"{b:.1f}", ha="center", fontsize=7)
+        right.text(p + 0.2, a + 1, f"{a:.1f}", ha="center", fontsize=7)
+    right.set_xticks(list(pos), [LABELS[r].replace(", ", "\n").replace(" (", "\n(") for r in names], fontsize=7.5)
+    right.set_ylim(0, 115)
+    right.set_ylabel(f"top-1 %, {settings['n_held']:,} held-out test images")
+    right.set_title("held out, before and after one fixed fine-tune", fontsize=10)
+    right.grid(axis="y", alpha=0.3)
+    right.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", choices=sorted(RUNS) + ["unpruned"], help="what to prune with")
     ap.add_argument("--table", action="store_true", help="print the finished runs as a Markdown table")
+    ap.add_argument("--figure", type=Path, nargs="?", const=FIGURE,
+                    help=f"draw the runs so far (default path: {FIGURE.relative_to(REPO)})")
     ap.add_argument("--order", choices=("reverse", "forward"), default="reverse",
                     help="reverse: the deepest block conv1 first (default; cheaper); forward: layer1.0 first")
     ap.add_argument("--n-select", type=int, default=2000, help="selection images: the first ones of the test set")
@@ -146,11 +211,15 @@ def main(argv=None) -> int:
         ap.error("the full CIFAR-10 test set is needed (7,000 images): pass --data test.npz")
     settings = {"order": args.order, "n_select": args.n_select, "n_held": args.n_held,
                 "data": os.path.basename(args.data)}
-    if args.table:
-        print(table(args.out_dir, settings))
+    if args.table or args.figure:
+        if args.table:
+            print(table(args.out_dir, settings))
+        if args.figure:
+            figure(args.out_dir, settings, args.figure)
+            print(f"figure: {args.figure}")
         return 0
     if args.run is None:
-        ap.error("pass --run or --table")
+        ap.error("pass --run, --table or --figure")
     torch.set_num_threads(args.threads)
     x, y = carfast.data.cifar10_test(path=args.data)
     n, m = args.n_select, args.n_held
