@@ -5,6 +5,7 @@
     python experiments/whole_network.py --run l1 | taylor | random
     python experiments/whole_network.py --table             (the results so far, as a Markdown table)
     python experiments/whole_network.py --figure            (experiments/figures/whole_resnet56.png)
+    python experiments/whole_network.py --run l1 --finetune-seed 1   (a finished run fine-tuned again, seed 1)
 
 One ``--run`` prunes the 27 block conv1s of the bundled pretrained ResNet-56 to half their filters
 (``carfast.prune``: sequential, step 1, re-scored after every removal) on ``--n-select`` CIFAR-10 test
@@ -79,6 +80,22 @@ def measure(model, select, held) -> dict:
             "finetuned_held_out_accuracy": evaluate(tuned, held).accuracy}
 
 
+def reseeded(args, select, held, settings: dict) -> dict:
+    """A finished run's pruned network fine-tuned again with seed ``args.finetune_seed`` (the fine-tune's
+    own noise: batch order and augmentation); the held-out images' correctness is kept ("1"/"0" per
+    image) so that runs can be compared image by image. Written to ``whole_<run>_seed<S>.json``."""
+    model = (carfast.models.cifar_resnet(56) if args.run == "unpruned" else
+             carfast.surgery.load_pruned_model(args.out_dir / f"whole_{args.run}_model.pt")[0])
+    config = dict(FINETUNE, seed=args.finetune_seed)
+    tuned = finetune(model, select, config, progress=False)
+    with torch.no_grad():
+        right = torch.cat([tuned(x).argmax(1) == y for x, y in zip(held[0].split(500), held[1].split(500))])
+    rec = {"settings": settings, "finetune": config, "held_out_accuracy": right.double().mean().item(),
+           "held_out_correct": "".join("1" if r else "0" for r in right.tolist())}
+    write_json_atomic(args.out_dir / f"whole_{args.run}_seed{args.finetune_seed}.json", rec)
+    return rec
+
+
 class Clock:
     """Progress of a run (removals done, sittings, wall seconds summed over the sittings), saved after
     every removal. The row's ``seconds`` is the sum of the removals' times in the run's history."""
@@ -119,15 +136,50 @@ def prune(args, select, settings: dict) -> dict:
     return row
 
 
+def finished(out_dir: Path, settings: dict) -> dict[str, dict]:
+    """{run: its row} for the runs measured after the fine-tune, with these settings."""
+    rows = {}
+    for run in (*RUNS, "unpruned"):
+        p = out_dir / f"whole_{run}.json"
+        rec = json.loads(p.read_text()) if p.is_file() else {}
+        if rec.get("settings") == settings and "finetune" in rec["row"]:
+            rows[run] = rec["row"]
+    return rows
+
+
 def table(out_dir: Path, settings: dict) -> str:
-    rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("whole_*.json"))
-            if not p.stem.endswith(("_ckpt", "_time"))]
-    rows = [r for r in rows if r.get("settings") == settings]
     lines = ["| run | selection | held out | held out after fine-tune | time |", "| --- | ---: | ---: | ---: | ---: |"]
-    for r in sorted(rows, key=lambda r: r["row"]["run"]):
-        x = r["row"]
+    for x in sorted(finished(out_dir, settings).values(), key=lambda x: x["run"]):
         lines.append(f"| {x['run']} | {100 * x['selection_accuracy']:.2f} % | {100 * x['held_out_accuracy']:.2f} % | "
                      f"{100 * x['finetuned_held_out_accuracy']:.2f} % | {x['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def seed_table(out_dir: Path, settings: dict) -> str:
+    """The fine-tune repeated with several seeds: each run's held-out accuracy per seed and its mean, and
+    the paired difference from L1 (same seed, image by image) with its standard error."""
+    seeds: dict[str, dict[int, list[bool]]] = {}
+    for p in sorted(out_dir.glob("whole_*_seed*.json")):
+        rec = json.loads(p.read_text())
+        if rec.get("settings") == settings:
+            run, seed = p.stem[len("whole_"):].rsplit("_seed", 1)
+            seeds.setdefault(run, {})[int(seed)] = [c == "1" for c in rec["held_out_correct"]]
+    if not seeds:
+        return ""
+    all_seeds = sorted({s for r in seeds.values() for s in r})
+    lines = ["| run | " + " | ".join(f"seed {s}" for s in all_seeds) + " | mean | minus L1 (paired, same seeds) |",
+             "| --- |" + " ---: |" * (len(all_seeds) + 2)]
+    for run in [r for r in (*RUNS, "unpruned") if r in seeds]:
+        acc = {s: 100 * sum(c) / len(c) for s, c in seeds[run].items()}
+        cells = [f"{acc[s]:.2f}" if s in acc else "" for s in all_seeds]
+        common = [s for s in seeds[run] if s in seeds.get("l1", {})]
+        diff = ""
+        if run != "l1" and common:
+            d = torch.tensor([[float(a) - float(b) for a, b in zip(seeds[run][s], seeds["l1"][s])] for s in common])
+            per_image = d.mean(0)                       # each image's difference, averaged over the seeds
+            se = per_image.std() / len(per_image) ** 0.5
+            diff = f"{100 * per_image.mean():+.2f} ± {100 * se:.2f} ({len(common)} seeds)"
+        lines.append(f"| {run} | " + " | ".join(cells) + f" | {statistics.mean(acc.values()):.2f} | {diff} |")
     return "\n".join(lines)
 
 
@@ -164,11 +216,7 @@ def figure(out_dir: Path, settings: dict, path: Path) -> None:
     left.grid(alpha=0.3)
     left.legend(fontsize=8, loc="lower left")
 
-    rows = {}
-    for p in out_dir.glob("whole_*.json"):
-        rec = json.loads(p.read_text())
-        if not p.stem.endswith(("_ckpt", "_time")) and rec.get("settings") == settings and "finetune" in rec["row"]:
-            rows[rec["row"]["run"]] = rec["row"]
+    rows = finished(out_dir, settings)
     names = [r for r in ("unpruned", *RUNS) if r in rows]
     before = [100 * rows[r]["held_out_accuracy"] for r in names]
     after = [100 * rows[r]["finetuned_held_out_accuracy"] for r in names]
@@ -205,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(SHARED_TEST) if SHARED_TEST.is_file() else None,
                     help="CIFAR-10 test .npz (default: ../shared/data/cifar10/test.npz)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--finetune-seed", type=int, default=None,
+                    help="fine-tune a finished --run again with this seed (whole_<run>_seed<S>.json)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results and checkpoints go")
     args = ap.parse_args(argv)
     if args.data is None:
@@ -214,6 +264,7 @@ def main(argv=None) -> int:
     if args.table or args.figure:
         if args.table:
             print(table(args.out_dir, settings))
+            print(seed_table(args.out_dir, settings))
         if args.figure:
             figure(args.out_dir, settings, args.figure)
             print(f"figure: {args.figure}")
@@ -229,6 +280,12 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"whole_{args.run}.json"
     saved = json.loads(out.read_text()) if out.is_file() else {}
+    if args.finetune_seed is not None:
+        if saved.get("settings") != settings:
+            ap.error(f"--finetune-seed needs the finished run: run --run {args.run} first")
+        rec = reseeded(args, select, held, settings)
+        print(f"{args.run}, fine-tune seed {args.finetune_seed}: {100 * rec['held_out_accuracy']:.2f} % held out")
+        return 0
     row = saved["row"] if saved.get("settings") == settings else None
     if row is None:
         row = {"run": "unpruned", "seconds": 0.0} if args.run == "unpruned" else prune(args, select, settings)
