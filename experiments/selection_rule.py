@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     rules = args.rules.split(",")
     bad = [r for r in rules if r not in RULES + ("crossfit",)]
     if bad:
-        ap.error(f"unknown rule(s) {bad}; choose from {list(RULES)}")
+        ap.error(f"unknown rule(s) {bad}; choose from {list(RULES) + ['crossfit']}")
     torch.set_num_threads(args.threads)
     x, y = carfast.data.cifar10_test(path=args.data)
     lo, hi = args.offset, args.offset + args.n_select

@@ -80,14 +80,19 @@ def measure(model, select, held) -> dict:
             "finetuned_held_out_accuracy": evaluate(tuned, held).accuracy}
 
 
+def pruned_model(args):
+    """The network ``--run`` left: the pretrained ResNet-56 for "unpruned", else the saved pruned model."""
+    if args.run == "unpruned":
+        return carfast.models.cifar_resnet(56)
+    return carfast.surgery.load_pruned_model(args.out_dir / f"whole_{args.run}_model.pt")[0]
+
+
 def reseeded(args, select, held, settings: dict) -> dict:
     """A finished run's pruned network fine-tuned again with seed ``args.finetune_seed`` (the fine-tune's
     own noise: batch order and augmentation); the held-out images' correctness is kept ("1"/"0" per
     image) so that runs can be compared image by image. Written to ``whole_<run>_seed<S>.json``."""
-    model = (carfast.models.cifar_resnet(56) if args.run == "unpruned" else
-             carfast.surgery.load_pruned_model(args.out_dir / f"whole_{args.run}_model.pt")[0])
     config = dict(FINETUNE, seed=args.finetune_seed)
-    tuned = finetune(model, select, config, progress=False)
+    tuned = finetune(pruned_model(args), select, config, progress=False)
     with torch.no_grad():
         right = torch.cat([tuned(x).argmax(1) == y for x, y in zip(held[0].split(500), held[1].split(500))])
     rec = {"settings": settings, "finetune": config, "held_out_accuracy": right.double().mean().item(),
@@ -291,9 +296,7 @@ def main(argv=None) -> int:
         row = {"run": "unpruned", "seconds": 0.0} if args.run == "unpruned" else prune(args, select, settings)
         write_json_atomic(out, {"settings": settings, "row": row})
     if row.get("finetune") != FINETUNE:    # measured apart from the pruning, so a failed measurement costs no pruning
-        model = (carfast.models.cifar_resnet(56) if args.run == "unpruned" else
-                 carfast.surgery.load_pruned_model(args.out_dir / f"whole_{args.run}_model.pt")[0])
-        row.update(measure(model, select, held))
+        row.update(measure(pruned_model(args), select, held))
         write_json_atomic(out, {"settings": settings, "row": row})
     print(json.dumps(row, indent=1))
     return 0
