@@ -105,9 +105,10 @@ def test_bound_greedy_step_is_sequential_greedy_car():
 
 
 def test_unscorable_groups_are_skipped_with_one_warning():
-    """A channel shuffle's layer (removal undefined) and a group Torch-Pruning draws otherwise than carfast:
-    None (left unpruned), one warning naming them before any scoring, and the step completes; with a
-    fallback importance, that importance's scores."""
+    """A channel shuffle's layer (removal undefined), a group Torch-Pruning draws otherwise than carfast and
+    one it would cut at other indices (``a``'s channels are flipped before ``lin`` reads them: Torch-Pruning
+    would cut lin's input k where the flip makes it 5 - k): None (left unpruned), one warning naming them
+    before any scoring, and the step completes; with a fallback importance, that importance's scores."""
     import sys as _sys
     _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from nets.families import SHAPE, shuffle
@@ -119,10 +120,12 @@ def test_unscorable_groups_are_skipped_with_one_warning():
     imp = CARImportance((x, y))
     pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.25, ignored_layers=[model.fc])
     imp.bind(pruner)
-    with pytest.warns(UserWarning, match=r"cannot score 2 group\(s\), left unpruned.*unit\.branch\.5.*channel shuffle"):
+    with pytest.warns(UserWarning, match=r"cannot score 3 group\(s\), left unpruned.*a: for channel 0 of this group "
+                                         r"Torch-Pruning would delete input channels \[0\] of 'lin', carfast \[5\].*"
+                                         r"unit\.branch\.5.*channel shuffle"):
         pruner.step()
-    assert set(imp.skipped) == {"unit.branch.5", "unit.branch.3"}
-    assert model.unit.branch[5].out_channels == width and model.a.out_channels < 6
+    assert set(imp.skipped) == {"unit.branch.5", "unit.branch.3", "a"}
+    assert model.unit.branch[5].out_channels == width and model.a.out_channels == 6 and model.lin.out_features < 4
     assert model(x[:2]).shape == (2, 5)
 
     model = shuffle().model
@@ -198,3 +201,58 @@ def test_bad_options_and_missing_package(monkeypatch):
     monkeypatch.delitem(sys.modules, "carfast.integrations.torch_pruning")
     with pytest.raises(ImportError, match=r"pip install 'carfast\[torch-pruning\]'"):
         importlib.import_module("carfast.integrations.torch_pruning")
+
+
+def _hand_family(name):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from nets.deletion import HAND_FAMILIES, SHAPE
+    model = HAND_FAMILIES[name]().model
+    x = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def _graph_of(model, x):
+    return tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+
+
+def test_a_group_torch_pruning_deletes_otherwise_is_skipped():
+    """A selective kernel: Torch-Pruning's group has carfast's producers, but it would delete the
+    attention rows 2c and 2c + 1 where carfast's (and the hand-built network's) are c and C + c. CAR
+    does not score a deletion that is not the one Torch-Pruning makes: the group is left alone, with the
+    rows named."""
+    from carfast.graph import analyze
+    from carfast.integrations.torch_pruning import _index_mismatch
+    model, x, y = _hand_family("selective_kernel")
+    flow = analyze(model, "sk.paths.1.0", x[:1], "test", group=True)
+    why = _index_mismatch(_graph_of(model, x), model.sk.paths[1][0], flow)
+    assert "Torch-Pruning would delete output channels [0, 1] of 'sk.fc_select', carfast [0, 6]" in why
+    imp = CARImportance((x, y))
+    pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.25, ignored_layers=[model.fc])
+    imp.bind(pruner)
+    with pytest.warns(UserWarning, match=r"sk\.fc_select: for channel 0 of this group Torch-Pruning would delete .*"
+                                         r"Torch-Pruning's deletion is not the one carfast scores"):
+        pruner.step()                # Torch-Pruning roots this group at the attention conv
+    assert "sk.fc_select" in imp.skipped and model.sk.paths[0][0].out_channels == 6
+    assert model.sk.fc_reduce.out_channels < 4 and model.post.out_channels < 6     # the other groups are pruned
+    assert model(x[:2]).shape == (2, 5)
+
+
+def test_torch_pruning_surgery_of_a_repvgg_stream_equals_remove_groups():
+    """RepVGG blocks (a layer reading its own group): the channels CAR picks, cut by Torch-Pruning, give the
+    network carfast.remove_groups gives."""
+    model, x, y = _hand_family("repvgg")
+    orig = _hand_family("repvgg")[0]
+    imp = CARImportance((x, y))
+    pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.25, ignored_layers=[model.fc])
+    imp.bind(pruner)
+    names = {m: n for n, m in model.named_modules()}
+    removed = {}
+    for group in pruner.step(interactive=True):
+        removed[names[group[0].dep.target.module]] = sorted(int(i) for i in group[0].idxs)
+        group.prune()
+    assert not imp.skipped and len(removed) == 2             # the stem and the stream
+    ref = carfast.remove_groups(orig, removed, example=x[:1])
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)

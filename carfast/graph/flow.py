@@ -202,8 +202,10 @@ def _readers(w: Walk, name: str, fn: str) -> list[Reader]:
     out = []
     for op in w.touched:
         rule = w.rules[op]
-        if rule.kind not in ("mix", "norm", "channel_map") or op is w.target and rule.kind != "norm":
+        if rule.kind not in ("mix", "norm", "channel_map"):
             continue
+        # the target is a reader too where its input carries the units (a layer that reads and writes one
+        # stream, as RepVGG's 1x1 and 3x3 branches do): it must stop seeing them like every other reader
         x = op.args[0] if op.args and isinstance(op.args[0], Op) else None
         codes = w.of(x) if x is not None else None
         if codes is None:

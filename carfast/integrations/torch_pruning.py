@@ -24,7 +24,9 @@ channels that stand in for each other each look unimportant alone, and a step th
 them at once removes them together (measured in benchmarks/RESULTS.md: far worse than magnitude).
 
 A group carfast cannot score (an op it cannot follow, a layer making the logits, a Torch-Pruning group
-that is not carfast's) is not scored: ``CARImportance`` returns None for it (Torch-Pruning then leaves it
+that is not carfast's: other producers, or, probed on its first and last channel, other channels of a
+Conv2d / Linear deleted, as Torch-Pruning 1.6.1 does behind a flip of the channels or a selective
+kernel's attention view) is not scored: ``CARImportance`` returns None for it (Torch-Pruning then leaves it
 alone) or, with ``fallback=`` another importance, that importance's scores, and warns with the groups
 affected (all of them at once when bound to the pruner, checked before any scoring).
 
@@ -54,6 +56,7 @@ from torch import nn
 
 from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.graph import analyze_units, is_channel_map
+from carfast.graph.groups import members_of
 from carfast.scoring.group_scorer import GroupScorer, score_group
 from carfast.scoring.scorer import LayerScorer, score_layer
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule
@@ -188,9 +191,10 @@ class CARImportance(tp.importance.Importance):
             self._example_input = check_batch(next(iter(as_batches(self.data, _FN))), _FN)[0][:1]
         return self._example_input
 
-    def _verdict(self, model: nn.Module, layer: str, producers: list[str], example) -> tuple:
+    def _verdict(self, DG, layer: str, producers: list[str], example) -> tuple:
         """(None when carfast scores Torch-Pruning's group of ``layer`` as Torch-Pruning means it, else why
         not; whether carfast scores it as a coupling group)."""
+        model = DG.model
         if layer not in self._verdicts:
             group = False
             try:
@@ -198,8 +202,8 @@ class CARImportance(tp.importance.Importance):
                     flow, group = analyze_units(model, layer, example.to(model_device(model)), _FN)
                 found = sorted(p.op.name for p in flow.producers if isinstance(p.op.target, (nn.Conv2d, nn.Linear))) \
                     if group else [layer]
-                why = None if found == producers else \
-                    f"Torch-Pruning's group has producers {producers}, carfast's {found}"
+                why = f"Torch-Pruning's group has producers {producers}, carfast's {found}" if found != producers \
+                    else _index_mismatch(DG, model.get_submodule(layer), flow)
             except ValueError as err:
                 why = str(err).split("\n")[0]
             if why is not None and why.startswith("Torch-Pruning's group") and \
@@ -218,7 +222,7 @@ class CARImportance(tp.importance.Importance):
             root = group[0].dep.target.module
             if not isinstance(root, (nn.Conv2d, nn.Linear)) or not DG.is_out_channel_pruning_fn(group[0].dep.handler):
                 continue
-            why = self._verdict(DG.model, DG._module2name[root], _producers(DG, group), example)[0]
+            why = self._verdict(DG, DG._module2name[root], _producers(DG, group), example)[0]
             if why is not None:
                 bad[DG._module2name[root]] = why
         self._warn(bad)
@@ -260,7 +264,7 @@ class CARImportance(tp.importance.Importance):
         if self.pruner is not None and not self._checked:
             self._check_all(DG)
         layer = names[root]
-        why, coupled = self._verdict(model, layer, _producers(DG, group), self._example())
+        why, coupled = self._verdict(DG, layer, _producers(DG, group), self._example())
         if why is not None:
             self._warn({layer: why})
             return None if self.fallback is None else self.fallback(group)
@@ -286,6 +290,59 @@ def _producers(DG, group) -> list[str]:
     """The Conv2d / Linear layers of a Torch-Pruning group that lose output channels, by name."""
     return sorted({DG._module2name[dep.target.module] for dep, _ in group if DG.is_out_channel_pruning_fn(dep.handler)
                    and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))})
+
+
+def _index_mismatch(DG, root: nn.Module, flow) -> str | None:
+    """Why Torch-Pruning, removing a unit of carfast's (probed: the first and the last), would cut other
+    channels of a Conv2d / Linear than carfast's deletion does; None where they cut the same. Both see the
+    same producers in a selective kernel's group, but Torch-Pruning deletes its attention conv's rows 2c
+    and 2c + 1 where the attention's view makes them c and C + c."""
+    cuts = _carfast_cuts(flow)
+    for unit in sorted({0, flow.num_units - 1}):
+        channels = (flow.unit_of == unit).nonzero().flatten().tolist()
+        theirs, ours = _torch_pruning_cuts(DG, root, channels), cuts(unit)
+        for key in sorted(set(theirs) | set(ours)):
+            if theirs.get(key) != ours.get(key):
+                name, side = key
+                return (f"for channel {unit} of this group Torch-Pruning would delete {side}put channels "
+                        f"{theirs.get(key, [])[:4]} of {name!r}, carfast {ours.get(key, [])[:4]}: Torch-Pruning's "
+                        "deletion is not the one carfast scores")
+    return None
+
+
+def _plain(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and m.groups == 1
+
+
+def _carfast_cuts(flow):
+    """unit -> {(layer, "out" / "in"): sorted channels} carfast's deletion cuts from plain Conv2d / Linear
+    modules (grouped convs, channel maps and per-channel tensors are left to the producers' comparison)."""
+    members = [m for m in members_of(flow) if m.role in ("output", "input")
+               and _plain(flow.modules.get(m.layer, nn.Identity()))]
+
+    def cuts(unit: int) -> dict:
+        out = {}
+        for m in members:
+            ch = m.channels[unit]
+            idx = sorted(i for c in (ch if isinstance(ch, list) else [ch]) if c >= 0
+                         for i in range(c * m.width, (c + 1) * m.width))
+            if idx:
+                out[(m.layer, "out" if m.role == "output" else "in")] = idx
+        return out
+    return cuts
+
+
+def _torch_pruning_cuts(DG, root: nn.Module, channels: list[int]) -> dict:
+    """{(layer, "out" / "in"): sorted channels} Torch-Pruning cuts from plain Conv2d / Linear modules when
+    ``channels`` of ``root`` go."""
+    fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+    out = {}
+    for dep, idxs in DG.get_pruning_group(root, fn, idxs=channels):
+        m = dep.target.module
+        if _plain(m) and m in DG._module2name:
+            key = (DG._module2name[m], "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in")
+            out.setdefault(key, set()).update(int(i) for i in idxs)
+    return {k: sorted(v) for k, v in out.items()}
 
 
 class ChannelMapPruner(tp.pruner.BasePruningFunc):
