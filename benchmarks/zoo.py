@@ -40,6 +40,7 @@ import argparse
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -126,15 +127,23 @@ def _torch_pruning_logits(model, name, channels, x, producers):
 
     import torch_pruning as tp
     work = copy.deepcopy(model)
-    dg = tp.DependencyGraph().build_dependency(work, example_inputs=x[:1])
+    with warnings.catch_warnings():         # its notes on parameters it finds unwrapped (layer scales)
+        warnings.simplefilter("ignore", UserWarning)
+        dg = tp.DependencyGraph().build_dependency(work, example_inputs=x[:1])
     group = dg.get_pruning_group(work.get_submodule(name), tp.prune_conv_out_channels, idxs=channels)
     theirs = sorted({dg._module2name[d.target.module] for d, _ in group if dg.is_out_channel_pruning_fn(d.handler)
-                     and isinstance(d.target.module, (nn.Conv2d, nn.Linear))})
+                     and _plain(d.target.module)} | {name})
     if theirs != producers:
         return None
     group.prune()
     with torch.no_grad():
         return work(x)
+
+
+def _plain(m: nn.Module) -> bool:
+    """A Linear or an ungrouped Conv2d (a depthwise conv on the channels' way is per-channel to carfast, a
+    producer to Torch-Pruning: the same deletion, so neither side counts it)."""
+    return isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and m.groups == 1
 
 
 def check_layer(model, info, x, y, n_filters: int, rng: random.Random, torch_pruning: bool = False) -> dict:
@@ -179,12 +188,11 @@ def check_layer(model, info, x, y, n_filters: int, rng: random.Random, torch_pru
 def _compare_torch_pruning(model, info, flow, k, x, y, res, i) -> str:
     """"agrees", "differs", "other group" (Torch-Pruning's group has other producers) or "fails"."""
     channels = (flow.unit_of == k).nonzero().flatten().tolist()
-    producers = sorted(p.op.name for p in flow.producers if isinstance(p.op.target, (nn.Conv2d, nn.Linear))) \
-        if info.status == "group" else [info.name]
+    producers = sorted({p.op.name for p in flow.producers if _plain(p.op.target)} | {info.name})
     try:
         logits = _torch_pruning_logits(model, info.name, channels, x, producers)
-    except Exception:  # noqa: BLE001 - Torch-Pruning may fail on any op it does not know
-        return "fails"
+    except Exception as err:  # noqa: BLE001 - Torch-Pruning may fail on any op it does not know
+        return f"fails ({type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''})"
     if logits is None:
         return "other group"
     images, rel = _agrees(logits, y, res.image_correct[i], res.loss_sum[i])

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from naive import naive_removal_logits, naive_removal_scores
-from nets import FAMILIES, make_inputs
+from nets import FAMILIES, own_labels
 from nets.families import SHAPE, ConvNeXtNet, SENet
 
 import carfast
@@ -38,13 +38,7 @@ def target(name, layer):
 @functools.lru_cache(maxsize=None)
 def data(name, n=48):
     """Seeded inputs; labels: the model's own prediction for two thirds, a random class for the rest."""
-    g = torch.Generator().manual_seed(123)
-    x = make_inputs(SHAPE, n, g)
-    with torch.no_grad():
-        y = family(name).model(x).argmax(1)
-    flip = torch.arange(n) % 3 == 0
-    y[flip] = torch.randint(0, 5, (int(flip.sum()),), generator=g)
-    return x, y
+    return own_labels(family(name).model, SHAPE, n, 123, 5)
 
 
 def _score(name, layer, **kw):

@@ -1,4 +1,4 @@
-"""Scores, greedy pruning and surgery against networks made smaller by hand (tests/nets/deletion.py).
+"""Scores, greedy pruning, surgery and masks against networks made smaller by hand (tests/nets/deletion.py).
 
 The families are the two where a score once differed from deleting the channel in the model zoo:
 - RepVGG blocks (a 3x3 branch, a 1x1 branch and an identity BatchNorm summed), and their barest form,
@@ -21,10 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from naive import margin_of, naive_greedy_by, near_tie
-from nets import make_inputs
+from nets import own_labels
 from nets.deletion import HAND_FAMILIES, SHAPE
 
 import carfast
+from carfast.integrations.masks import to_masks
 from carfast.scoring.selection import DEFAULT_RULE
 
 TARGETS = [(name, t.layer) for name, make in HAND_FAMILIES.items() for t in make().targets]
@@ -43,13 +44,7 @@ def target(name, layer):
 @functools.lru_cache(maxsize=None)
 def data(name, n=48):
     """Seeded inputs; labels: the model's own prediction for two thirds, a random class for the rest."""
-    g = torch.Generator().manual_seed(321)
-    x = make_inputs(SHAPE, n, g)
-    with torch.no_grad():
-        y = family(name).model(x).argmax(1)
-    flip = torch.arange(n) % 3 == 0
-    y[flip] = torch.randint(0, 5, (int(flip.sum()),), generator=g)
-    return x, y
+    return own_labels(family(name).model, SHAPE, n, 321, 5)
 
 
 def hand_logits(name, layer, units) -> torch.Tensor:
@@ -90,6 +85,17 @@ def test_surgery_is_the_network_built_by_hand(name, layer):
             assert torch.equal(got[key], want[key]), (units, key)
         with torch.no_grad():
             assert torch.allclose(pruned(x), hand(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, layer", TARGETS)
+def test_masks_compute_the_network_built_by_hand(name, layer):
+    """torch.nn.utils.prune masks of the same units: the masked full-size network computes the hand-built one."""
+    t = target(name, layer)
+    x = data(name)[0]
+    units = [1, t.units - 1]
+    masked = to_masks(family(name).model, {layer: units}, example=x[:1])
+    with torch.no_grad():
+        assert torch.allclose(masked(x), t.deleted(family(name).model, units)(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, layer", TARGETS)

@@ -1,7 +1,7 @@
 """Seeded synthetic networks for the tests: ``basic`` (one target layer each, consumers written by hand)
 and ``families`` (the architecture families of the model zoos, with hand-written removals)."""
-from .basic import NETS, SCORABLE, NetCase, make_alexnet_head, make_data, make_inputs, randomize
+from .basic import NETS, SCORABLE, NetCase, make_alexnet_head, make_data, make_inputs, own_labels, randomize
 from .families import FAMILIES, Family, Removal, Target
 
-__all__ = ["NETS", "SCORABLE", "NetCase", "make_alexnet_head", "make_data", "make_inputs", "randomize", "FAMILIES",
-           "Family", "Removal", "Target"]
+__all__ = ["NETS", "SCORABLE", "NetCase", "make_alexnet_head", "make_data", "make_inputs", "own_labels", "randomize",
+           "FAMILIES", "Family", "Removal", "Target"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NetCase", "NETS", "SCORABLE", "make_data", "make_inputs", "randomize"]
+__all__ = ["NetCase", "NETS", "SCORABLE", "make_data", "make_inputs", "own_labels", "randomize"]
 
 NUM_CLASSES = 10
 
@@ -63,6 +63,18 @@ def make_inputs(shape, n: int, g: torch.Generator) -> torch.Tensor:
     offset = torch.randn((n, c, 1, 1), generator=g)
     contrast = torch.exp(0.5 * torch.randn((n, 1, 1, 1), generator=g))
     return (contrast * smooth + offset + 0.3 * torch.randn((n, c, h, w), generator=g)).contiguous()
+
+
+def own_labels(model: nn.Module, shape, n: int, seed: int, num_classes: int):
+    """(x [n, *shape], y [n]): seeded inputs (``make_inputs``) labelled with the model's own prediction,
+    every third one (0, 3, 6, ...) with a random class instead."""
+    g = torch.Generator().manual_seed(seed)
+    x = make_inputs(shape, n, g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    flip = torch.arange(n) % 3 == 0
+    y[flip] = torch.randint(0, num_classes, (int(flip.sum()),), generator=g)
+    return x, y
 
 
 def calibrate_head(model: nn.Module, fc_name: str, seed: int, input_shape, n: int = 256) -> nn.Module:

@@ -8,7 +8,7 @@ here from its architecture, small and seeded:
   BatchNorm where the block keeps its width and resolution. Both branch convs of a block read the
   residual stream and write it, so each is a reader of its own coupling group.
 - ``self_residual``: the same rule in its barest form, h + conv(h) on a feature map and z + linear(z)
-  on a feature vector.
+  on a feature vector, and a depthwise conv added to its input (h + dw(h)).
 - ``selective_kernel``: a selective-kernel convolution (the input split between two paths of different
   dilation, the paths stacked, summed and pooled, an attention ``view(b, paths, C, 1, 1)`` softmaxed
   across the paths for each channel, the paths summed under it). Channel c of the paths is one unit of
@@ -155,16 +155,19 @@ def repvgg(seed=0, traceable=True):
 
 # ---- a layer added to its own input -------------------------------------------------------------------------
 class SelfResidualNet(nn.Module):
-    """h = relu(stem(x)); h = relu(h + mix(h)); z = proj(gap(h)); z = relu(z + lin(z)); fc(z)."""
+    """h = relu(stem(x)); h = relu(h + mix(h)); h = h + pos(h) (a depthwise conv, a positional encoding
+    of this kind); z = proj(gap(h)); z = relu(z + lin(z)); fc(z)."""
 
     def __init__(self, width=8, feat=6):
         super().__init__()
         self.stem, self.mix = nn.Conv2d(3, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+        self.pos = nn.Conv2d(width, width, 3, padding=1, groups=width)
         self.proj, self.lin, self.fc = nn.Linear(width, feat), nn.Linear(feat, feat), nn.Linear(feat, C)
 
     def forward(self, x):
         h = F.relu(self.stem(x))
         h = F.relu(h + self.mix(h))
+        h = h + self.pos(h)
         z = self.proj(_gap(h))
         return self.fc(F.relu(z + self.lin(z)))
 
@@ -172,13 +175,13 @@ class SelfResidualNet(nn.Module):
 def self_residual(seed=0):
     m = build(SelfResidualNet(), seed, input_shape=SHAPE)
     maps = dict(group=True, units=8, make=lambda r: SelfResidualNet(width=8 - r),
-                spec=lambda keep: {**_rows(["stem.weight", "stem.bias", "mix.bias"], keep),
+                spec=lambda keep: {**_rows(["stem.weight", "stem.bias", "mix.bias", "pos.weight", "pos.bias"], keep),
                                    "mix.weight": {0: keep, 1: keep}, "proj.weight": {1: keep}})
     vectors = dict(group=True, units=6, make=lambda r: SelfResidualNet(feat=6 - r),
                    spec=lambda keep: {**_rows(["proj.weight", "proj.bias", "lin.bias"], keep),
                                       "lin.weight": {0: keep, 1: keep}, "fc.weight": {1: keep}})
     return HandFamily("self_residual", m, [
-        HandTarget("mix", **maps), HandTarget("stem", **maps), HandTarget("lin", **vectors),
+        HandTarget("mix", **maps), HandTarget("stem", **maps), HandTarget("pos", **maps), HandTarget("lin", **vectors),
     ], refused={})
 
 
