@@ -2,10 +2,10 @@
 
 The families are the two where a score once differed from deleting the channel in the model zoo:
 - RepVGG blocks (a 3x3 branch, a 1x1 branch and an identity BatchNorm summed), and their barest form,
-  a layer added to its own input (h + conv(h), z + linear(z)): a layer that reads the channels of its
-  own coupling group. The channel-flow analysis never counted the target among its group's readers, so
-  removing a channel left it visible to the target itself (timm's repvgg_a0 scored 5.8e-4 away from the
-  deletion in float64; carfast's surgery of it did not run).
+  a layer added to its own input (h + conv(h), z + linear(z), h + dwconv(h)): a layer that reads the
+  channels of its own coupling group. The channel-flow analysis never counted the target among its
+  group's readers, so removing a channel left it visible to the target itself (timm's repvgg_a0 scored
+  5.8e-4 away from the deletion in float64; carfast's surgery of it did not run).
 - a selective-kernel convolution (paths stacked, an attention over the paths for each channel,
   softmaxed across the paths). carfast was right here: the deletion it was compared with,
   Torch-Pruning's, drops the attention rows 2c and 2c + 1 where the attention's ``view(b, paths, C, 1, 1)``
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from naive import margin_of, naive_greedy_by, near_tie
 from nets import own_labels
-from nets.deletion import HAND_FAMILIES, SHAPE
+from nets.deletion import HAND_FAMILIES, SHAPE, C
 
 import carfast
 from carfast.integrations.masks import to_masks
@@ -44,7 +44,7 @@ def target(name, layer):
 @functools.lru_cache(maxsize=None)
 def data(name, n=48):
     """Seeded inputs; labels: the model's own prediction for two thirds, a random class for the rest."""
-    return own_labels(family(name).model, SHAPE, n, 321, 5)
+    return own_labels(family(name).model, SHAPE, n, 321, C)
 
 
 def hand_logits(name, layer, units) -> torch.Tensor:
