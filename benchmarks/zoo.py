@@ -186,7 +186,8 @@ def check_layer(model, info, x, y, n_filters: int, rng: random.Random, torch_pru
 
 
 def _compare_torch_pruning(model, info, flow, k, x, y, res, i) -> str:
-    """"agrees", "differs", "other group" (Torch-Pruning's group has other producers) or "fails"."""
+    """What Torch-Pruning's deletion of unit ``k`` gives against the score: "agrees", "differs", "other group"
+    (its group has other producers) or "fails (why)"."""
     channels = (flow.unit_of == k).nonzero().flatten().tolist()
     producers = sorted({p.op.name for p in flow.producers if _plain(p.op.target)} | {info.name})
     try:
