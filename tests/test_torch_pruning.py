@@ -21,8 +21,8 @@ def _data(n=48):
     return carfast.data.cifar10_test(n)
 
 
-def _graph(model, custom=True):
-    return tp.DependencyGraph().build_dependency(model, example_inputs=EXAMPLE,
+def _graph(model, custom=True, example=EXAMPLE):
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example,
                                                  customized_pruners=channel_map_pruners(model) if custom else None)
 
 
@@ -204,17 +204,12 @@ def test_bad_options_and_missing_package(monkeypatch):
 
 
 def _hand_family(name):
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from nets.deletion import HAND_FAMILIES, SHAPE
     model = HAND_FAMILIES[name]().model
     x = torch.randn(24, *SHAPE, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y = model(x).argmax(1)
     return model, x, y
-
-
-def _graph_of(model, x):
-    return tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
 
 
 def test_a_group_torch_pruning_deletes_otherwise_is_skipped():
@@ -226,7 +221,7 @@ def test_a_group_torch_pruning_deletes_otherwise_is_skipped():
     from carfast.integrations.torch_pruning import _index_mismatch
     model, x, y = _hand_family("selective_kernel")
     flow = analyze(model, "sk.paths.1.0", x[:1], "test", group=True)
-    why = _index_mismatch(_graph_of(model, x), model.sk.paths[1][0], flow)
+    why = _index_mismatch(_graph(model, example=x[:1]), model.sk.paths[1][0], flow)
     assert "Torch-Pruning would delete output channels [0, 1] of 'sk.fc_select', carfast [0, 6]" in why
     imp = CARImportance((x, y))
     pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.25, ignored_layers=[model.fc])
