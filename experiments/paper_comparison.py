@@ -301,6 +301,7 @@ def criterion_fn(name: str, seed, sel_data):
         def fn(model, layer, _data):
             return random_scores(model, layer, seed=seed)
         fn.__name__ = f"random_seed{seed}"
+        fn.fixed_order = True        # drawn once per layer, removed in that order (as random_scores)
         return fn
     base = CRITERIA[name]
 

@@ -24,7 +24,9 @@ of such batches; it is re-chunked into batches of ``batch_size`` images (default
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +39,8 @@ from carfast.graph.apply import intercept, reader_profile
 from carfast.graph.example import infer_example
 from carfast.graph.split import target_num_filters
 
-__all__ = ["random_scores", "l1_norm", "mean_activation", "apoz", "taylor", "CRITERIA", "get_criterion"]
+__all__ = ["random_scores", "l1_norm", "mean_activation", "apoz", "taylor", "CRITERIA", "get_criterion",
+           "draws_fixed_order"]
 
 
 def _resolve(model, layer, fn: str) -> tuple[str, nn.Module, int]:
@@ -73,17 +76,34 @@ def _group_flow(model: nn.Module, name: str, data, fn: str):
 
 
 def random_scores(model: nn.Module, layer, data=None, *, seed: int = 0) -> torch.Tensor:
-    """[F] float64 uniform in [0, 1) from a ``torch.Generator`` seeded with ``seed``; F is the layer's
-    filters, or its coupling group's channels (found on ``data``'s first image, or an inferred input).
+    """[F] float64 uniform in [0, 1) from a ``torch.Generator`` seeded with ``seed`` and the layer's name
+    (so two layers get independent draws); F is the layer's filters, or its coupling group's channels
+    (found on ``data``'s first image, or an inferred input).
 
-    The chance baseline: any criterion worth using must beat it.
+    The chance baseline: any criterion worth using must beat it. Its scores belong to the filters, not to
+    the model's state (``fixed_order``): ``carfast.prune`` draws them once per layer on the input model and
+    removes in that order, i.e. along one uniformly random permutation of the layer's filters.
     """
     name, _, num = _resolve(model, layer, "random_scores")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"random_scores: seed must be an int, got {type(seed).__name__}")
     flow = _group_flow(model, name, data, "random_scores")
     num = flow.num_units if flow is not None else num
-    return torch.rand(num, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    return torch.rand(num, generator=generator, dtype=torch.float64)
+
+
+random_scores.fixed_order = True
+
+
+def draws_fixed_order(criterion) -> bool:
+    """Whether ``criterion`` (a function, or a ``functools.partial`` of one) has ``fixed_order = True``:
+    its score of a filter does not depend on the model's state (the random baseline), so a pruning loop
+    draws the scores once on the input model and removes in their order instead of drawing anew on every
+    smaller model (which would keep picking the same position, i.e. runs of neighbouring filters)."""
+    while isinstance(criterion, functools.partial):
+        criterion = criterion.func
+    return getattr(criterion, "fixed_order", False) is True
 
 
 def l1_norm(model: nn.Module, layer, data=None) -> torch.Tensor:

@@ -10,11 +10,12 @@
 
 The choice is the channel with the smallest key under CAR's selection rule (``selection.rule_keys``; by
 default the removal that leaves the smallest loss, then the most images correct; the paper's: the most
-images correct, then the smallest loss), then (global) the
-earlier listed target, then the lowest original index; with a baseline criterion the lowest
-importance, then target, then index. A target with an accuracy budget (``max_accuracy_drop``) stops
-before the removal that would take accuracy below the input model's minus its budget; the others go
-on, and ``stops`` says where and why each one stopped.
+images correct, then the smallest loss), then (global) the earlier listed target, then the lowest
+original index; with a baseline criterion the lowest importance, then target, then index. A criterion
+whose scores belong to the filters (``fixed_order``: the random baseline) is drawn once per target on
+the input model, so its removals follow one permutation. A target with an accuracy budget
+(``max_accuracy_drop``) stops before the removal that would take accuracy below the input model's
+minus its budget; the others go on, and ``stops`` says where and why each one stopped.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 from carfast.distributed import all_reduce_sum
 from carfast.pruning.checkpoint import write_checkpoint
+from carfast.pruning.criteria import draws_fixed_order
 from carfast.pruning.evaluate import Evaluation, evaluate
 from carfast.scoring import GroupScorer, LayerScorer
 from carfast.scoring.selection import score_by_rule
@@ -55,6 +57,8 @@ class GreedyRun:
 
     def __init__(self, config, model, data, base: Evaluation, replay, settings, bar, prebuilt):
         self.config, self.model, self.data, self.base = config, model, data, base
+        self.input_model = model           # the cuts make smaller copies; this one stays as it came
+        self.fixed: dict = {}              # {target: [units] importance by original index} (fixed_order criteria)
         self.targets = {t.name: t for t in config.targets}
         self.orig = {t.name: list(range(t.units)) for t in config.targets}
         self.threshold = {t.name: None if t.max_drop is None else base.accuracy - t.max_drop for t in config.targets}
@@ -170,13 +174,22 @@ class GreedyRun:
             filters = s.filters.tolist()
             order = [filters[i] for i in sorted(range(len(filters)), key=lambda i: (keys[i], filters[i]))]
             return order, {order[0]: s}
-        now = self.model
-        if scorer.removed:     # the criterion sees the model as it is now
-            remove = remove_groups if self.targets[name].group else remove_filters
-            now = remove(self.model, {name: list(scorer.removed)}, example=self.config.example)
-        imp = self.importance_of(name, now, len(scorer.remaining))
         rem = scorer.remaining
+        if draws_fixed_order(self.config.criterion):
+            imp = self.fixed_importance(name)[[start[j] for j in rem]]
+        else:
+            now = self.model
+            if scorer.removed:     # the criterion sees the model as it is now
+                remove = remove_groups if self.targets[name].group else remove_filters
+                now = remove(self.model, {name: list(scorer.removed)}, example=self.config.example)
+            imp = self.importance_of(name, now, len(rem))
         return sorted(rem, key=lambda j: (float(imp[rem.index(j)]), start[j])), {}
+
+    def fixed_importance(self, name: str) -> torch.Tensor:
+        """[units] importance of target ``name``'s channels by original index, drawn once on the input model."""
+        if name not in self.fixed:
+            self.fixed[name] = self.importance_of(name, self.input_model, self.targets[name].units)
+        return self.fixed[name]
 
     def importance_of(self, name: str, model, expected: int) -> torch.Tensor:
         crit, pg = self.config.criterion, self.config.score_options["process_group"]
@@ -200,7 +213,8 @@ class GreedyRun:
                 for i, k in enumerate(s.filters.tolist()):
                     out.append(Candidate((*keys[i], pos, self.orig[n][k]), n, self.orig[n][k], _evaluation(s, i)))
             else:
-                imp = self.importance_of(n, self.model, len(self.orig[n]))
+                imp = self.fixed_importance(n)[self.orig[n]] if draws_fixed_order(self.config.criterion) \
+                    else self.importance_of(n, self.model, len(self.orig[n]))
                 out += [Candidate((float(v), pos, self.orig[n][i]), n, self.orig[n][i]) for i, v in enumerate(imp)]
         return sorted(out, key=lambda c: c.key)
 
