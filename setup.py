@@ -3,6 +3,9 @@
 Install (after installing torch):  pip install --no-build-isolation -e .
 (``--no-build-isolation`` lets the build see the torch you installed, so the compiled kernels match
 it; pyproject.toml does not list torch as a build requirement on purpose.)
+An sdist and a wheel, the same way:  python -m build --no-isolation  (``tools/check_wheel.sh`` builds them
+with ``CARFAST_MARCH_NATIVE=0`` and installs the wheel into a fresh environment; the wheel's kernels
+load with the torch it was built against.)
 
 Compiled extensions, each optional; the package always installs and falls back to pure PyTorch:
 
@@ -157,12 +160,32 @@ def _extensions():
     return ext_modules, {"build_ext": BuildExtension}
 
 
+def _licence() -> dict:
+    """The licence metadata: an SPDX expression (PEP 639, setuptools >= 77), else the older free-text field."""
+    import setuptools
+    try:
+        major = int(setuptools.__version__.split(".")[0])
+    except ValueError:
+        major = 0
+    return {"license_expression": "BSD-3-Clause"} if major >= 77 else {"license": "BSD-3-Clause"}
+
+
+def _readme() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="carfast",
     version="0.2.0",
     description="Score CNN filters by CAR: the accuracy lost when a filter is removed",
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
+    **_licence(),
+    # carfast's licence, and the licence of the bundled pretrained ResNet weights (carfast/assets/README.md)
+    license_files=["LICENSE", "carfast/assets/LICENSE.resnet-cifar10"],
     python_requires=">=3.9",
     packages=find_packages(include=["carfast*"]),
     package_data={"carfast": ["assets/*"]},

@@ -82,7 +82,7 @@ def _probe_triton() -> Tuple[bool, str]:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return False, (f"triton is not importable ({type(exc).__name__}: {exc}); install it with "
-                       "`pip install carfast[triton]` (Linux)")
+                       "`pip install triton` (Linux)")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not (torch.cuda.is_available() or interpret):
         return False, ("triton imports but there is no GPU (set TRITON_INTERPRET=1 before importing triton to "

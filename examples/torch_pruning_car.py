@@ -1,6 +1,6 @@
 """Torch-Pruning with CAR as its importance: prune the bundled ResNet-20 in a few iterative steps.
 
-    pip install 'carfast[torch-pruning]'
+    pip install torch-pruning        # or, in the clone: pip install --no-build-isolation '.[torch-pruning]'
     python examples/torch_pruning_car.py [--images 200] [--ratio 0.2] [--steps 2] [--global]
 
 At each step ``CARImportance`` runs greedy CAR inside every group (bound to the pruner, only as far as

@@ -8,6 +8,6 @@ spec="${1:-.}"
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 # torch is pinned: an unpinned requirement would pull a multi-GB CUDA build; 2.13.0 is a CPU build.
 # triton (pinned with it) runs carfast's Triton kernels on the CPU under TRITON_INTERPRET=1 for the tests.
-.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 "setuptools>=64" wheel numpy
+.venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1 "setuptools>=77" wheel numpy
 .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation -e "$spec"
 .venv/bin/carfast --version

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not importable: the triton backend is absent here "
-                                     "(install it with `pip install carfast[triton]`, Linux)")
+                                     "(install it with `pip install triton`, Linux)")
 
 from compare import assert_close_verbose  # noqa: E402
 
