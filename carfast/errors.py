@@ -1,11 +1,103 @@
-"""Error helpers: messages that name the problem, what came, and the fix."""
+"""Error helpers: messages that name the problem, what came, and the fix; carfast's warning classes."""
 from __future__ import annotations
 
 import difflib
 
+import torch
 from torch import nn
 
-__all__ = ["resolve_layer"]
+__all__ = ["resolve_layer", "scorable_near", "state_dict_mismatch", "input_mismatch", "run_failure",
+           "CarfastWarning", "NearChanceWarning"]
+
+
+class CarfastWarning(UserWarning):
+    """A warning carfast gives about the user's input or a result (the command line prints it as one line)."""
+
+
+class NearChanceWarning(CarfastWarning):
+    """The intact model's accuracy on the scoring data is near chance (``scoring.checks.warn_near_chance``)."""
+
+
+def scorable_near(model: nn.Module, name: str, n: int = 3) -> list[str]:
+    """Up to ``n`` names of Conv2d / Linear layers of ``model`` close to ``name`` (the layers a
+    "did you mean" may suggest: only those carfast can score)."""
+    names = [k for k, m in model.named_modules() if k and isinstance(m, (nn.Conv2d, nn.Linear))]
+    return difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+
+
+def state_dict_mismatch(model: nn.Module, state, limit: int = 3) -> str:
+    """What keeps ``state`` from loading into ``model`` strictly, in one line: the missing and unexpected
+    keys and the shapes that differ (the first ``limit`` of each, with a count of the rest)."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state dict"
+    own = model.state_dict()
+
+    def some(items):
+        items = list(items)
+        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    sizes = [f"{k} {list(state[k].shape)} vs the model's {list(own[k].shape)}" for k in own
+             if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    parts = ([f"missing {len(missing)} key(s): {some(missing)}"] if missing else []) + \
+            ([f"{len(unexpected)} unexpected key(s): {some(unexpected)}"] if unexpected else []) + \
+            ([f"{len(sizes)} shape(s) differ: {some(sizes)}"] if sizes else [])
+    return "; ".join(parts) or "the keys and shapes match"
+
+
+def input_mismatch(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The first Conv / Linear of ``model`` whose input does not fit it when ``model`` runs on ``example``,
+    as a phrase ("layer 'stem' (Conv2d) takes 3 input channels but gets 1"), or None. Runs the model once
+    (eval mode, no gradients, flags restored) with forward pre-hooks, stopping at the mismatch."""
+    from carfast.batching import eval_mode
+
+    class _Found(Exception):
+        pass
+
+    names = {id(m): k for k, m in model.named_modules()}
+    found = []
+
+    def pre(m, args):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None or x.dim() == 0 or isinstance(m, nn.modules.lazy.LazyModuleMixin):   # lazy: sizes not yet known
+            return
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            axis = -(len(m.kernel_size) + 1)
+            if x.dim() >= -axis and x.shape[axis] != m.in_channels:
+                found.append(f"layer {names.get(id(m), '?')!r} ({type(m).__name__}) takes {m.in_channels} input "
+                             f"channels but gets {x.shape[axis]}")
+                raise _Found
+        elif isinstance(m, nn.Linear) and x.shape[-1] != m.in_features:
+            found.append(f"layer {names.get(id(m), '?')!r} (Linear) takes {m.in_features} input features but gets "
+                         f"{x.shape[-1]}")
+            raise _Found
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example)
+    except Exception:  # noqa: BLE001 - _Found, or the failure being explained: only ``found`` matters
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def run_failure(model: nn.Module, example: torch.Tensor, err: BaseException) -> str:
+    """One line saying why ``model`` does not run on ``example`` [1, ...] and what to do."""
+    shape = list(example.shape)
+    mismatch = input_mismatch(model, example)
+    if mismatch is not None:
+        return (f"the model does not take inputs of shape {shape}: {mismatch}; pass inputs of the shape and "
+                "size it was built for (the data's channels, height and width), e.g. those it was trained on")
+    first = (str(err).strip().splitlines() or [""])[0]
+    return (f"the model does not run on one input tensor of shape {shape} ({type(err).__name__}: {first}); pass "
+            "inputs it takes, or, if its forward takes something else (a dict, keyword arguments, several "
+            "tensors) or returns something else than logits, adapt it: carfast.adapt(model, lambda m, x: m(...))")
 
 
 def resolve_layer(model: nn.Module, layer, fn: str = "score_layer") -> tuple[str, nn.Module]:
@@ -20,10 +112,10 @@ def resolve_layer(model: nn.Module, layer, fn: str = "score_layer") -> tuple[str
                              "model; pass a module from model.named_modules() or its name")
     elif isinstance(layer, str):
         if layer not in names or layer == "":
-            near = difflib.get_close_matches(layer, [n for n in names if n], n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else \
-                "; see [n for n, _ in model.named_modules()]"
-            raise ValueError(f"{fn}: layer {layer!r} not found in the model{hint}")
+            near = scorable_near(model, layer)
+            hint = f"did you mean {', '.join(repr(n) for n in near)}? " if near else ""
+            raise ValueError(f"{fn}: layer {layer!r} not found in the model; {hint}carfast.layers(model) lists the "
+                             "layers carfast can score")
         name, mod = layer, names[layer]
     else:
         raise TypeError(f"{fn}: layer must be a module name (str) or an nn.Module, got {type(layer).__name__}")

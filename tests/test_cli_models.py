@@ -92,7 +92,10 @@ def test_report_needs_the_model_of_a_users_network(user_project, capsys):
     carfast.prune(model, "0", (x, y), keep=7, progress=False).save("p.pt")
     assert main(["report", "p.pt"]) == 2
     assert "pass --model package.module:factory" in _err(capsys, "report")
-    assert main(["report", "p.pt", "--model", "mynet:make", "--data", "d.npz"]) == 0
+    # without --weights the 'before' network would have make()'s own weights: refused (issue 20)
+    assert main(["report", "p.pt", "--model", "mynet:make", "--data", "d.npz"]) == 2
+    assert "--model mynet:make without --weights" in _err(capsys, "report")
+    assert main(["report", "p.pt", "--model", "mynet:make", "--weights", "w.pt", "--data", "d.npz"]) == 0
 
 
 def test_report_of_a_wrong_file_is_one_line(tmp_path, capsys):

@@ -62,5 +62,11 @@ def test_to_dict_is_json_and_table_lists_every_filter():
     assert d["car"] == s.car.tolist() and d["ranking"] == [5, 7, 2] and d["correct"] == [[5, 3], [4, 3], [5, 3]]
     table = repr(s)
     assert "base accuracy 80.00 %" in table
-    rows = [line.split() for line in table.splitlines()[2:]]
+    lines = table.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["rank", "filter"]) + 1
+    rows = [line.split() for line in lines[start:]]
     assert [int(r[1]) for r in rows] == [5, 7, 2]
+    # the header says the order and the units: ranked by loss increase (not CAR), .car a fraction
+    assert "order: least important first, by loss + smallest first (not by CAR): rule 'loss'" in table
+    assert "CAR % = 100 x .car, which is a fraction" in table and "(nats)" in table
+    assert "by accuracy % highest first" in s.table(rule="accuracy")

@@ -19,7 +19,9 @@ other processes keep the cores busy (``--threads N`` chooses; see ``common.set_t
 """
 from __future__ import annotations
 
+import contextlib
 import sys
+import warnings
 
 from carfast.cli import demo, layers, prune, report, score
 from carfast.cli.common import Parser, set_threads
@@ -35,6 +37,28 @@ def _version_text() -> str:
     for b in carfast.backends():
         lines.append(f"  {b['name']:<7} {'yes' if b['available'] else 'no ':<4} {b['reason']}")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """carfast's warnings (``errors.CarfastWarning``: near-chance accuracy, a 'before' that disagrees...) as
+    one line each on stderr, ``carfast <command>: warning: ...``, each distinct message once; others as usual."""
+    from carfast.errors import CarfastWarning
+    seen = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CarfastWarning)
+        default = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, CarfastWarning):
+                return default(message, category, filename, lineno, file, line)
+            text = " ".join(str(message).split())
+            if text not in seen:
+                seen.add(text)
+                print(f"carfast {command}: warning: {text}", file=sys.stderr)
+
+        warnings.showwarning = show
+        yield
 
 
 def _parser() -> Parser:
@@ -59,7 +83,8 @@ def main(argv=None) -> int:
         note = set_threads(args.threads)
         if note:
             print(f"note: {note}", file=sys.stderr)
-        return _COMMANDS[args.command].run(args)
+        with _one_line_warnings(args.command):
+            return _COMMANDS[args.command].run(args)
     except (ValueError, TypeError, FileNotFoundError) as err:
         message = " ".join(str(err).split())          # one line
         print(f"carfast {args.command}: error: {message}", file=sys.stderr)

@@ -8,14 +8,14 @@ importable from the current folder that returns the network (``--weights``: a st
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import os
 import sys
 
 __all__ = ["CliError", "Parser", "BUNDLED", "DATA_HELP", "keep_value", "positive_int", "nonnegative_int",
            "existing_file", "set_threads", "add_model_options", "add_data_options", "add_compute_options",
-           "add_threads", "build_model", "load_data", "check_layers", "plain_norm", "criteria_list", "KEEP_HELP"]
+           "add_threads", "build_model", "user_spec", "load_data", "normalization", "check_layers", "plain_norm",
+           "criteria_list", "KEEP_HELP"]
 
 BUNDLED = ("resnet20", "resnet56", "alexnet")
 DATA_HELP = ("an .npz file with x: uint8 images [N, H, W, C] (scaled to [0, 1], then normalised by --normalize) "
@@ -181,9 +181,17 @@ def _user_model(spec: str, weights: str | None):
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         try:
             model.load_state_dict(state)
-        except (RuntimeError, TypeError) as err:
-            raise CliError(f"--weights {weights}: does not fit {spec} ({str(err).splitlines()[0]})") from None
+        except (RuntimeError, TypeError, AttributeError):
+            from carfast.errors import state_dict_mismatch
+            raise CliError(f"--weights {weights}: does not fit {spec} ({state_dict_mismatch(model, state)}); pass "
+                           "the state dict saved from this network (torch.save(model.state_dict(), PATH)) or the "
+                           "factory that built it") from None
     return model.eval()
+
+
+def user_spec(spec: str | None) -> str | None:
+    """``spec`` when it names a user's network (``package.module:factory``), else None (bundled or none)."""
+    return spec if spec is not None and spec not in BUNDLED else None
 
 
 def build_model(spec: str, weights: str | None):
@@ -199,13 +207,16 @@ def build_model(spec: str, weights: str | None):
 
 
 def check_layers(model, names: list[str], spec: str) -> None:
-    """Every ``--layer`` is a Conv2d / Linear of the model, else a CliError pointing at ``carfast layers``."""
+    """Every ``--layer`` is a Conv2d / Linear of the model, else a CliError pointing at ``carfast layers``
+    (a "did you mean" names only Conv2d / Linear layers)."""
     from torch import nn
+
+    from carfast.errors import scorable_near
     modules = dict(model.named_modules())
     listing = f"carfast layers --model {spec} lists them"
     for name in names:
         if name not in modules or not name:
-            near = difflib.get_close_matches(name, [n for n in modules if n], n=3, cutoff=0.5)
+            near = scorable_near(model, name)
             hint = f"did you mean {', '.join(near)}? " if near else ""
             raise CliError(f"--layer {name}: layer {name!r} not found in {spec}; {hint}({listing})")
         if not isinstance(modules[name], (nn.Conv2d, nn.Linear)):
@@ -214,7 +225,8 @@ def check_layers(model, names: list[str], spec: str) -> None:
 
 
 # ---- data -----------------------------------------------------------------------------------------------
-def _normalization(text: str | None, default):
+def normalization(text: str | None, default):
+    """The (mean, std) a ``--normalize`` value names (``default`` when None; None for 'none')."""
     from carfast.models import CIFAR_RESNET_NORMALIZATION
     if text is None:
         return default
@@ -233,23 +245,35 @@ def _normalization(text: str | None, default):
 
 
 def load_data(path: str | None, normalize: str | None, default_norm, need: int | None = None,
-              option: str = "--data"):
+              option: str = "--data", model: str | None = None):
     """(x [N, ...] float32, y [N] int64, class names or None, normalisation used): all of ``--data`` (or of
-    the bundled slice), which must hold at least ``need`` images; ``option`` names the file in errors."""
-    from carfast.data import cifar10_classes, cifar10_test, load_npz
+    the bundled slice), which must hold at least ``need`` images; ``option`` names the file in errors.
+    ``model``: the ``--model`` of a user's network whose input normalisation is not known; uint8 images
+    then need an explicit ``--normalize`` (a CliError saying so): scaling them to [0, 1] alone is a guess."""
+    from carfast.data import cifar10_classes, cifar10_test
+    from carfast.data.arrays import read_npz, to_tensors
     path = existing_file(path, option, f"pass {DATA_HELP.split(' (default')[0]}" +
                          (", or leave it out for the bundled CIFAR-10 slice" if option == "--data" else ""))
-    norm = _normalization(normalize, default_norm)
-    if path is None:
+    norm = normalization(normalize, default_norm)
+    source = path or "the bundled CIFAR-10 slice"
+    try:
+        raw = read_npz(path, option) if path is not None else None
+    except (ValueError, TypeError) as err:
+        raise CliError(str(err)) from None
+    if model is not None and normalize is None and (raw is None or raw[0].dtype == "uint8"):
+        raise CliError(f"{option} {source} holds uint8 images and --model {model} is your own network, whose input "
+                       "normalisation carfast cannot know: pass --normalize MEAN/STD as in its training (e.g. "
+                       "0.49,0.48,0.45/0.25,0.24,0.26), cifar, or none (only scaled to [0, 1])")
+    if raw is None:
         x, y = cifar10_test(normalization=norm if norm is not None else _UNIT)
         classes = cifar10_classes()
     else:
         try:
-            x, y, classes = load_npz(path, normalization=norm, fn=option)
+            x, y, classes = to_tensors(*raw, path, normalization=norm, fn=option)
         except (ValueError, TypeError) as err:
             raise CliError(str(err)) from None
     if need is not None and need > len(y):
-        raise CliError(f"--n {need}: {path or 'the bundled CIFAR-10 slice'} holds {len(y):,} images; pass a "
+        raise CliError(f"--n {need}: {source} holds {len(y):,} images; pass a "
                        "smaller --n" + ("" if path else " or --data with more (e.g. the full CIFAR-10 test.npz)"))
     return x, y, classes, norm
 

@@ -1,10 +1,12 @@
 """``carfast layers``: list every Conv2d / Linear of a network and what carfast can do with it.
 
 Prints, per layer, "layer" (``score_layer`` scores it alone), "group" (``score_group`` and ``prune``
-take its coupling group: its channels are tied to the listed producers') or "refused" with the reason
-(``--all`` prints whole reasons). ``--input`` gives one input's shape when it cannot be inferred.
+take its coupling group: its channels are tied to the listed producers') or "refused" with the whole
+reason, on one line. ``--input`` gives one input's shape when it cannot be inferred.
 """
 from __future__ import annotations
+
+import argparse
 
 from carfast.cli.common import CliError, add_model_options, add_threads, build_model
 
@@ -20,7 +22,7 @@ def add_parser(sub) -> None:
     add_model_options(p)
     p.add_argument("--input", default=None, help="one input's shape, e.g. 3,224,224 (default: inferred)")
     p.add_argument("--json", default=None, help="also write the listing to this JSON file")
-    p.add_argument("--all", action="store_true", help="print whole reasons, not the first line")
+    p.add_argument("--all", action="store_true", help=argparse.SUPPRESS)   # reasons are always whole now
     add_threads(p)
 
 
@@ -45,8 +47,7 @@ def run(args) -> int:
         if i.status == "group":
             detail = f"{i.units} channels with {', '.join(i.group)}"
         elif i.status == "refused":
-            detail = i.reason.split(": ", 1)[-1]
-            detail = detail if args.all else detail[:110]
+            detail = " ".join(i.reason.split(": ", 1)[-1].split())     # whole, on one line
         else:
             detail = ""
         print(f"{i.name:{width}s}  {i.type:6s} {i.filters:7d}  {i.status:7s}  {detail}")

@@ -29,6 +29,7 @@ from carfast.cli.common import (
     load_data,
     plain_norm,
     positive_int,
+    user_spec,
 )
 
 __all__ = ["add_parser", "run"]
@@ -83,7 +84,8 @@ def add_parser(sub) -> None:
 def _held_out(args, x, y, norm):
     """(inputs, labels) for --compare: --held-out, else the images of --data after the --n scored ones."""
     if args.held_out is not None:
-        hx, hy, _, _ = load_data(args.held_out, args.normalize, norm, option="--held-out")
+        hx, hy, _, _ = load_data(args.held_out, args.normalize, norm, option="--held-out",
+                                 model=user_spec(args.model))
         return hx, hy
     n = len(y) if args.n is None else args.n
     if n >= len(y):
@@ -109,7 +111,7 @@ def run(args) -> int:
                        "with other criteria")
     model, norm = build_model(args.model, args.weights)
     check_layers(model, args.layer, args.model)
-    x_all, y_all, _, norm = load_data(args.data, args.normalize, norm, need=args.n)
+    x_all, y_all, _, norm = load_data(args.data, args.normalize, norm, need=args.n, model=user_spec(args.model))
     x, y = x_all[:args.n], y_all[:args.n]
     options = dict(step=args.step, schedule=args.schedule, max_accuracy_drop=args.max_accuracy_drop, rule=args.rule,
                    checkpoint=args.checkpoint, progress=None, backend=args.backend, precision=args.precision,
@@ -126,6 +128,8 @@ def run(args) -> int:
         "model": args.model, "weights": None if args.weights is None else os.path.abspath(args.weights),
         "data": None if args.data is None else os.path.abspath(args.data), "n": int(len(y)),
         "normalization": plain_norm(norm)}
+    if args.normalize is not None:       # the explicit choice (e.g. none), which carfast report reuses
+        result.settings["cli_model"]["normalize"] = args.normalize
     if args.held_out is not None:
         result.settings["cli_model"]["held_out"] = os.path.abspath(args.held_out)
     print(result.summary())

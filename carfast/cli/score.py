@@ -10,6 +10,7 @@ from carfast.cli.common import (
     check_layers,
     load_data,
     positive_int,
+    user_spec,
 )
 
 __all__ = ["add_parser", "run"]
@@ -41,7 +42,7 @@ def run(args) -> int:
     model, norm = build_model(args.model, args.weights)
     layers = args.layer or ["layer1.0.conv1"]
     check_layers(model, layers, args.model)
-    x, y, _, _ = load_data(args.data, args.normalize, norm, need=args.n)
+    x, y, _, _ = load_data(args.data, args.normalize, norm, need=args.n, model=user_spec(args.model))
     x, y = x[:args.n], y[:args.n]
     results = []
     for layer in layers:

@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 import torch
 
-__all__ = ["read_npz", "load_npz"]
+__all__ = ["read_npz", "load_npz", "to_tensors"]
 
 _FORMAT = "keys x (uint8 images [N, H, W, C] or float inputs [N, ...]), y (int labels [N]), optional classes"
 
 
 def read_npz(path: str | os.PathLike, fn: str) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     """(x, y, class names or None) as stored; errors name the file and the expected keys."""
+    where = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("x", "y") if k not in z.files]
-            if missing:
-                raise ValueError(f"{fn}: {os.fspath(path)} lacks key(s) {missing} (it has {z.files}); expected "
-                                 f"{_FORMAT}")
+        z = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{fn}: no file at {where}; pass an .npz with {_FORMAT}") from None
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        # not an npz: numpy's own message for a text file is about pickled data
+        raise ValueError(f"{fn}: {where} is not an .npz file (not a numpy zip archive: {type(err).__name__}); save "
+                         f"one with numpy.savez(path, x=..., y=...): {_FORMAT}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{fn}: {where} holds one array ({getattr(z, 'dtype', '?')} {list(getattr(z, 'shape', []))})"
+                         f", not an .npz; save one with numpy.savez(path, x=..., y=...): {_FORMAT}")
+    with z:
+        missing = [k for k in ("x", "y") if k not in z.files]
+        if missing:
+            raise ValueError(f"{fn}: {where} lacks key(s) {missing} (it has {z.files}); expected {_FORMAT}")
+        try:
             classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
             return z["x"], z["y"], classes
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{fn}: no file at {os.fspath(path)}; pass an .npz with {_FORMAT}") from None
-    except (OSError, EOFError) as err:   # not an npz (np.load's own message is about pickles)
-        raise ValueError(f"{fn}: {os.fspath(path)} is not an .npz file ({type(err).__name__}); expected "
-                         f"{_FORMAT}") from None
+        except ValueError as err:      # object arrays (allow_pickle=False), a truncated member
+            raise ValueError(f"{fn}: {where}: numpy cannot read its arrays without unpickling ({err}); store x, y "
+                             "and classes as numeric / string arrays (numpy.savez with plain arrays)") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{fn}: {where} is damaged (numpy cannot read it: {type(err).__name__}); write it "
+                             "again") from None
 
 
 def load_npz(path: str | os.PathLike, normalization=None, fn: str = "load_npz"):
@@ -35,7 +48,11 @@ def load_npz(path: str | os.PathLike, normalization=None, fn: str = "load_npz"):
     uint8 ``x`` [N, H, W, C] becomes [N, C, H, W], scaled to [0, 1], then ``(x - mean) / std`` per channel
     when ``normalization`` is ``(mean, std)``; float ``x`` is taken as the model's input as it is.
     """
-    x, y, classes = read_npz(path, fn)
+    return to_tensors(*read_npz(path, fn), path, normalization, fn)
+
+
+def to_tensors(x: np.ndarray, y: np.ndarray, classes, path, normalization=None, fn: str = "load_npz"):
+    """``load_npz`` of arrays already read by ``read_npz`` (``path`` names the file in errors)."""
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
         raise ValueError(f"{fn}: {os.fspath(path)}: y must be int labels [N] for the {len(x)} inputs, got "
                          f"{y.dtype} {list(y.shape)}")

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from carfast.errors import run_failure
+
 __all__ = ["infer_example", "signature"]
 
 #: square input sizes tried, in order, when no example is given and the first layer is a Conv2d
@@ -22,7 +24,11 @@ def infer_example(model: nn.Module, example, fn: str) -> tuple[torch.Tensor, lis
         if not isinstance(example, torch.Tensor) or example.dim() < 1 or example.shape[0] < 1:
             raise TypeError(f"{fn}: example must be an input tensor [1, ...], got "
                             f"{type(example).__name__}{tuple(getattr(example, 'shape', ()))}")
-        return example[:1], signature(model(example[:1]))
+        try:
+            out = model(example[:1])
+        except Exception as err:  # noqa: BLE001 - the user's model does not take this input: say why, in one line
+            raise ValueError(f"{fn}: {run_failure(model, example[:1], err)}") from None
+        return example[:1], signature(out)
     shapes = []
     arch = getattr(model, "carfast_arch", None)
     if isinstance(arch, dict) and arch.get("input_shape"):

@@ -25,6 +25,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from carfast.errors import run_failure
+
 __all__ = ["TensorMeta", "Op", "FlowGraph", "TraceError", "is_leaf_module", "is_channel_map", "from_fx",
            "from_recording", "op_name"]
 
@@ -197,8 +199,20 @@ def _scope(node: fx.Node) -> str:
     return next(reversed(stack)) if stack else ""
 
 
+def check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """ValueError in one line (``errors.run_failure``: which layer does not fit the input, and the fix) when
+    ``model`` does not run on ``example``; runs it once in eval mode without gradients, flags restored."""
+    from carfast.batching import eval_mode
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example)
+    except Exception as err:  # noqa: BLE001 - any failure is the user's model not taking this input
+        raise ValueError(run_failure(model, example, err)) from err
+
+
 def from_fx(model: nn.Module, example: torch.Tensor, gm: fx.GraphModule | None = None) -> FlowGraph:
     """The ops of ``model`` (traced, or ``gm`` already traced from it) on ``example`` [1, ...]."""
+    check_runs(model, example)      # before fx's ShapeProp, which prints a traceback on failure
     gm = gm if gm is not None else trace_fx(model)
     run = _Run(gm)
     try:
@@ -323,12 +337,13 @@ def from_recording(model: nn.Module, example: torch.Tensor) -> FlowGraph:
         with torch.no_grad(), rec:
             out = model(example)
     except Exception as err:
-        raise ValueError(f"the model does not run on one input tensor of shape {list(example.shape)} "
-                         f"({type(err).__name__}: {err}); if its forward takes something else (a dict, keyword "
-                         "arguments, several tensors) or returns something else than logits, adapt it: "
-                         "carfast.adapt(model, lambda m, x: m(...))") from err
+        failure = err
+    else:
+        failure = None
     finally:
         for h in handles:
             h.remove()
+    if failure is not None:     # explained after the hooks are gone (run_failure runs the model again)
+        raise ValueError(run_failure(model, example, failure)) from failure
     output = Op(len(rec.ops), "output", None, "output", (tree_map(rec.ref, out),), {})
     return _link(FlowGraph(rec.ops, output, "recorded"))

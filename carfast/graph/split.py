@@ -28,7 +28,7 @@ from torch import fx, nn
 from carfast.graph import Flow, FlowError, Reader, TraceError, from_fx
 from carfast.graph import analyze as analyze_flow
 from carfast.graph.apply import masked_norm, reader_profile
-from carfast.graph.ir import trace_fx
+from carfast.graph.ir import check_runs, trace_fx
 from carfast.graph.masking import UnitMask
 from carfast.ops.consumer_delta import LayerSpec
 
@@ -88,6 +88,7 @@ def fn_name(node: fx.Node) -> str:
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """``model`` traced by fx with carfast's leaf rules and run once on ``example`` [1, ...] (shapes in
     ``node.meta['tensor_meta']``); ``TraceError`` if fx cannot."""
+    check_runs(model, example)      # a one-line error before ShapeProp, which prints a traceback on failure
     gm = trace_fx(model)
     from torch.fx.passes.shape_prop import ShapeProp
     try:

@@ -20,10 +20,12 @@ record that ``PruneResult.save`` stores and the report draws (``carfast.report``
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from carfast.errors import NearChanceWarning
 from carfast.pruning.criteria import CRITERIA
 from carfast.pruning.evaluate import evaluate
 from carfast.pruning.prune import prune
@@ -187,7 +189,9 @@ def compare_criteria(model: nn.Module, layers, data, held_out, keep, criteria=("
             res = prune(model, layers, data, keep=keep, criterion=name, **kwargs)
             first_sizes = {layer: len(k) for layer, k in res.kept.items()}
         else:
-            res = prune(model, list(first_sizes), data, keep=dict(first_sizes), criterion=name, **kwargs)
+            with warnings.catch_warnings():      # the first run warned of near-chance accuracy: once per call
+                warnings.filterwarnings("ignore", category=NearChanceWarning)
+                res = prune(model, list(first_sizes), data, keep=dict(first_sizes), criterion=name, **kwargs)
         sizes = {layer: len(k) for layer, k in res.kept.items()}
         if sizes != first_sizes:                 # cannot happen without max_accuracy_drop, which only the first gets
             raise RuntimeError(f"{_FN}: {name} kept {sizes}, {names[0]} kept {first_sizes}; please report this")

@@ -27,7 +27,8 @@ def kept_percent(after: int, before: int) -> str:
 
 @dataclass
 class PruneSummary:
-    """Sizes and accuracy of the model before and after pruning (accuracy on the scoring data)."""
+    """Sizes and accuracy of the model before and after pruning (accuracy on the ``num_images`` scoring
+    images the filters were chosen on, labelled so in the table: not a held-out figure)."""
     params_before: int
     params_after: int
     macs_before: int
@@ -40,6 +41,7 @@ class PruneSummary:
     stops: dict = field(default_factory=dict)     # {layer: why it stopped before its keep}
     groups: list = field(default_factory=list)    # layers pruned as their coupling group (rows in channels)
     topk: int = 1                                 # the accuracy counted: top-1, or top-k
+    num_images: int | None = None                 # scoring images the accuracies are measured on
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -61,14 +63,16 @@ class PruneSummary:
     def __str__(self) -> str:
         def ratio(a, b):
             return f"{a / b:.2f}x" if b else "-"
+        # the accuracy of the images the filters were chosen on (flattering), not held out
+        scoring = "scoring images" if self.num_images is None else f"{self.num_images:,} scoring images"
         rows = [("", "before", "after", "ratio"),
                 ("params", f"{self.params_before:,}", f"{self.params_after:,}",
                  ratio(self.params_after, self.params_before)),
                 ("MACs", f"{self.macs_before:,}", f"{self.macs_after:,}", ratio(self.macs_after, self.macs_before)),
-                (f"top-{self.topk} %", f"{100 * self.accuracy_before:.2f}", f"{100 * self.accuracy_after:.2f}",
-                 f"{100 * (self.accuracy_after - self.accuracy_before):+.2f} pts")]
+                (f"top-{self.topk} % ({scoring})", f"{100 * self.accuracy_before:.2f}",
+                 f"{100 * self.accuracy_after:.2f}", f"{100 * (self.accuracy_after - self.accuracy_before):+.2f} pts")]
         if self.accuracy_finetuned is not None:
-            rows.append(("fine-tuned %", "", f"{100 * self.accuracy_finetuned:.2f}",
+            rows.append((f"fine-tuned top-{self.topk} % ({scoring})", "", f"{100 * self.accuracy_finetuned:.2f}",
                          f"{100 * (self.accuracy_finetuned - self.accuracy_before):+.2f} pts"))
         w0 = max(len(r[0]) for r in rows)
         w = [max(len(r[i]) for r in rows) for i in (1, 2, 3)]
@@ -133,7 +137,7 @@ class PruneResult:
                             self.stats["before"]["macs"], self.stats["after"]["macs"], self.base["accuracy"],
                             self.accuracy, before, {layer: len(k) for layer, k in self.kept.items()},
                             self.finetuned_accuracy, dict(self.stops), list(self.settings.get("groups", [])),
-                            int(self.settings.get("topk", 1)))
+                            int(self.settings.get("topk", 1)), self.base.get("num_images"))
 
     def record(self) -> dict:
         """Everything but the model, as plain data (JSON-able)."""

@@ -316,10 +316,13 @@ _METRICS = (("params", "parameters", 1e6, "millions"), ("macs", "MACs per image"
             ("latency_s", "latency, 1 image", 1e-3, "ms"))
 
 
-def summary_bars(path, *, before: dict, after: dict, title: str = "Before and after pruning") -> str:
+def summary_bars(path, *, before: dict, after: dict, title: str = "Before and after pruning",
+                 spread: dict | None = None) -> str:
     """Bars of params, MACs and (when both dicts have it) latency, before vs after, one panel each, with
     the after/before ratio in each panel's title. ``before`` / ``after``: {"params", "macs",
-    "latency_s"?} (latency in seconds)."""
+    "latency_s"?} (latency in seconds). ``spread``: {metric: ((low, high) before, (low, high) after)} in
+    the same units, drawn as error bars; when the two ranges overlap the panel's title says the ratio is
+    within noise."""
     metrics = [m for m in _METRICS if before.get(m[0]) is not None and after.get(m[0]) is not None]
     if not metrics:
         raise ValueError("summary_bars: before and after share none of 'params', 'macs', 'latency_s'")
@@ -335,6 +338,15 @@ def summary_bars(path, *, before: dict, after: dict, title: str = "Before and af
         ax.set_ylim(0, 1.18 * top)
         ax.set_ylabel(f"{label} ({unit})")
         ratio = f"{float(after[key]) / float(before[key]):.2f}x" if before[key] else "-"
+        ranges = (spread or {}).get(key)
+        if ranges is not None:
+            (bl, bh), (al, ah) = ranges
+            ax.errorbar([0, 1], [b, a], yerr=[[b - bl / scale, a - al / scale], [bh / scale - b, ah / scale - a]],
+                        fmt="none", ecolor="0.2", capsize=4, linewidth=1)
+            top = max(top, bh / scale, ah / scale)
+            ax.set_ylim(0, 1.18 * top)
+            if bl <= ah and al <= bh:
+                ratio += " (within noise)"
         ax.set_title(f"{label}: {ratio}", fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle(title, fontsize=11)

@@ -4,9 +4,9 @@
 ``carfast.load_pruned``'s) and writes into ``out_dir``:
 
 - ``index.html``: run settings; the summary table (params, MACs, accuracy on the scoring data before
-  and after, held-out accuracy and latency when given the means); when the result holds a comparison of
-  criteria (``PruneResult.comparison``), their held-out accuracy as a figure and a table and each
-  layer's removal order per criterion (``comparison.py``); the accuracy curve; for each layer
+  and after, held-out accuracy and latency, with its run-to-run spread, when given the means); when the
+  result holds a comparison of criteria (``PruneResult.comparison``), their held-out accuracy as a figure
+  and a table and each layer's removal order per criterion (``comparison.py``); the accuracy curve; for each layer
   with CAR scores the class-wise heatmap (of a wide layer, its most and least important and first removed
   filters) and a per-filter interpretation table; for each pruned layer
   that reads the RGB image (weight ``[F, 3, kh, kw]``) the removed and kept filters as pictures, each
@@ -26,12 +26,15 @@ import datetime
 import json
 import math
 import os
+import statistics
+import warnings
 
 import torch
 from torch import nn
 
 from carfast.atomic import atomic_path, write_json_atomic
 from carfast.batching import model_device
+from carfast.errors import CarfastWarning
 from carfast.pruning.evaluate import evaluate
 from carfast.pruning.result import PruneResult, kept_percent
 from carfast.report import figures
@@ -126,11 +129,46 @@ def _rgb_layers(result: PruneResult) -> list[str]:
     return out
 
 
+def _latencies(original: nn.Module, pruned: nn.Module, example: torch.Tensor, repeats: int = 20,
+               warmup: int = 3) -> dict:
+    """Seconds per forward of one image, the two networks timed alternately (so a load spike hits both):
+    medians, the middle half of the runs (25th-75th percentile) of each, and whether those overlap (the
+    difference is within run-to-run noise)."""
+    ex_o, ex_p = example.to(model_device(original)), example.to(model_device(pruned))
+    times = {"before": [], "after": []}
+    for i in range(warmup + repeats):
+        for key, model, ex in (("before", original, ex_o), ("after", pruned, ex_p)):
+            t = latency(model, ex, repeats=1, warmup=0)
+            if i >= warmup:
+                times[key].append(t)
+    out = {"repeats": repeats}
+    for key, ts in times.items():
+        q1, q2, q3 = statistics.quantiles(ts, n=4, method="inclusive")
+        out[key], out[f"{key}_range"] = statistics.median(ts), (q1, q3)
+    (bl, bh), (al, ah) = out["before_range"], out["after_range"]
+    out["within_noise"] = bool(bl <= ah and al <= bh)
+    return out
+
+
+def _disagrees(p1: float, n1: int, p0: float, n0: int) -> bool:
+    """Whether accuracies ``p1`` on ``n1`` images and ``p0`` on ``n0`` other images of the same kind are too far
+    apart for one network: more than 4 standard errors of their difference and more than 3 points."""
+    if n1 < 1 or n0 < 1:
+        return False
+    p = (p1 * n1 + p0 * n0) / (n1 + n0)
+    se = math.sqrt(max(p * (1 - p), 1e-12) * (1 / n1 + 1 / n0))
+    return abs(p1 - p0) > max(4 * se, 0.03)
+
+
+def _ms(median: float, spread) -> str:
+    return f"{1e3 * median:.2f} ms ({1e3 * spread[0]:.2f}-{1e3 * spread[1]:.2f})"
+
+
 # ---- sections ------------------------------------------------------------------------------------------
 def _summary_section(page, result, original, heldout, example) -> dict:
     s = result.summary()
     top = f"top-{s.topk}"
-    data = {"summary": s.to_dict(), "heldout": None, "latency_s": None}
+    data = {"summary": s.to_dict(), "heldout": None, "latency_s": None, "warnings": []}
     rows = [("parameters", count(s.params_before), count(s.params_after), ratio(s.params_after, s.params_before)),
             ("MACs per image", count(s.macs_before), count(s.macs_after), ratio(s.macs_after, s.macs_before)),
             (f"{top} on the scoring data ({result.base['num_images']:,} images)", pct(s.accuracy_before),
@@ -145,23 +183,41 @@ def _summary_section(page, result, original, heldout, example) -> dict:
                            "accuracy_after": after}
         rows.append((f"{top} held out ({heldout[1].shape[0]:,} images not used for scoring)", pct(before),
                      pct(after), "-" if before is None else f"{100 * (after - before):+.2f} pts"))
+        if before is not None and _disagrees(before, int(heldout[1].shape[0]), result.base["accuracy"],
+                                             int(result.base["num_images"])):
+            warning = (f"the original network given scores {pct(before)} on the held-out images, but the result "
+                       f"records {pct(result.base['accuracy'])} for the network it pruned, on its "
+                       f"{result.base['num_images']:,} scoring images: too far apart for chance, so the original is "
+                       "likely not that network (other weights or input normalisation) and the 'before' figures "
+                       "are not comparable; pass the original it was pruned from")
+            data["warnings"].append(warning)
+            warnings.warn(f"{_FN}: {warning}", CarfastWarning, stacklevel=3)
     bars_before = {"params": s.params_before, "macs": s.macs_before}
     bars_after = {"params": s.params_after, "macs": s.macs_after}
+    spread, lat_note = None, None
     if original is not None:
-        lat_before = latency(original, example.to(model_device(original)))
-        lat_after = latency(result.model, example.to(model_device(result.model)))
-        data["latency_s"] = {"before": lat_before, "after": lat_after, "device": str(example.device),
-                             "batch": 1}
-        rows.append((f"latency, 1 image ({example.device.type}, median of 20)", f"{1e3 * lat_before:.2f} ms",
-                     f"{1e3 * lat_after:.2f} ms", ratio(lat_after, lat_before)))
-        bars_before["latency_s"], bars_after["latency_s"] = lat_before, lat_after
+        lat = _latencies(original, result.model, example)
+        data["latency_s"] = {"before": lat["before"], "after": lat["after"], "device": str(example.device),
+                             "batch": 1, "repeats": lat["repeats"], "before_range": lat["before_range"],
+                             "after_range": lat["after_range"], "within_noise": lat["within_noise"]}
+        change = ratio(lat["after"], lat["before"]) + (" (within noise)" if lat["within_noise"] else "")
+        rows.append((f"latency, 1 image ({example.device.type}, median of {lat['repeats']} runs each, alternating; "
+                     "middle half of the runs in brackets)", _ms(lat["before"], lat["before_range"]),
+                     _ms(lat["after"], lat["after_range"]), change))
+        bars_before["latency_s"], bars_after["latency_s"] = lat["before"], lat["after"]
+        spread = {"latency_s": (lat["before_range"], lat["after_range"])}
+        if lat["within_noise"]:
+            lat_note = (f"Latency: the pruned network's {ratio(lat['after'], lat['before'])} of the original's "
+                        f"is within run-to-run noise (the middle halves of the {lat['repeats']} timed runs of each "
+                        "overlap): it is not a measured speed-up or slow-down. Time on an idle machine, or a larger "
+                        "network, to tell.")
     for layer, before in s.filters_before.items():
         after = s.filters_after[layer]
         rows.append((f"filters of {layer}", str(before), str(after),
                      f"{ratio(after, before)} (kept {kept_percent(after, before)}, removed {before - after})"))
     page.heading(2, "Summary")
     page.add(table(["", "before", "after", "after / before"], rows, num_cols=(1, 2, 3)))
-    notes = []
+    notes = [f"Warning: {w[0].upper()}{w[1:]}." for w in data["warnings"]]
     if heldout is None:
         notes.append("No held-out data was given: accuracy is on the images the filters were chosen on, which "
                      "flatters the pruned model (pass heldout=(x, y), or --data / --heldout-n to carfast report).")
@@ -169,10 +225,13 @@ def _summary_section(page, result, original, heldout, example) -> dict:
         notes.append("Held-out accuracy of the original model needs the original model (not given).")
     if original is None:
         notes.append("Latency needs the original model (not given).")
+    elif lat_note:
+        notes.append(lat_note)
     for n in notes:
         page.note(n)
-    page.figure(figures.summary_bars, "summary.png", "Parameters, MACs and latency before and after pruning",
-                before=bars_before, after=bars_after)
+    page.figure(figures.summary_bars, "summary.png", "Parameters, MACs and latency before and after pruning"
+                + ("; latency bars with the middle half of the timed runs" if spread else ""),
+                before=bars_before, after=bars_after, spread=spread)
     return data
 
 
@@ -283,8 +342,11 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
         result: a ``PruneResult``.
         out_dir: folder for ``index.html``, the PNG figures and ``summary.json`` (existing files of the
             same names are replaced).
-        original: the unpruned model: enables latency before/after, held-out accuracy of the original and
-            the pictures of removed first-layer filters. Not changed.
+        original: the unpruned model: enables latency before/after (20 runs of each, alternating; the
+            middle half of the runs is shown, and a ratio inside that spread is labelled within noise),
+            held-out accuracy of the original (a warning when it is too far from the accuracy the result
+            records for the network it pruned: another network) and the pictures of removed first-layer
+            filters. Not changed.
         heldout: ``(inputs [N, ...], labels [N])`` not used for scoring: held-out accuracy of the original
             (when given) and pruned models; its first input also times latency.
         curves: extra accuracy curves ``{name: [(filters remaining, accuracy fraction), ...]}`` (e.g. other

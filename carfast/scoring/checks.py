@@ -9,7 +9,8 @@ from torch import nn
 from carfast import extensions
 from carfast.batching import model_device
 
-__all__ = ["check_filters", "pick_backend", "work_model", "count_images", "nbytes", "meta_bytes"]
+__all__ = ["check_filters", "pick_backend", "work_model", "count_images", "nbytes", "meta_bytes", "near_chance",
+           "warn_near_chance", "NEAR_CHANCE_MIN_IMAGES"]
 
 _FN = "score_layer"
 _BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
@@ -83,3 +84,42 @@ def nbytes(shape, dtype=torch.float32) -> int:
 def meta_bytes(nodes) -> list[int]:
     return [nbytes(n.meta["tensor_meta"].shape, n.meta["tensor_meta"].dtype) for n in nodes
             if hasattr(n.meta.get("tensor_meta"), "shape")]
+
+
+#: images below which near-chance accuracy is not flagged (too few to tell a network from guessing)
+NEAR_CHANCE_MIN_IMAGES = 100
+
+
+def near_chance(accuracy: float, num_images: int, num_classes: int, topk: int = 1) -> bool:
+    """Whether ``accuracy`` (top-``topk``, a fraction) on ``num_images`` images is near chance.
+
+    Chance is ``topk / num_classes``; near means at most chance + min(chance / 2, 5 points): 1.5 / C for
+    C >= 10 classes (15 % for CIFAR-10), tighter below (55 % for two classes), and only on at least
+    ``NEAR_CHANCE_MIN_IMAGES`` images, enough to tell (CIFAR-10 guessing on 100 images: 10 +- 3 %).
+    """
+    if num_images < NEAR_CHANCE_MIN_IMAGES or num_classes < 2:
+        return False
+    chance = min(topk, num_classes) / num_classes
+    if chance >= 1.0:
+        return False
+    return accuracy <= chance + min(chance / 2, 0.05)
+
+
+def warn_near_chance(accuracy: float, num_images: int, num_classes: int, fn: str, topk: int = 1,
+                     what: str = "the scoring data", stacklevel: int = 3) -> bool:
+    """Warn (``errors.NearChanceWarning``) when the intact model's accuracy on ``what`` is near chance
+    (``near_chance``), naming the likely causes; returns whether it warned. Callers warn once per call;
+    ``stacklevel`` counts from this function's caller's caller (3: the caller of the function calling this)."""
+    if not near_chance(accuracy, num_images, num_classes, topk):
+        return False
+    import warnings
+
+    from carfast.errors import NearChanceWarning
+    name = "accuracy" if topk == 1 else f"top-{topk} accuracy"
+    chance = min(topk, num_classes) / num_classes
+    warnings.warn(f"{fn}: the model's {name} on {what} is {100 * accuracy:.2f} % ({num_images:,} images), near "
+                  f"chance ({100 * chance:.2f} % for {num_classes} classes): check that its trained weights are "
+                  "loaded, that the inputs are normalised as in its training, and that the labels follow its class "
+                  "order (y indexes its outputs); scores of a near-chance network say little",
+                  NearChanceWarning, stacklevel=stacklevel)
+    return True

@@ -55,7 +55,15 @@ from carfast.graph import analyze as analyze_flow
 from carfast.graph import from_recording
 from carfast.graph.split import TraceError, analyze, target_num_filters
 from carfast.progress import Progress
-from carfast.scoring.checks import check_filters, count_images, meta_bytes, nbytes, pick_backend, work_model
+from carfast.scoring.checks import (
+    check_filters,
+    count_images,
+    meta_bytes,
+    nbytes,
+    pick_backend,
+    warn_near_chance,
+    work_model,
+)
 from carfast.scoring.chunks import PairStats
 from carfast.scoring.closed_form import find_closed_form
 from carfast.scoring.fused_suffix import find_fused_consumer
@@ -87,6 +95,9 @@ class ScoreOptions:
         the network after it (default: with the triton and cuda backends, where the op is a fused kernel;
         True also on the others, where it runs the op's reference; it applies where ``fused_suffix.py``
         finds a single Conv2d consumer).
+    warn_near_chance: warn (``errors.NearChanceWarning``) when the first score finds the intact model's
+        accuracy near chance (``checks.near_chance``); ``carfast.prune`` checks once itself and turns it off
+        for its scorers.
     """
     fold_bn: bool = True
     channels_last: bool | None = None
@@ -94,6 +105,7 @@ class ScoreOptions:
     prefix_batch: int | None = None
     cache: bool = True
     fused_consumer: bool | None = None
+    warn_near_chance: bool = True
 
 
 class LayerScorer:
@@ -126,6 +138,7 @@ class LayerScorer:
         self._model, self._device = work_model(model, device)
         self._in_dtype = model_dtype(self._model, self.fn)
         self._backend = pick_backend(backend, self._device, self.fn)
+        self._asked_backend = backend
         self._budget = int(memory_budget) if memory_budget is not None else default_memory_budget(self._device)
         self._progress, self._data = progress, data
         batches = iter(as_batches(data, self.fn))
@@ -152,6 +165,7 @@ class LayerScorer:
             self._plan(lg, example, batch_size, precision)
         self._cache: list | None = [] if self._options.cache else None
         self._cache_complete = False
+        self._check_chance = self._options.warn_near_chance    # on the first score of the intact model
 
     # ---- what the caller may read -----------------------------------------------------------------------
     @property
@@ -168,6 +182,9 @@ class LayerScorer:
     def backend(self) -> str:
         """The backend the method's ops run on."""
         return self._method.backend
+
+    #: why ``backend`` is not the one asked for ("" when it is): backend="cpu" runs "torch" where it has no kernel
+    backend_note: str = ""
 
     @property
     def pair_batch(self) -> int:
@@ -239,6 +256,11 @@ class LayerScorer:
         opt, backend = self._options, self._backend
         if backend == "cpu" and (cf is None or cf.kind == "linear"):
             backend = "torch"  # no C++ kernel for a general suffix or a Linear consumer
+            if self._asked_backend == "cpu":        # asked for by name: say why it is not used
+                self.backend_note = ("backend 'cpu' has C++ kernels only for the closed form of a Conv2d consumer; "
+                                     f"this layer is scored by the "
+                                     f"{'suffix' if cf is None else 'linear closed form'} method, which runs on "
+                                     "'torch' (same results; backend='auto' picks this without a note)")
         if cf is not None:
             return ClosedFormMethod(lg, cf, backend, prefix_batch, self.fn)
         # channels_last: oneDNN's fast layout on CPU, and cuDNN's for bf16/fp16 tensor-core convolutions
@@ -343,10 +365,15 @@ class LayerScorer:
         bar.close()
         if self._process_group is not None:   # every process scored its shard: add the counts up, exactly
             stats = PairStats(*acc.all_reduce(self._process_group, stats.as_list(), self.fn))
-        return acc.result(self.name, filt, method=self.method, backend=self.backend, pairs_evaluated=stats.evaluated,
-                          pairs_skipped=stats.skipped, seconds=time.perf_counter() - t0,
-                          precision=self._method.precision, pairs_rechecked=stats.rechecked,
-                          margin_threshold=self._method.margin_threshold, topk=self.topk)
+        res = acc.result(self.name, filt, method=self.method, backend=self.backend, pairs_evaluated=stats.evaluated,
+                         pairs_skipped=stats.skipped, seconds=time.perf_counter() - t0,
+                         precision=self._method.precision, pairs_rechecked=stats.rechecked,
+                         margin_threshold=self._method.margin_threshold, topk=self.topk)
+        res.backend_note = self.backend_note
+        if self._check_chance and not self.removed:
+            self._check_chance = False
+            warn_near_chance(res.base_accuracy, res.num_images, res.num_classes, self.fn, self.topk)
+        return res
 
 
 def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,

@@ -9,6 +9,12 @@ from carfast.scoring.selection import DEFAULT_RULE, rule_keys
 
 __all__ = ["LayerScores"]
 
+#: what each selection rule ranks by, for the table's header
+_RANKED_BY = {"loss": "loss + smallest first (not by CAR)",
+              "accuracy": "accuracy % highest first (CAR % smallest first), then loss +",
+              "lcb": "a lower confidence bound of accuracy % highest first (not by CAR)"}
+
+
 @dataclass
 class LayerScores:
     """CAR scores of a layer's filters.
@@ -24,6 +30,10 @@ class LayerScores:
         base_loss_sum:  float, summed cross-entropy of the intact model (float64 accumulation).
         loss_sum:       [F] float64, summed cross-entropy with filter f removed.
     Derived: ``base_accuracy``, ``accuracy`` [F], ``car`` [F], ``class_car`` [F, C], ``loss_increase`` [F].
+    Units: accuracies and ``car`` / ``class_car`` are FRACTIONS (0.012 = 1.2 points of accuracy lost); the
+    printed tables (``table``, ``print(scores)``) show them in percent; ``loss_increase`` is in nats (mean
+    cross-entropy). ``table`` and ``ranking`` order filters by the selection rule (default "loss": by the
+    loss increase, not by CAR), least important first.
 
     Provenance: ``coupled`` is always False from ``score_layer`` (it refuses layers whose channels are
     coupled through a residual add) and True from ``score_group`` for a real coupling group, whose
@@ -34,8 +44,9 @@ class LayerScores:
     image) pairs whose result is the intact one because the filter's activation is all zero on that
     image (free zeros: the suffix and the compiled kernels do no work for them; the plain-PyTorch
     closed form computes them anyway; the full-network path does not look for them and counts every
-    pair as evaluated), ``pairs_evaluated`` the rest. With ``per_image=True``: ``image_correct`` [F, N]
-    bool and ``base_image_correct`` [N] bool, in data order.
+    pair as evaluated), ``pairs_evaluated`` the rest; ``backend_note`` why ``backend`` is not the one asked
+    for ("" when it is). With ``per_image=True``: ``image_correct`` [F, N] bool and ``base_image_correct``
+    [N] bool, in data order.
     """
 
     layer: str
@@ -59,6 +70,7 @@ class LayerScores:
     topk: int = 1
     image_correct: torch.Tensor | None = field(default=None, repr=False)
     base_image_correct: torch.Tensor | None = field(default=None, repr=False)
+    backend_note: str = ""
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -82,7 +94,8 @@ class LayerScores:
 
     @property
     def car(self) -> torch.Tensor:
-        """[F] float64: the CAR index, base accuracy minus accuracy without the filter (can be < 0)."""
+        """[F] float64: the CAR index, base accuracy minus accuracy without the filter (can be < 0), as a
+        FRACTION (0.012: 1.2 points lost; tables print it as "CAR %", 100 x this)."""
         return self.base_accuracy - self.accuracy
 
     @property
@@ -128,6 +141,7 @@ class LayerScores:
             "pairs_evaluated": self.pairs_evaluated, "pairs_skipped": self.pairs_skipped,
             "seconds": self.seconds, "precision": self.precision, "pairs_rechecked": self.pairs_rechecked,
             "margin_threshold": self.margin_threshold, "members": self.members, "topk": self.topk,
+            "backend_note": self.backend_note,
         }
         return d
 
@@ -141,16 +155,25 @@ class LayerScores:
                    float(d["base_loss_sum"]), t(d["loss_sum"], dtype=torch.float64), d.get("coupled", False),
                    d.get("method", ""), d.get("backend", ""), d.get("pairs_evaluated", 0), d.get("pairs_skipped", 0),
                    d.get("seconds", 0.0), d.get("precision", "fp32"), d.get("pairs_rechecked", 0),
-                   d.get("margin_threshold", 0.0), d.get("members"), topk=int(d.get("topk", 1)))
+                   d.get("margin_threshold", 0.0), d.get("members"), topk=int(d.get("topk", 1)),
+                   backend_note=d.get("backend_note", ""))
 
-    def table(self, top: int | None = None) -> str:
-        """A readable table, filters in ranking order (least important first)."""
-        order = self.ranking().tolist()
+    def table(self, top: int | None = None, rule: str | None = None) -> str:
+        """A readable table, filters in ranking order (least important first) under the selection ``rule``
+        (``ranking``; default "loss"); its header says the order and the units."""
+        rule = DEFAULT_RULE if rule is None else rule
+        order = self.ranking(rule).tolist()
         pos = {int(f): i for i, f in enumerate(self.filters.tolist())}
         acc, car, dloss = self.accuracy, self.car, self.loss_increase
         lines = [f"CAR scores of {self.layer!r}: {len(order)} filters on {self.num_images} images, "
                  f"base {self.accuracy_name} {100 * self.base_accuracy:.2f} %  "
-                 f"({self.method}, {self.backend}, {self.precision})",
+                 f"({self.method}, {self.backend}, {self.precision})"]
+        if self.backend_note:
+            lines.append(f"backend {self.backend}: {self.backend_note}")
+        lines += [f"order: least important first, by {_RANKED_BY[rule]}: rule {rule!r}"
+                  f"{', the order carfast.prune removes in by default' if rule == DEFAULT_RULE else ''}",
+                  f"units: accuracy % and CAR % in percent (CAR % = 100 x .car, which is a fraction: the "
+                  f"{self.accuracy_name} lost without the filter); loss + = mean cross-entropy increase (nats)",
                  f"{'rank':>4}  {'filter':>6}  {'accuracy %':>10}  {'CAR %':>7}  {'loss +':>9}"]
         shown = order if top is None or top >= len(order) else order[:top]
         for r, f in enumerate(shown):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from carfast.atomic import atomic_path
+from carfast.errors import state_dict_mismatch
 from carfast.graph import is_channel_map
 from carfast.models import cifar as models
 
@@ -102,10 +103,21 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, extra: dict | None
             os.fsync(f.fileno())
 
 
-def _rebuild(arch, path, fn: str) -> nn.Module:
+def _factory_hint(extra) -> str:
+    """``mynet.make_net()`` when the file's record names the ``carfast prune --model`` factory, else a stand-in."""
+    cli = ((extra or {}).get("settings") or {}).get("cli_model") if isinstance(extra, dict) else None
+    spec = cli.get("model") if isinstance(cli, dict) else None
+    if isinstance(spec, str) and ":" in spec:
+        module, _, attr = spec.partition(":")
+        return f"{module}.{attr}()"
+    return "YourNet()"
+
+
+def _rebuild(arch, path, fn: str, extra=None) -> nn.Module:
     if arch is None:
-        raise ValueError(f"{fn}: {path} was saved from a network without a carfast architecture record "
-                         "(model.carfast_arch); pass model=, an unpruned instance of the same architecture")
+        raise ValueError(f"{fn}: {path} holds a pruned network of your own (not one of carfast.models), which "
+                         f"carfast rebuilds from an unpruned instance of its architecture: pass model=, e.g. "
+                         f"{fn}({path!r}, model={_factory_hint(extra)}) (its weights are not used)")
     if not isinstance(arch, dict) or arch.get("builder") not in _BUILDERS or not isinstance(arch.get("kwargs"), dict):
         raise ValueError(f"{fn}: {path} records architecture {arch!r}, which is not one carfast can rebuild "
                          f"(builders: {sorted(_BUILDERS)}); pass model=, an unpruned instance of it")
@@ -166,13 +178,13 @@ def read_pruned(path: str | os.PathLike, model: nn.Module | None, fn: str) -> tu
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module or None, got {type(model).__name__}")
     obj = read_saved(path, fn)
-    net = copy.deepcopy(model) if model is not None else _rebuild(obj["arch"], os.fspath(path), fn)
+    net = copy.deepcopy(model) if model is not None else _rebuild(obj["arch"], os.fspath(path), fn, obj.get("extra"))
     state = obj["state_dict"]
     _reshape(net, obj["modules"], state, os.fspath(path), fn)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"{fn}: the saved weights do not fit the network ({str(err).splitlines()[0]} ...); pass "
+        raise ValueError(f"{fn}: the saved weights do not fit the network ({state_dict_mismatch(net, state)}); pass "
                          "model=, an unpruned instance of the architecture that was saved") from err
     return net, obj["extra"]
 
