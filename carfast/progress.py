@@ -23,22 +23,30 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    """Progress of ``total`` units of work (None: unknown) named ``label``; ``update(n)`` after each piece."""
+    """Progress of ``total`` units of work (None: unknown) named ``label``; ``update(n)`` after each piece.
 
-    def __init__(self, progress, total: int | None, label: str, unit: str = "pairs"):
+    The time left is ``estimate()`` (seconds, or None while it cannot tell) when given: the caller's model
+    of what remains, for work whose pieces differ in cost; else elapsed time scaled by the share left.
+    """
+
+    def __init__(self, progress, total: int | None, label: str, unit: str = "pairs", estimate=None):
         self.callback = progress if callable(progress) else None
         on = (os.environ.get("CARFAST_PROGRESS", "1") != "0") if progress is None else \
             bool(progress) and self.callback is None
         self.mode = None if not on else ("bar" if sys.stderr.isatty() else "lines")
         self.total, self.label, self.unit, self.done = total, label, unit, 0
+        self.estimate = estimate
         self.start = self.last = time.perf_counter()
         self.lines = 0
+        self.finished_shown = False
 
     def _timing(self, now: float) -> str:
         elapsed = now - self.start
         text = f"{_clock(elapsed)} elapsed"
         if self.total and 0 < self.done < self.total:
-            text += f", ~{_clock(elapsed * (self.total - self.done) / self.done)} left"
+            left = elapsed * (self.total - self.done) / self.done if self.estimate is None else self.estimate()
+            if left is not None:
+                text += f", ~{_clock(left)} left"
         return text
 
     def update(self, n: int) -> None:
@@ -49,6 +57,9 @@ class Progress:
             return
         now = time.perf_counter()
         finished = bool(self.total) and self.done >= self.total
+        if finished and self.finished_shown:
+            return                       # (an empty update after the end would repeat the last line)
+        self.finished_shown = finished
         rate = self.done / max(now - self.start, 1e-9)
         if self.mode == "bar" and (now - self.last > 0.25 or finished):
             self.last = now

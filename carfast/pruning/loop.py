@@ -26,8 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from carfast.distributed import all_reduce_sum
+from carfast.progress import Progress
 from carfast.pruning.checkpoint import write_checkpoint
 from carfast.pruning.criteria import draws_fixed_order
+from carfast.pruning.eta import RunClock
 from carfast.pruning.evaluate import Evaluation, evaluate
 from carfast.scoring import GroupScorer, LayerScorer
 from carfast.scoring.selection import score_by_rule
@@ -55,7 +57,7 @@ def _evaluation(scores, i: int) -> Evaluation:
 class GreedyRun:
     """The state of one pruning run: the current model, each target's original channel indices, the history."""
 
-    def __init__(self, config, model, data, base: Evaluation, replay, settings, bar, prebuilt):
+    def __init__(self, config, model, data, base: Evaluation, replay, settings, progress, prebuilt, weights: dict):
         self.config, self.model, self.data, self.base = config, model, data, base
         self.input_model = model           # the cuts make smaller copies; this one stays as it came
         self.fixed: dict = {}              # {target: [units] importance by original index} (fixed_order criteria)
@@ -63,7 +65,12 @@ class GreedyRun:
         self.orig = {t.name: list(range(t.units)) for t in config.targets}
         self.threshold = {t.name: None if t.max_drop is None else base.accuracy - t.max_drop for t in config.targets}
         self.replay = collections.deque(replay)
-        self.settings, self.bar = settings, bar
+        self.settings = settings
+        self.left = {t.name: t.units for t in config.targets}     # {target: channels left to consider}
+        self.clock = RunClock({t.name: (t.units, t.keep) for t in config.targets}, weights, config.step,
+                              config.schedule, car=config.criterion is None)
+        self.bar = Progress(progress, sum(t.units - t.keep for t in config.targets), "pruning", unit="channels",
+                            estimate=lambda: self.clock.left(self.left))
         self.history: list[dict] = []
         self.stops: dict = {}              # {target: why and where it stopped before reaching keep}
         self.iteration = -1
@@ -78,7 +85,10 @@ class GreedyRun:
         self.history.append({"step": len(self.history), "iteration": self.iteration, "planned": planned,
                              "layer": layer, "filter": int(index), "correct": ev.correct, "accuracy": ev.accuracy,
                              "loss": ev.loss, "remaining": remaining, "seconds": now - self._t})
+        if self.config.criterion is not None:      # a baseline's work is its removals (CAR's: observed in scoring)
+            self.clock.observe(layer, 1, now - self._t)
         self._t = now
+        self.left[layer] = remaining
         self.bar.update(1)
         if self.config.checkpoint is not None:
             write_checkpoint(self.config.checkpoint, self.settings, self.history)
@@ -93,6 +103,7 @@ class GreedyRun:
             return None
         row = self.replay.popleft()
         self.history.append(row)
+        self.left[row["layer"]] = row["remaining"]
         self.bar.update(1)
         self.iteration = row["iteration"]
         self._t = time.perf_counter()
@@ -103,6 +114,7 @@ class GreedyRun:
         self.stops[layer] = {"reason": "max_accuracy_drop", "remaining": remaining,
                              "accuracy_after_next": ev.accuracy, "threshold": self.threshold[layer],
                              "iteration": self.iteration}
+        self.left[layer] = self.targets[layer].keep                # no more work for it
 
     def crosses(self, layer: str, ev: Evaluation) -> bool:
         t = self.threshold[layer]
@@ -136,10 +148,14 @@ class GreedyRun:
                              "channels' way, e.g. a depthwise conv): prune it on its own")
         return s
 
-    def car_scores(self, scorer):
-        """Score every remaining channel of ``scorer``; returns (LayerScores, [removal key per channel])."""
-        return score_by_rule(scorer, self.config.rule, self.config.score_options["process_group"],
-                             exact_first=self.config.step)
+    def car_scores(self, name: str, scorer):
+        """Score every remaining channel of target ``name``'s ``scorer``; returns (LayerScores, [removal key
+        per channel])."""
+        t0 = time.perf_counter()
+        out = score_by_rule(scorer, self.config.rule, self.config.score_options["process_group"],
+                            exact_first=self.config.step)
+        self.clock.observe(name, len(scorer.remaining), time.perf_counter() - t0)
+        return out
 
     # -- sequential ----------------------------------------------------------------------------------------
     def sequential(self) -> None:
@@ -169,7 +185,7 @@ class GreedyRun:
     def rank_in_layer(self, scorer, name: str, start: list):
         """Remaining scorer indices, best to remove first; and {index: LayerScores} already known."""
         if self.config.criterion is None:
-            s, keys = self.car_scores(scorer)
+            s, keys = self.car_scores(name, scorer)
             self.first_scores.setdefault(name, s)
             filters = s.filters.tolist()
             order = [filters[i] for i in sorted(range(len(filters)), key=lambda i: (keys[i], filters[i]))]
@@ -207,7 +223,7 @@ class GreedyRun:
         out = []
         for pos, n in enumerate(open_targets):
             if self.config.criterion is None:
-                s, keys = self.car_scores(self.scorer(n))
+                s, keys = self.car_scores(n, self.scorer(n))
                 if len(self.orig[n]) == self.targets[n].units:      # intact: indices are the original ones
                     self.first_scores.setdefault(n, s)
                 for i, k in enumerate(s.filters.tolist()):

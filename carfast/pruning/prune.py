@@ -9,19 +9,22 @@ checkpoints (``checkpoint.py``); then surgery, the optional fine-tune, and the `
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
+import torch
 from torch import nn
 
-from carfast.batching import model_device
+from carfast.batching import eval_mode, model_device
 from carfast.distributed import UNSET, process_group_argument, resolve_group
-from carfast.progress import Progress
 from carfast.pruning.checkpoint import digest_data, digest_model, read_checkpoint
 from carfast.pruning.config import PruneConfig
+from carfast.pruning.eta import suffix_seconds
 from carfast.pruning.evaluate import evaluate
 from carfast.pruning.loop import GreedyRun
 from carfast.pruning.result import PruneResult
-from carfast.scoring import GroupScorer, LayerScorer
+from carfast.scoring import GroupScorer, LayerScorer, ScoreOptions
+from carfast.scoring.checks import warn_near_chance
 from carfast.surgery.measure import ModelStats
 
 __all__ = ["prune"]
@@ -38,6 +41,20 @@ def _finetune(model, finetune):
     from carfast.pruning.finetune import finetune as run_finetune
     cfg = dict(finetune)
     return run_finetune(model, cfg.pop("data"), cfg)
+
+
+def _quiet_scorers(config) -> None:
+    """The scorers of this run do not warn of near-chance accuracy (``_check_chance`` does, once)."""
+    options = config.score_options.get("options")
+    if options is None or isinstance(options, ScoreOptions):
+        config.score_options["options"] = dataclasses.replace(options or ScoreOptions(), warn_near_chance=False)
+
+
+def _check_chance(work, example, base, topk) -> None:
+    """Warn once (``errors.NearChanceWarning``) when the input model's accuracy on the data is near chance."""
+    with eval_mode(work), torch.no_grad():
+        classes = work(example.to(model_device(work))).shape[-1]
+    warn_near_chance(base.accuracy, base.num_images, classes, _FN, topk, stacklevel=4)   # at prune's caller
 
 
 def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str = "sequential",
@@ -108,12 +125,14 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         raise ValueError(f"{_FN}: finetune= with several processes would fine-tune each process's copy on its own "
                          "data; fine-tune result.model yourself (e.g. with DistributedDataParallel)")
     config.score_options["process_group"] = group if group is not None else False
+    _quiet_scorers(config)     # prune checks the input model's accuracy for near chance once, below
     work = copy.deepcopy(model).eval()
     # scorers built now fail early (before any data pass) and serve while the model is still the input model
     prebuilt = {t.name: (GroupScorer if t.group else LayerScorer)(work, t.name, data, progress=False,
                                                                    **config.score_options) for t in config.targets}
     topk = config.score_options.get("topk", 1)
     base = evaluate(work, data, process_group=config.score_options["process_group"], topk=topk)
+    _check_chance(work, config.example, base, topk)
     settings = {"layers": config.names, "groups": [t.name for t in config.targets if t.group],
                 "keep": {t.name: t.keep for t in config.targets}, "step": config.step, "schedule": config.schedule,
                 "criterion": config.criterion_name, "rule": config.rule if config.criterion is None else None,
@@ -128,10 +147,12 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         config.checkpoint = os.fspath(checkpoint)
         settings["model_digest"], settings["data_digest"] = digest_model(model), digest_data(data)
         replay = read_checkpoint(config.checkpoint, settings)
-    bar = Progress(progress, sum(t.units - t.keep for t in config.targets), "pruning", unit="channels")
-    run = GreedyRun(config, work, data, base, replay, settings, bar, prebuilt)
+    # what one unit of each target's work costs, relative to the others (for the time left; eta.py)
+    weights = suffix_seconds(work, config.example.to(model_device(work)), config.names) if config.criterion is None \
+        else dict.fromkeys(config.names, 1)
+    run = GreedyRun(config, work, data, base, replay, settings, progress, prebuilt, weights)
     run.sequential() if config.schedule == "sequential" else run.global_()
-    bar.close()
+    run.bar.close()
     example = config.example.to(model_device(run.model))
     sizes = {"before": ModelStats.of(model, example), "after": ModelStats.of(run.model, example)}
     stats = {when: {"params": st.params, "macs": st.macs} for when, st in sizes.items()}
