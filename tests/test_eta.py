@@ -24,10 +24,15 @@ def test_candidates_left_counts_every_channel_scored(remaining, keep, step):
 
 def test_suffix_seconds_shrink_along_the_network_and_leave_it_as_it_was():
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).train()
-    t = suffix_seconds(net, torch.randn(1, 3, 8, 8), ["0", "2", "6"], batch=4)
-    assert t["0"] >= t["2"] >= t["6"] > 0       # each run's time after "0" contains the time after "2"
-    assert net.training and all(not m._forward_hooks for m in net.modules())
+                        nn.Conv2d(5, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(64, 3)).train()
+    x = torch.randn(1, 3, 16, 16)
+    t = suffix_seconds(net, x, ["0", "2", "8"], batch=8)
+    assert t["0"] >= t["2"] >= t["8"] > 0       # each run's time after "0" contains the time after "2"
+    assert net.training and all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+    # scored in closed form, a layer's candidate runs its consumer's share only, not the heavy conv after it
+    closed = suffix_seconds(net, x, ["0"], closed_form={"0"}, batch=8)
+    assert closed["0"] < t["0"]
 
 
 def test_clock_predicts_a_run_whose_cost_follows_the_model():

@@ -2,14 +2,14 @@
 
 Greedy CAR's cost is not spread evenly over the removals: every iteration scores all the channels a
 target has left (fewer each time), and one candidate of an early layer runs most of the network while
-one of the last layer runs a conv or two. So the time left is counted in *work*: candidate evaluations
-(channels scored), each weighted by the time one forward of the network spends after the target (its
-suffix, what one candidate runs: timed once on a batch before the run, since elementwise work on large
-early feature maps costs more than its multiply-accumulates say). The seconds per unit of work are
-measured as the run goes: per target once it has been scored, else the mean over the targets scored
-so far. A baseline criterion
-makes one evaluation per removal (plus the criterion itself, a forward or two of the whole network), so
-its work is its removals, all of one weight.
+one of the last layer runs a conv or two. So the time left is counted in *work*:
+candidate evaluations (channels scored), each weighted by what one candidate runs, timed once on a
+batch before the run: the consumer's share for one channel and the network after it (the scorer caches
+the rest; elementwise work on large early feature maps costs more than its multiply-accumulates say).
+The seconds per unit of work are measured as the run goes: per target once it has been scored, else
+the mean over the targets scored so far. A baseline criterion makes one evaluation per removal (plus
+the criterion itself, a forward or two of the whole network), so its work is its removals, all of one
+weight.
 
 Iterations left with ``r`` channels, ``keep`` to keep and a greedy step ``s``: ``r, r - s, ...`` while
 above ``keep``. Sequential schedule: a target's candidates are their sum. Global schedule: every
@@ -37,32 +37,55 @@ def _now(x: torch.Tensor) -> float:
     return time.perf_counter()
 
 
-def suffix_seconds(model: nn.Module, example: torch.Tensor, names, *, batch: int = 64,
-                   repeats: int = 3) -> dict[str, float]:
-    """{name: median seconds one forward of ``batch`` copies of ``example[:1]`` spends after module
-    ``name``'s first call returns}: what evaluating one candidate of that layer runs, up to a factor.
-    The model runs ``repeats + 1`` times in eval mode without gradients; its flags are restored."""
-    x = example[:1].expand(batch, *example.shape[1:]).contiguous()
-    marks: dict = {}
+def _calls(model: nn.Module, x: torch.Tensor) -> tuple[list, float]:
+    """One forward of ``x``: [(module name, in channels, start, end)] of every Conv / Linear call in order,
+    and the time the forward ended."""
+    names = {m: n for n, m in model.named_modules()}
+    calls, starts = [], []
 
-    def mark(name):
-        def hook(_m, _args, _out):           # (returns None: the output stays as it is)
-            marks.setdefault(name, _now(x))
-        return hook
+    def pre(_m, _args):
+        starts.append(_now(x))
 
-    handles = [model.get_submodule(n).register_forward_hook(mark(n)) for n in names]
-    runs = []
+    def post(m, _args, _out):            # (returns None: the output stays as it is)
+        width = m.in_channels if isinstance(m, nn.modules.conv._ConvNd) else m.in_features
+        calls.append((names[m], width, starts.pop(), _now(x)))
+
+    mods = [m for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    handles = [m.register_forward_pre_hook(pre) for m in mods] + [m.register_forward_hook(post) for m in mods]
     try:
-        with eval_mode(model), torch.no_grad():
-            model(x)                                      # warm-up
-            for _ in range(repeats):
-                marks.clear()
-                model(x)
-                end = _now(x)
-                runs.append({n: end - marks.get(n, end) for n in names})
+        model(x)
+        end = _now(x)
     finally:
         for h in handles:
             h.remove()
+    return sorted(calls, key=lambda c: c[2]), end
+
+
+def suffix_seconds(model: nn.Module, example: torch.Tensor, names, *, closed_form=(), batch: int = 64,
+                   repeats: int = 3) -> dict[str, float]:
+    """{name: median seconds of what one candidate of layer ``name`` runs}, timed on forwards of ``batch``
+    copies of ``example[:1]``: the layer that reads it next (its consumer) for one input channel, i.e.
+    its time / its input channels, and everything after the consumer (the consumer's other channels are
+    cached by the scorer). A layer scored in ``closed_form`` (its consumer feeds the logits through
+    per-channel ops, evaluated in one fused pass): the consumer's share alone. A layer read by nothing
+    later: the time after it. Up to a common factor, which the run measures. The model runs
+    ``repeats + 1`` times in eval mode without gradients; its flags are restored."""
+    x = example[:1].expand(batch, *example.shape[1:]).contiguous()
+    runs = []
+    with eval_mode(model), torch.no_grad():
+        model(x)                                          # warm-up
+        for _ in range(repeats):
+            calls, end = _calls(model, x)
+            run = {}
+            for n in names:
+                mine = next((c for c in calls if c[0] == n), None)
+                if mine is None:
+                    run[n] = 0.0
+                    continue
+                nxt = next((c for c in calls if c[2] >= mine[3]), None)
+                after = 0.0 if n in closed_form else end - nxt[3] if nxt is not None else end - mine[3]
+                run[n] = after + ((nxt[3] - nxt[2]) / nxt[1] if nxt is not None else 0.0)
+            runs.append(run)
     return {n: max(statistics.median(r[n] for r in runs), 1e-9) for n in names}
 
 

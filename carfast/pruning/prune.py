@@ -148,8 +148,9 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         settings["model_digest"], settings["data_digest"] = digest_model(model), digest_data(data)
         replay = read_checkpoint(config.checkpoint, settings)
     # what one unit of each target's work costs, relative to the others (for the time left; eta.py)
-    weights = suffix_seconds(work, config.example.to(model_device(work)), config.names) if config.criterion is None \
-        else dict.fromkeys(config.names, 1)
+    weights = dict.fromkeys(config.names, 1) if config.criterion is not None else \
+        suffix_seconds(work, config.example.to(model_device(work)), config.names,
+                       closed_form={n for n, s in prebuilt.items() if s.method == "closed_form"})
     run = GreedyRun(config, work, data, base, replay, settings, progress, prebuilt, weights)
     run.sequential() if config.schedule == "sequential" else run.global_()
     run.bar.close()
