@@ -185,6 +185,8 @@ class GreedyRun:
     def rank_in_layer(self, scorer, name: str, start: list):
         """Remaining scorer indices, best to remove first; and {index: LayerScores} already known."""
         if self.config.criterion is None:
+            if not scorer.removed and not scorer.cached:
+                scorer.prepare()    # the prefix pass, once per target: not part of the per-candidate cost
             s, keys = self.car_scores(name, scorer)
             self.first_scores.setdefault(name, s)
             filters = s.filters.tolist()
