@@ -1,11 +1,14 @@
 """carfast.integrations.torch_pruning: CAR as a Torch-Pruning importance, and the option-A shortcut pruner."""
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import carfast
 from carfast.groups import find_group
@@ -105,10 +108,11 @@ def test_bound_greedy_step_is_sequential_greedy_car():
 
 
 def test_unscorable_groups_are_skipped_with_one_warning():
-    """A channel shuffle's layer (removal undefined), a group Torch-Pruning draws otherwise than carfast and
-    one it would cut at other indices (``a``'s channels are flipped before ``lin`` reads them: Torch-Pruning
-    would cut lin's input k where the flip makes it 5 - k): None (left unpruned), one warning naming them
-    before any scoring, and the step completes; with a fallback importance, that importance's scores."""
+    """A channel shuffle's layer (removal undefined) and a group Torch-Pruning would cut at other indices
+    (``a``'s channels are flipped before ``lin`` reads them: Torch-Pruning would cut lin's input k where the
+    flip makes it 5 - k): None (left unpruned), one warning naming them before any scoring, and the step
+    completes, pruning the rest (the branch's 1x1 conv -> depthwise conv group among them); with a fallback
+    importance, that importance's scores."""
     import sys as _sys
     _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from nets.families import SHAPE, shuffle
@@ -120,12 +124,13 @@ def test_unscorable_groups_are_skipped_with_one_warning():
     imp = CARImportance((x, y))
     pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.25, ignored_layers=[model.fc])
     imp.bind(pruner)
-    with pytest.warns(UserWarning, match=r"cannot score 3 group\(s\), left unpruned.*a: for channel 0 of this group "
+    with pytest.warns(UserWarning, match=r"cannot score 2 group\(s\), left unpruned.*a: for channel 0 of this group "
                                          r"Torch-Pruning would delete input channels \[0\] of 'lin', carfast \[5\].*"
                                          r"unit\.branch\.5.*channel shuffle"):
         pruner.step()
-    assert set(imp.skipped) == {"unit.branch.5", "unit.branch.3", "a"}
+    assert set(imp.skipped) == {"unit.branch.5", "a"}
     assert model.unit.branch[5].out_channels == width and model.a.out_channels == 6 and model.lin.out_features < 4
+    assert model.unit.branch[3].out_channels == model.unit.branch[0].out_channels == width - 1     # depthwise
     assert model(x[:2]).shape == (2, 5)
 
     model = shuffle().model
@@ -251,3 +256,125 @@ def test_torch_pruning_surgery_of_a_repvgg_stream_equals_remove_groups():
     ref = carfast.remove_groups(orig, removed, example=x[:1])
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x), atol=1e-5)
+
+
+# ---- MobileNetV2-style blocks: expand -> depthwise -> squeeze-and-excitation (issue 20) -----------------------
+EXPANSION = ("expand", "dw", "se.fc2")     # the producers Torch-Pruning lists for a block's expansion channels
+
+
+def _mobilenet(n=48):
+    from nets import own_labels
+    from nets.mobilenet import NUM_CLASSES, SHAPE, make_mobilenet
+    model = make_mobilenet()
+    x, y = own_labels(model, SHAPE, n, 7, NUM_CLASSES)
+    return model, x, y
+
+
+def _torch_pruning_deletes(model, layer, channels, example):
+    """A copy of ``model`` from which Torch-Pruning deleted ``channels`` of ``layer`` (its group with them)."""
+    work = copy.deepcopy(model)
+    _graph(work, example=example).get_pruning_group(work.get_submodule(layer), tp.prune_conv_out_channels,
+                                                    idxs=channels).prune()
+    return work
+
+
+@pytest.mark.parametrize("member", EXPANSION)
+def test_depthwise_expansion_group_is_scored_as_torch_pruning_deletes(member, one_thread):
+    """Rooted at any of its producers (the expand conv, the depthwise conv, the SE gate's conv), Torch-
+    Pruning's group of a block's expansion channels is scored, not refused, and the CAR of channel k is
+    what the network Torch-Pruning physically cut k from computes in float64: the images correct (near
+    ties aside) and the loss."""
+    from naive import margin_of, near_tie
+    model, x, y = _mobilenet()
+    layer = f"block2.{member}"
+    F_ = model.get_submodule(layer).out_channels
+    imp = CARImportance((x, y), greedy=False, progress=False)
+    got = imp(_group(_graph(model, example=x[:1]), model, layer))
+    assert got is not None and not imp.skipped and got.shape == (F_,)
+    s = imp.last_scores
+    lost = torch.floor(got.double() * s.num_images + 1e-6).long()           # images CAR says the removal loses
+    for k in (0, F_ // 2, F_ - 1):
+        pruned = _torch_pruning_deletes(model, layer, [k], x[:1]).double()
+        assert pruned.block2.dw.out_channels == pruned.block2.se.fc2.out_channels == pruned.block2.project.in_channels \
+            == F_ - 1
+        with torch.no_grad():
+            logits = pruned(x.double())
+        correct = int((logits.argmax(1) == y).sum())
+        ties = int(near_tie(margin_of(logits), logits).sum())
+        assert abs(int(s.base_correct.sum()) - int(lost[k]) - correct) <= ties, k
+        assert float(s.loss_sum[k]) == pytest.approx(float(F.cross_entropy(logits, y, reduction="sum")), rel=1e-5), k
+
+
+def test_torch_pruning_prunes_mobilenet_expansion_groups_as_carfast_deletes(one_thread):
+    """Greedy CAR bound to a 12.5 % Torch-Pruning step: every block's expansion group is scored and pruned
+    (no warning, nothing skipped), and the network Torch-Pruning cut computes, in float64, the one
+    carfast.remove_groups makes of the channels CAR chose."""
+    model, x, y = _mobilenet(16)
+    orig = copy.deepcopy(model)
+    others = [model.fc, model.stem, model.head] + [getattr(model, b).get_submodule(m) for b in model.names
+                                                   for m in ("project", "se.fc1")]
+    imp = CARImportance((x, y), progress=False)
+    pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.125, ignored_layers=others)
+    imp.bind(pruner)
+    names = {m: n for n, m in model.named_modules()}
+    removed = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for group in pruner.step(interactive=True):
+            removed[names[group[0].dep.target.module]] = sorted(int(i) for i in group[0].idxs)
+            group.prune()
+    assert not imp.skipped and not [w for w in caught if "cannot score" in str(w.message)]
+    for b in orig.names:
+        hidden = getattr(orig, b).expand.out_channels
+        (root,) = [r for r in removed if r in {f"{b}.{m}" for m in EXPANSION}]
+        assert len(removed[root]) == hidden // 8
+        block = getattr(model, b)
+        assert block.expand.out_channels == block.dw.out_channels == block.se.fc2.out_channels \
+            == block.se.fc1.in_channels == block.project.in_channels == hidden - hidden // 8
+    assert len(removed) == len(orig.names)
+    ref = carfast.remove_groups(orig, removed, example=x[:1])
+    with torch.no_grad():
+        assert torch.allclose(model.double()(x.double()), ref.double()(x.double()), rtol=0, atol=1e-10)
+
+
+def test_a_depthwise_conv_with_a_multiplier_is_refused():
+    """A depthwise conv with 2 outputs per channel: carfast deletes its rows 2c and 2c + 1 with channel c,
+    Torch-Pruning 1.6.1 takes it for a grouped conv and deletes none of its rows: the group is refused, the
+    rows named."""
+    from nets import own_labels
+    from nets.basic import NUM_CLASSES, make_mobilenet_chain_mult2
+    case = make_mobilenet_chain_mult2()
+    x, y = own_labels(case.model, case.input_shape, 8, 0, NUM_CLASSES)
+    imp = CARImportance((x, y), progress=False)
+    with pytest.warns(UserWarning, match=r"expand: for channel 0 of this group Torch-Pruning would delete output "
+                                         r"channels \[\] of 'dw', carfast \[0, 1\]"):
+        assert imp(_group(_graph(case.model, example=x[:1]), case.model, "expand")) is None
+
+
+def _greedy_pairs(F_, removals, n):
+    """(candidate, image) pairs greedy CAR scores making ``removals`` in a group of F_: F_ + (F_ - 1) + ..."""
+    return n * sum(F_ - j for j in range(removals))
+
+
+def test_progress_callable_follows_torch_pruning_steps(one_thread):
+    """progress=callable gets (done, total) pairs as CAR scores: bound, over the step's groups (the total
+    known at the first report, done rising to it); unbound, over each call's group."""
+    model, x, y = _mobilenet(16)
+    scored = {"block1.se.fc1", *(f"block1.{m}" for m in EXPANSION)}
+    frozen = [m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+              and n not in scored]
+    calls = []
+    imp = CARImportance((x, y), progress=lambda done, total: calls.append((done, total)))
+    pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.125, ignored_layers=frozen)
+    imp.bind(pruner)
+    pruner.step()
+    assert model.block1.expand.out_channels == 56 and model.block1.se.fc1.out_channels == 14
+    total = _greedy_pairs(64, 8, 16) + _greedy_pairs(16, 2, 16)
+    assert len(calls) > 10 and {t for _, t in calls} == {total}
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == total
+
+    calls.clear()
+    unbound = CARImportance((x, y), progress=lambda done, total: calls.append((done, total)))
+    unbound(_group(_graph(model, example=x[:1]), model, "block2.se.fc1"))
+    assert calls[-1] == (_greedy_pairs(16, 15, 16), _greedy_pairs(16, 15, 16))

@@ -23,12 +23,23 @@ scored before it in this step have already lost the channels the step will remov
 channels that stand in for each other each look unimportant alone, and a step that removes many of
 them at once removes them together (measured in benchmarks/RESULTS.md: far worse than magnitude).
 
+A depthwise conv on a group's way (MobileNet's expand -> depthwise -> squeeze-and-excitation) is a
+producer to Torch-Pruning (it deletes its output channels with the group's) and a per-channel op to carfast
+(its weight rows go with the channels they carry): the same deletion, so the producers are compared without
+depthwise convs, and the rows deleted from each depthwise conv are compared with the channels.
+
 A group carfast cannot score (an op it cannot follow, a layer making the logits, a Torch-Pruning group
 that is not carfast's: other producers, or, probed on its first and last channel, other channels of a
-Conv2d / Linear deleted, as Torch-Pruning 1.6.1 does behind a flip of the channels or a selective
-kernel's attention view) is not scored: ``CARImportance`` returns None for it (Torch-Pruning then leaves it
-alone) or, with ``fallback=`` another importance, that importance's scores, and warns with the groups
-affected (all of them at once when bound to the pruner, checked before any scoring).
+Conv2d / Linear or other rows of a depthwise conv deleted, as Torch-Pruning 1.6.1 does behind a flip of
+the channels, a selective kernel's attention view or a depthwise conv with a channel multiplier) is not
+scored: ``CARImportance`` returns None for it (Torch-Pruning then leaves it alone) or, with ``fallback=``
+another importance, that importance's scores, and warns with the groups affected (all of them at once
+when bound to the pruner, checked before any scoring).
+
+Progress (``progress=``, as ``score_layer``'s: None a bar on a terminal or lines in a log, False nothing,
+a callable ``(done, total)``) counts the (candidate channel, image) pairs scored: bound to a pruner, over
+each step's groups (total: every group the step will ask about, greedy as far as it will go), else over
+the one group of each call; the time left is the elapsed time per pair times the pairs left.
 
 The CIFAR ResNets' parameter-free padding shortcut (``carfast.models.OptionAShortcut``) needs a pruner
 of its own in Torch-Pruning: without one, Torch-Pruning takes the padding for an element-wise op and
@@ -57,6 +68,8 @@ from torch import nn
 from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.graph import analyze_units, is_channel_map
 from carfast.graph.groups import members_of
+from carfast.progress import Progress
+from carfast.scoring.checks import count_images
 from carfast.scoring.group_scorer import GroupScorer, score_group
 from carfast.scoring.scorer import LayerScorer, score_layer
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule
@@ -143,7 +156,8 @@ class CARImportance(tp.importance.Importance):
         fallback: None (default: a group carfast cannot score is left alone: None is returned) or a
             Torch-Pruning importance (e.g. ``tp.importance.MagnitudeImportance(p=1)``) that scores it.
         **score_options: passed to ``score_layer`` / ``score_group`` (device, batch_size, memory_budget,
-            backend, precision, progress, process_group, options, topk: the top-k accuracy CAR counts).
+            backend, precision, process_group, options, topk: the top-k accuracy CAR counts), but
+            ``progress``: CARImportance's own, over the groups (see the module docstring).
     ``last_scores`` holds the ``LayerScores`` of the last group scored alone (greedy=False); ``skipped``
     {group root: why} the groups carfast could not score.
     """
@@ -168,7 +182,8 @@ class CARImportance(tp.importance.Importance):
         if greedy:
             check_rule_precision(self.rule, score_options.get("precision"), _FN)
         self.data = data
-        self.options = {"progress": False, **score_options}
+        self.progress = score_options.pop("progress", None)
+        self.options = score_options
         self.last_scores = None
         self.pruner = None
         self.skipped: dict[str, str] = {}
@@ -177,6 +192,7 @@ class CARImportance(tp.importance.Importance):
         self._checked = False
         self._example_input = None
         self._shadow, self._shadow_step = None, None   # bound, local pruning: this step's removals so far
+        self._bar, self._bar_step = None, None         # the progress of this step's groups (bound) or call
 
     def bind(self, pruner) -> "CARImportance":
         """Let the greedy run only as far as ``pruner``'s steps need, and check every group it will ask
@@ -200,8 +216,7 @@ class CARImportance(tp.importance.Importance):
             try:
                 with eval_mode(model), torch.no_grad():
                     flow, group = analyze_units(model, layer, example.to(model_device(model)), _FN)
-                found = sorted(p.op.name for p in flow.producers if isinstance(p.op.target, (nn.Conv2d, nn.Linear))) \
-                    if group else [layer]
+                found = sorted(p.op.name for p in flow.producers if _producer(p.op.target))
                 why = f"Torch-Pruning's group has producers {producers}, carfast's {found}" if found != producers \
                     else _index_mismatch(DG, model.get_submodule(layer), flow)
             except ValueError as err:
@@ -238,7 +253,11 @@ class CARImportance(tp.importance.Importance):
 
     # -- how far the greedy goes -------------------------------------------------------------------------------
     def _steps(self, layer: str, root: nn.Module, F: int) -> int:
+        """The greedy's removals in ``layer``'s group of F channels (remembering F as its first size)."""
         self._initial.setdefault(layer, F)
+        return self._depth_of(layer, root, F)
+
+    def _depth_of(self, layer: str, root: nn.Module, F: int) -> int:
         if isinstance(self.depth, float):
             return round(self.depth * F)
         if self.depth is not None:
@@ -247,7 +266,7 @@ class CARImportance(tp.importance.Importance):
         if p is None:
             return F - 1
         ratio = min(1.0, p.get_target_pruning_ratio(root) * (2 if p.global_pruning else 1))
-        need = max(0, F - int(self._initial[layer] * (1 - ratio)))
+        need = max(0, F - int(self._initial.get(layer, F) * (1 - ratio)))
         if p.round_to and need:                # Torch-Pruning rounds the channels left down to a multiple
             need = F - (F - need) // p.round_to * p.round_to
         return need
@@ -268,40 +287,123 @@ class CARImportance(tp.importance.Importance):
         if why is not None:
             self._warn({layer: why})
             return None if self.fallback is None else self.fallback(group)
+        bar = self._progress_bar(DG, layer, root, len(idxs))
+        try:
+            return self._score(model, layer, root, coupled, _Forward(bar))[idxs].float()
+        finally:
+            if self.pruner is None or (bar.total is not None and bar.done >= bar.total):
+                bar.close()
+
+    def _score(self, model, layer: str, root: nn.Module, coupled: bool, progress) -> torch.Tensor:
+        """[F] float64 importance of the F channels of ``layer``'s group (a scorable one), scorers reporting
+        their pairs to ``progress``."""
         if not self.greedy:
-            scores = (score_group if coupled else score_layer)(model, layer, self.data, **self.options)
+            scores = (score_group if coupled else score_layer)(model, layer, self.data, progress=progress,
+                                                               **self.options)
             self.last_scores = scores
-            return car_importance(scores, self.rank_by)[idxs].float()
-        opts = {k: v for k, v in self.options.items() if k != "progress"}
+            return car_importance(scores, self.rank_by)
         sequential = self.pruner is not None and not self.pruner.global_pruning and self.depth is None
         if sequential and self._shadow_step != self.pruner.current_step:   # a new step: a fresh copy
             self._shadow, self._shadow_step = copy.deepcopy(model).eval(), self.pruner.current_step
         scored = self._shadow if sequential else model
-        scorer = (GroupScorer if coupled else LayerScorer)(scored, layer, self.data, progress=False, **opts)
+        scorer = (GroupScorer if coupled else LayerScorer)(scored, layer, self.data, progress=progress, **self.options)
         steps = self._steps(layer, root, scorer.num_filters)
         imp = greedy_importance(scorer, steps, self.rule, scorer.process_group)
         if sequential and scorer.removed:      # what this step will remove, cut before the next group is scored
             cut = remove_groups if coupled else remove_filters
             self._shadow = cut(self._shadow, {layer: list(scorer.removed)[:steps]})
-        return imp[idxs].float()
+        return imp
+
+    # -- progress ----------------------------------------------------------------------------------------------
+    def _progress_bar(self, DG, layer: str, root: nn.Module, F: int) -> Progress:
+        """The progress this call's scorings add to: bound, the step's (made at its first call), else its own."""
+        p = self.pruner
+        if p is None:
+            return Progress(self.progress, self._pairs(self._candidates(layer, root, F)),
+                            f"CAR importance of {layer}")
+        if self._bar is None or self._bar_step != p.current_step:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar_step = p.current_step
+            self._bar = Progress(self.progress, self._pairs(self._step_candidates(DG)),
+                                 f"CAR importance, step {p.current_step}")
+        return self._bar
+
+    def _candidates(self, layer: str, root: nn.Module, F: int) -> int:
+        """Candidate channels this importance scores in a group of F channels: one scoring of them all, or
+        the greedy's scorings of F, F - 1, ... channels."""
+        if not self.greedy:
+            return F
+        s = min(self._depth_of(layer, root, F), F - 1)
+        return s * F - s * (s - 1) // 2 if s > 0 else F
+
+    def _step_candidates(self, DG) -> int:
+        """Candidate channels of every group the bound pruner's step will ask this importance to score
+        (the groups it has not pruned to its limit, that carfast can score)."""
+        p, example, total = self.pruner, self._example(), 0
+        asked = getattr(p, "_check_pruning_ratio", lambda group: True)    # Torch-Pruning 1.6.1's own test
+        for group in DG.get_all_groups(ignored_layers=p.ignored_layers, root_module_types=p.root_module_types):
+            root = group[0].dep.target.module
+            if not isinstance(root, (nn.Conv2d, nn.Linear)) or not DG.is_out_channel_pruning_fn(group[0].dep.handler) \
+                    or not asked(group):
+                continue
+            layer = DG._module2name[root]
+            if self._verdict(DG, layer, _producers(DG, group), example)[0] is None:
+                total += self._candidates(layer, root, len(group[0].idxs))
+        return total
+
+    def _pairs(self, candidates: int) -> int | None:
+        """(candidate, image) pairs of scoring ``candidates`` on the data; None when the images are not counted."""
+        n = count_images(self.data)
+        return None if n is None else candidates * n
+
+
+class _Forward:
+    """A scorer's ``progress`` callable: adds the pairs each of its scorings reports to ``bar`` (a scoring
+    reports its pairs done so far; fewer than the last report means a new scoring, from zero)."""
+
+    def __init__(self, bar: Progress):
+        self.bar, self.seen = bar, 0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if done < self.seen:
+            self.seen = 0
+        if done > self.seen:
+            self.bar.update(done - self.seen)
+        self.seen = done
 
 
 def _producers(DG, group) -> list[str]:
-    """The Conv2d / Linear layers of a Torch-Pruning group that lose output channels, by name."""
+    """The Conv2d / Linear layers of a Torch-Pruning group that lose output channels, by name, depthwise
+    convs left out (``_producer``)."""
     return sorted({DG._module2name[dep.target.module] for dep, _ in group if DG.is_out_channel_pruning_fn(dep.handler)
-                   and isinstance(dep.target.module, (nn.Conv2d, nn.Linear))})
+                   and _producer(dep.target.module)})
+
+
+def _depthwise(m) -> bool:
+    """A Conv2d carfast treats as depthwise (groups == in_channels > 1, out_channels a multiple): per-channel
+    on a group's way, its weight rows going with the channels they carry."""
+    return isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels and m.out_channels % m.in_channels == 0
+
+
+def _producer(m) -> bool:
+    """A Conv2d / Linear whose output channels count as a group's producer on both sides: not a depthwise
+    conv (Torch-Pruning's producer, carfast's per-channel op: compared by ``_index_mismatch`` instead)."""
+    return isinstance(m, (nn.Conv2d, nn.Linear)) and not _depthwise(m)
 
 
 def _index_mismatch(DG, root: nn.Module, flow) -> str | None:
     """Why Torch-Pruning, removing a unit of carfast's (probed: the first and the last), would cut other
-    channels of a Conv2d / Linear than carfast's deletion does; None where they cut the same. Both see the
-    same producers in a selective kernel's group, but Torch-Pruning deletes its attention conv's rows 2c
-    and 2c + 1 where the attention's view makes them c and C + c."""
+    channels of a Conv2d / Linear, or other rows of a depthwise conv, than carfast's deletion does; None
+    where they cut the same. Both see the same producers in a selective kernel's group, but Torch-Pruning
+    deletes its attention conv's rows 2c and 2c + 1 where the attention's view makes them c and C + c; a
+    depthwise conv with a channel multiplier m loses rows cm .. cm + m - 1 in carfast, none in Torch-Pruning
+    1.6.1 (which takes it for a grouped conv and cuts its input channel c alone)."""
     cuts = _carfast_cuts(flow)
     for unit in sorted({0, flow.num_units - 1}):
         channels = (flow.unit_of == unit).nonzero().flatten().tolist()
         theirs, ours = _torch_pruning_cuts(DG, root, channels), cuts(unit)
-        for key in sorted(set(theirs) | set(ours)):
+        for key in sorted(set(theirs) | set(ours), key=lambda k: (k[0], k[1] != "out")):   # rows first
             if theirs.get(key) != ours.get(key):
                 name, side = key
                 return (f"for channel {unit} of this group Torch-Pruning would delete {side}put channels "
@@ -316,30 +418,38 @@ def _plain(m: nn.Module) -> bool:
 
 def _carfast_cuts(flow):
     """unit -> {(layer, "out" / "in"): sorted channels} carfast's deletion cuts from plain Conv2d / Linear
-    modules (grouped convs, channel maps and per-channel tensors are left to the producers' comparison)."""
-    members = [m for m in members_of(flow) if m.role in ("output", "input")
-               and _plain(flow.modules.get(m.layer, nn.Identity()))]
+    modules, and the rows ("out") it deletes from depthwise convs: a depthwise target's own, another's
+    m per group (its multiplier m) (other grouped convs, channel maps and per-channel tensors are left to
+    the producers' comparison)."""
+    members = []
+    for m in members_of(flow):
+        module = flow.modules.get(m.layer, nn.Identity())
+        if m.role in ("output", "input") and _plain(module) or m.role == "output" and _depthwise(module):
+            members.append((m, "out" if m.role == "output" else "in", m.width))
+        elif m.role == "depthwise" and _depthwise(module):
+            members.append((m, "out", module.out_channels // module.groups))   # group c: rows c*m .. c*m + m - 1
 
     def cuts(unit: int) -> dict:
         out = {}
-        for m in members:
+        for m, side, width in members:
             ch = m.channels[unit]
             idx = sorted(i for c in (ch if isinstance(ch, list) else [ch]) if c >= 0
-                         for i in range(c * m.width, (c + 1) * m.width))
+                         for i in range(c * width, (c + 1) * width))
             if idx:
-                out[(m.layer, "out" if m.role == "output" else "in")] = idx
+                out[(m.layer, side)] = idx
         return out
     return cuts
 
 
 def _torch_pruning_cuts(DG, root: nn.Module, channels: list[int]) -> dict:
-    """{(layer, "out" / "in"): sorted channels} Torch-Pruning cuts from plain Conv2d / Linear modules when
-    ``channels`` of ``root`` go."""
+    """{(layer, "out" / "in"): sorted channels} Torch-Pruning cuts from plain Conv2d / Linear modules and
+    depthwise convs when ``channels`` of ``root`` go (a depthwise conv's input pruning, in Torch-Pruning,
+    deletes its rows: an out-channel pruning function)."""
     fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
     out = {}
     for dep, idxs in DG.get_pruning_group(root, fn, idxs=channels):
         m = dep.target.module
-        if _plain(m) and m in DG._module2name:
+        if (_plain(m) or _depthwise(m)) and m in DG._module2name:
             key = (DG._module2name[m], "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in")
             out.setdefault(key, set()).update(int(i) for i in idxs)
     return {k: sorted(v) for k, v in out.items()}
