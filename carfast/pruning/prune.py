@@ -81,7 +81,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         schedule: "sequential" (layer after layer, as the paper) or "global" (best channel of any layer).
         criterion: "car" (default), a name in ``carfast.criteria.CRITERIA`` ("random", "l1",
             "mean_activation", "apoz", "taylor") or a callable ``(model, layer, data) -> [F]`` importance
-            (higher = more important).
+            (higher = more important), re-evaluated on the smaller model at each iteration; one with
+            ``fixed_order = True`` (as "random") is drawn once per layer and removed in its order.
         rule: CAR's selection rule, which removal greedy CAR picks (``carfast.scoring.selection``):
             "accuracy" (the paper's: most images still correct), "lcb" (a lower confidence bound of that,
             from the images each removal flips either way: resists the winner's curse of picking the
