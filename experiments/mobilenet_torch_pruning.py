@@ -36,7 +36,6 @@ import os
 import platform
 import sys
 import time
-import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -53,6 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data" / "cifar10"
 RESULTS = REPO / "experiments" / "results"
 sys.path.insert(0, str(REPO / "tests"))
+from nets import prune_step  # noqa: E402  (the tests' Torch-Pruning step)
 from nets.mobilenet import MobileNetV2SE  # noqa: E402  (the network of the tests, one definition)
 
 #: (expansion ratio, output channels, stride) of each block: expansion groups of 48, 48, 72, 72 and 96 channels
@@ -124,14 +124,8 @@ def prune_expansions(model: MobileNetV2SE, method: str, ratio: float, select, se
     pruner = tp.pruner.BasePruner(work, select[0][:1], imp, pruning_ratio=ratio, ignored_layers=ignored)
     if isinstance(imp, CARImportance):
         imp.bind(pruner)
-    names = {m: n for n, m in work.named_modules()}
-    removed = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for group in pruner.step(interactive=True):
-            removed[names[group[0].dep.target.module]] = sorted(int(i) for i in group[0].idxs)
-            group.prune()
-    refused = [str(w.message) for w in caught if "cannot score" in str(w.message)]
+    removed, messages = prune_step(pruner, work)
+    refused = [m for m in messages if "cannot score" in m]
     if refused or len(removed) != len(work.names):
         raise RuntimeError(f"{method}: {len(removed)} of {len(work.names)} expansion groups pruned; {refused}")
     return work, removed

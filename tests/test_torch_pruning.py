@@ -4,11 +4,11 @@ from __future__ import annotations
 import copy
 import importlib
 import sys
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from nets import prune_step
 
 import carfast
 from carfast.groups import find_group
@@ -182,11 +182,7 @@ def test_torch_pruning_surgery_equals_remove_groups():
     pruner = tp.pruner.BasePruner(model, EXAMPLE, imp, pruning_ratio=0.25,
                                   ignored_layers=[model.linear], customized_pruners=channel_map_pruners(model))
     imp.bind(pruner)           # groups in sequence: the residual groups' removals cut on the copy too
-    names = {m: n for n, m in model.named_modules()}
-    removed = {}
-    for group in pruner.step(interactive=True):
-        removed[names[group[0].dep.target.module]] = sorted(int(i) for i in group[0].idxs)
-        group.prune()
+    removed, _ = prune_step(pruner, model)
     assert {"conv1", "layer2.0.conv2", "layer3.0.conv2"} <= set(removed)
     ref = carfast.remove_groups(orig, removed)
     with torch.no_grad():
@@ -247,11 +243,7 @@ def test_torch_pruning_surgery_of_a_repvgg_stream_equals_remove_groups():
     imp = CARImportance((x, y))
     pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.25, ignored_layers=[model.fc])
     imp.bind(pruner)
-    names = {m: n for n, m in model.named_modules()}
-    removed = {}
-    for group in pruner.step(interactive=True):
-        removed[names[group[0].dep.target.module]] = sorted(int(i) for i in group[0].idxs)
-        group.prune()
+    removed, _ = prune_step(pruner, model)
     assert not imp.skipped and len(removed) == 2             # the stem and the stream
     ref = carfast.remove_groups(orig, removed, example=x[:1])
     with torch.no_grad():
@@ -316,14 +308,8 @@ def test_torch_pruning_prunes_mobilenet_expansion_groups_as_carfast_deletes(one_
     imp = CARImportance((x, y), progress=False)
     pruner = tp.pruner.BasePruner(model, x[:1], imp, pruning_ratio=0.125, ignored_layers=others)
     imp.bind(pruner)
-    names = {m: n for n, m in model.named_modules()}
-    removed = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for group in pruner.step(interactive=True):
-            removed[names[group[0].dep.target.module]] = sorted(int(i) for i in group[0].idxs)
-            group.prune()
-    assert not imp.skipped and not [w for w in caught if "cannot score" in str(w.message)]
+    removed, messages = prune_step(pruner, model)
+    assert not imp.skipped and not [m for m in messages if "cannot score" in m]
     for b in orig.names:
         hidden = getattr(orig, b).expand.out_channels
         (root,) = [r for r in removed if r in {f"{b}.{m}" for m in EXPANSION}]

@@ -12,6 +12,7 @@ scored (its channels enter a residual add); it has no consumers.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -63,6 +64,19 @@ def make_inputs(shape, n: int, g: torch.Generator) -> torch.Tensor:
     offset = torch.randn((n, c, 1, 1), generator=g)
     contrast = torch.exp(0.5 * torch.randn((n, 1, 1, 1), generator=g))
     return (contrast * smooth + offset + 0.3 * torch.randn((n, c, h, w), generator=g)).contiguous()
+
+
+def prune_step(pruner, model: nn.Module) -> tuple[dict, list[str]]:
+    """One interactive step of a Torch-Pruning ``pruner`` of ``model``: every group it yields is pruned.
+    Returns ({name of the group's root: sorted channels removed}, [the warnings' messages during it])."""
+    names = {m: n for n, m in model.named_modules()}
+    removed = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for group in pruner.step(interactive=True):
+            removed[names[group[0].dep.target.module]] = sorted(int(i) for i in group[0].idxs)
+            group.prune()
+    return removed, [str(w.message) for w in caught]
 
 
 def own_labels(model: nn.Module, shape, n: int, seed: int, num_classes: int):
