@@ -27,6 +27,7 @@ from carfast.scoring import (
     GroupScorer,
     LayerScorer,
     LayerScores,
+    Race,
     ScoreOptions,
     score_group,
     score_layer,
@@ -39,7 +40,7 @@ except PackageNotFoundError:      # not installed (a bare checkout on sys.path)
     __version__ = "0+unknown"
 
 __all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "layers", "LayerInfo",
-           "LayerScores", "ScoreOptions", "prune", "PruneResult", "load_pruned", "compare_criteria",
+           "LayerScores", "ScoreOptions", "Race", "prune", "PruneResult", "load_pruned", "compare_criteria",
            "CriteriaComparison", "remove_filters", "write_report",
            "evaluate", "ClassImportance", "criteria", "finetune", "train_data", "integrations", "backends", "models",
            "data", "adapt", "unadapt", "__version__"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from carfast import extensions
 
-__all__ = ["label_rank", "pair_results", "score_reduce_ref", "score_reduce"]
+__all__ = ["label_rank", "pair_loss", "pair_results", "score_reduce_ref", "score_reduce"]
 
 
 def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,11 @@ def label_rank(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return ((logits > own) | ((logits == own) & before)).sum(1)
 
 
+def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [P, C] float, labels [P] int64 -> [P] float64: each row's cross-entropy, computed in float64."""
+    return F.cross_entropy(logits.double(), labels, reduction="none")
+
+
 def pair_results(logits: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [P, C] float, labels [P] int64 -> (correct [P] bool, loss [P] float64).
 
@@ -36,8 +41,7 @@ def pair_results(logits: torch.Tensor, labels: torch.Tensor, topk: int = 1) -> t
     the lowest class index, as ``argmax`` does); ``loss`` is the cross-entropy, computed in float64.
     """
     correct = logits.argmax(1) == labels if topk == 1 else label_rank(logits, labels) < topk
-    loss = F.cross_entropy(logits.double(), labels, reduction="none")
-    return correct, loss
+    return correct, pair_loss(logits, labels)
 
 
 def score_reduce_ref(logits: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor,

@@ -17,6 +17,7 @@ from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.errors import resolve_layer
 from carfast.graph import analyze_units, build_graph
 from carfast.pruning.criteria import get_criterion
+from carfast.scoring.race import Race, check_search
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision
 
 __all__ = ["Target", "PruneConfig", "SCORE_KEYS"]
@@ -49,6 +50,7 @@ class PruneConfig:
     criterion: object = None             # None: CAR; else a callable (model, layer, data) -> [F]
     criterion_name: str = "car"
     rule: str = DEFAULT_RULE             # CAR's selection rule (scoring.selection)
+    search: Race | None = None           # None: the exact search; else the raced one's settings (scoring.race)
     finetune: object = None
     checkpoint: str | None = None
     score_options: dict = field(default_factory=dict)
@@ -63,7 +65,7 @@ class PruneConfig:
 
     @classmethod
     def build(cls, model: nn.Module, layers, data, *, keep, step, schedule, criterion, rule, max_accuracy_drop,
-              finetune, checkpoint, score_options) -> "PruneConfig":
+              finetune, checkpoint, score_options, search="exact") -> "PruneConfig":
         """Check every argument (ValueError / TypeError naming the problem and the fix) before any work."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"{_FN}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -81,6 +83,13 @@ class PruneConfig:
         rule = DEFAULT_RULE if rule is None else check_rule(rule, _FN)
         if crit is None:
             check_rule_precision(rule, score_options.get("precision"), _FN)
+        search = check_search(search, _FN)
+        if search is not None and crit is not None:
+            raise ValueError(f"{_FN}: search={search!r} is how CAR searches for its choice; criterion={criterion!r} "
+                             "ranks by its own importance: drop search, or use criterion='car'")
+        if search is not None and rule == "lcb":
+            raise ValueError(f"{_FN}: search='race' races per-image sums, and the 'lcb' rule's key is not one; use "
+                             "rule='loss' or 'accuracy' with the race, or search='exact' with 'lcb'")
         _check_finetune(finetune)
         example = _example(data)
         names = _layer_names(model, layers)
@@ -88,7 +97,7 @@ class PruneConfig:
         _set_keep(targets, keep)
         _set_drops(targets, max_accuracy_drop)
         return cls(targets, step, schedule, crit, "car" if crit is None else getattr(crit, "__name__", str(criterion)),
-                   rule, finetune, checkpoint, dict(score_options), example)
+                   rule, search, finetune, checkpoint, dict(score_options), example)
 
 
 def _check_finetune(finetune) -> None:

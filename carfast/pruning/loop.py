@@ -32,7 +32,8 @@ from carfast.pruning.criteria import draws_fixed_order
 from carfast.pruning.eta import RunClock
 from carfast.pruning.evaluate import Evaluation, evaluate
 from carfast.scoring import GroupScorer, LayerScorer
-from carfast.scoring.selection import score_by_rule
+from carfast.scoring.race import race_scores
+from carfast.scoring.selection import score_by_rule, settled_keys
 from carfast.surgery import remove_filters, remove_groups
 
 __all__ = ["Candidate", "GreedyRun"]
@@ -77,6 +78,7 @@ class GreedyRun:
         self.first_scores = {}             # {target: LayerScores of its first scoring} (CAR): the class-wise view
         self.prebuilt = prebuilt           # {target: scorer} on the input model, valid until the first cut
         self._t = time.perf_counter()      # when the last removal was recorded (its time is since then)
+        self.work = [0, 0]                 # candidate-image evaluations since then: made, and the exact search's
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def record(self, layer: str, index: int, ev: Evaluation, remaining: int, planned: int) -> None:
@@ -85,6 +87,9 @@ class GreedyRun:
         self.history.append({"step": len(self.history), "iteration": self.iteration, "planned": planned,
                              "layer": layer, "filter": int(index), "correct": ev.correct, "accuracy": ev.accuracy,
                              "loss": ev.loss, "remaining": remaining, "seconds": now - self._t})
+        if self.config.criterion is None:   # CAR's work: candidate-image evaluations, and the exact search's
+            self.history[-1]["evaluations"], self.history[-1]["exhaustive"] = self.work
+            self.work = [0, 0]
         if self.config.criterion is not None:      # a baseline's work is its removals (CAR's: observed in scoring)
             self.clock.observe(layer, 1, now - self._t)
         self._t = now
@@ -148,14 +153,40 @@ class GreedyRun:
                              "channels' way, e.g. a depthwise conv): prune it on its own")
         return s
 
-    def car_scores(self, name: str, scorer):
-        """Score every remaining channel of target ``name``'s ``scorer``; returns (LayerScores, [removal key
-        per channel])."""
+    def car_scores(self, name: str, scorer, picks: int = 1):
+        """Score every remaining channel of target ``name``'s ``scorer`` (the exact search), or race them
+        (``search``: only the ``picks`` best need to survive); returns (LayerScores of the channels scored
+        on every image, [removal key per channel])."""
+        if self.config.search is not None:
+            return self.raced({name: scorer}, picks)[name]
         t0 = time.perf_counter()
         out = score_by_rule(scorer, self.config.rule, self.config.score_options["process_group"],
                             exact_first=self.config.step)
         self.clock.observe(name, len(scorer.remaining), time.perf_counter() - t0)
+        self.count_work(len(scorer.remaining) * self.base.num_images)
         return out
+
+    def raced(self, scorers: dict, picks: int) -> dict:
+        """Race the remaining channels of {target: scorer} on the same images (``scoring.race``); returns
+        {target: (LayerScores of its survivors, [their keys])} for the targets with survivors."""
+        t0 = time.perf_counter()
+        entries = [(sc, sc.remaining) for sc in scorers.values()]
+        results, outcome = race_scores(entries, self.config.rule, self.config.search,
+                                       self.config.score_options["process_group"], str(self.iteration), picks)
+        seconds = time.perf_counter() - t0
+        total = sum(len(sc.remaining) for sc in scorers.values())
+        out = {}
+        for (name, sc), s in zip(scorers.items(), results):
+            self.clock.observe(name, len(sc.remaining), seconds * len(sc.remaining) / total)
+            if s is not None:
+                out[name] = (s, settled_keys(sc, s, self.config.rule, exact_first=self.config.step))
+        self.count_work(outcome.evaluations, outcome.exhaustive)
+        return out
+
+    def count_work(self, evaluations: int, exhaustive: int | None = None) -> None:
+        """Candidate-image evaluations made (and those the exact search makes) towards the next removal."""
+        self.work[0] += evaluations
+        self.work[1] += evaluations if exhaustive is None else exhaustive
 
     # -- sequential ----------------------------------------------------------------------------------------
     def sequential(self) -> None:
@@ -172,7 +203,10 @@ class GreedyRun:
                 ranked, known = self.rank_in_layer(scorer, name, start)
                 picks = ranked[:min(self.config.step, len(scorer.remaining) - keep)]
                 for j in picks:
-                    s = known.pop(j, None) or scorer.score([j])    # the first pick's score is known
+                    s = known.pop(j, None)                          # the first pick's score is known
+                    if s is None:
+                        s = scorer.score([j])
+                        self.count_work(s.num_images)
                     known.clear()
                     ev = _evaluation(s, s.filters.tolist().index(j))
                     if self.crosses(name, ev):
@@ -187,7 +221,7 @@ class GreedyRun:
         if self.config.criterion is None:
             if not scorer.removed and not scorer.cached:
                 scorer.prepare()    # the prefix pass, once per target: not part of the per-candidate cost
-            s, keys = self.car_scores(name, scorer)
+            s, keys = self.car_scores(name, scorer, min(self.config.step, len(scorer.remaining) - self.targets[name].keep))
             self.first_scores.setdefault(name, s)
             filters = s.filters.tolist()
             order = [filters[i] for i in sorted(range(len(filters)), key=lambda i: (keys[i], filters[i]))]
@@ -221,11 +255,18 @@ class GreedyRun:
         return imp
 
     # -- global --------------------------------------------------------------------------------------------
-    def candidates(self, open_targets: list[str]) -> list[Candidate]:
+    def candidates(self, open_targets: list[str], picks: int) -> list[Candidate]:
         out = []
+        if self.config.criterion is None and self.config.search is not None:
+            scored = self.raced({n: self.scorer(n) for n in open_targets}, picks)
         for pos, n in enumerate(open_targets):
             if self.config.criterion is None:
-                s, keys = self.car_scores(n, self.scorer(n))
+                if self.config.search is None:
+                    s, keys = self.car_scores(n, self.scorer(n))
+                elif n in scored:
+                    s, keys = scored[n]
+                else:
+                    continue
                 if len(self.orig[n]) == self.targets[n].units:      # intact: indices are the original ones
                     self.first_scores.setdefault(n, s)
                 for i, k in enumerate(s.filters.tolist()):
@@ -249,7 +290,7 @@ class GreedyRun:
             self.iteration += 1
             budget = {n: len(self.orig[n]) - self.targets[n].keep for n in open_targets}
             picks = []
-            for c in self.candidates(open_targets):
+            for c in self.candidates(open_targets, min(self.config.step, sum(budget.values()))):
                 if len(picks) < self.config.step and budget[c.layer] > 0:
                     picks.append(c)
                     budget[c.layer] -= 1
@@ -262,6 +303,8 @@ class GreedyRun:
                 ev = c.evaluation if i == 0 and c.evaluation is not None else \
                     evaluate(tentative, self.data, process_group=self.config.score_options["process_group"],
                              topk=self.config.score_options.get("topk", 1))
+                if i > 0 and self.config.criterion is None:
+                    self.count_work(ev.num_images)
                 if self.crosses(c.layer, ev):
                     self.stop(c.layer, ev, len(self.orig[c.layer]))
                     continue

@@ -58,7 +58,7 @@ def _check_chance(work, example, base, topk) -> None:
 
 
 def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str = "sequential",
-          criterion="car", rule=None, max_accuracy_drop=None, finetune=None, checkpoint=None,
+          criterion="car", rule=None, search="exact", max_accuracy_drop=None, finetune=None, checkpoint=None,
           progress=None, **score_options) -> PruneResult:
     """Greedy pruning of ``layers`` of ``model`` by CAR (or a baseline criterion), then surgery.
 
@@ -88,6 +88,16 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
             from the images each removal flips either way: resists the winner's curse of picking the
             luckiest of many noisy counts) or "loss" (smallest loss); None: ``DEFAULT_RULE``. Measured on
             held-out images in experiments/RESULTS.md.
+        search: how CAR finds its choice at each step: "exact" (default: every remaining channel scored on
+            every image) or "race" / ``carfast.Race(delta=..., epsilon=..., block=..., seed=...)``: the
+            images are visited in blocks in a seeded random order and the channels confidently worse than
+            the best are dropped after each block; the channels left are scored on every image and chosen
+            among by their exact keys, so every recorded score is exact. Under the bound's assumption (a
+            normal approximation, ``carfast.scoring.race``) a step drops its best channel with probability
+            at most ``delta`` (default 0.05); ``epsilon`` > 0 also stops early once the best so far is within
+            epsilon of the rest. Rules "loss" and "accuracy"; each history row counts its candidate-image
+            ``evaluations`` and the ``exhaustive`` ones the exact search makes. Measured in
+            experiments/RESULTS.md.
         max_accuracy_drop: an accuracy budget: a fraction (0.02 = two points) for every layer, or a dict
             {layer: fraction or None}. A layer stops before the removal that would take accuracy (on
             ``data``) below the input model's minus its budget; the other layers go on.
@@ -115,7 +125,7 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     pg = process_group_argument(score_options.pop("process_group", None), score_options.pop("group", UNSET), _FN)
     config = PruneConfig.build(model, layers, data, keep=keep, step=step, schedule=schedule, criterion=criterion,
                                rule=rule, max_accuracy_drop=max_accuracy_drop, finetune=finetune, checkpoint=checkpoint,
-                               score_options=score_options)
+                               score_options=score_options, search=search)
     # several processes: the scores and every accuracy check are summed over the group, so each process
     # makes the same removals (each scores its own shard of the images)
     group = resolve_group(pg, _FN)
@@ -143,6 +153,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
                 "precision": config.score_options.get("precision", "fp32")}
     if topk != 1:     # (absent for top-1, as in checkpoints written before top-k existed)
         settings["topk"] = topk
+    if config.search is not None:     # (absent for the exact search, as in checkpoints written before the race)
+        settings["search"] = {"method": "race", **config.search.settings()}
     replay = []
     if checkpoint is not None:
         config.checkpoint = os.fspath(checkpoint)

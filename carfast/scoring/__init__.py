@@ -1,9 +1,11 @@
 """CAR scoring: ``LayerScorer`` (a layer) and ``GroupScorer`` (a coupling group) on one engine, with the
 evaluation methods as objects (``suffix_eval``, ``method_evaluators``), exact low precision
-(``precision``), and the results (``scores.LayerScores``, ``classwise.ClassImportance``)."""
+(``precision``), the raced search for greedy CAR's choice (``race``), and the results (``scores.LayerScores``, ``classwise.ClassImportance``)."""
 from carfast.scoring.classwise import ClassImportance
 from carfast.scoring.group_scorer import GroupScorer, score_group
+from carfast.scoring.race import Race
 from carfast.scoring.scorer import LayerScorer, ScoreOptions, score_layer
 from carfast.scoring.scores import LayerScores
 
-__all__ = ["LayerScorer", "ScoreOptions", "score_layer", "GroupScorer", "score_group", "LayerScores", "ClassImportance"]
+__all__ = ["LayerScorer", "ScoreOptions", "score_layer", "GroupScorer", "score_group", "LayerScores", "ClassImportance",
+           "Race"]

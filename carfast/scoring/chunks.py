@@ -5,6 +5,7 @@
   and the method's own
   tensors: the consumers' gathered inputs ``A`` and outputs ``Z`` and the boundary values ``B`` (suffix
   and closed form, ``graph.split``), or the inputs ``x`` (full network).
+- ``ImageResults``: per (scored filter, image) results of a chunk, when asked for (``per_image``).
 - ``PairStats``: (filter, image) pairs evaluated, skipped (the filter is all zero on the image) and
   re-run in float32 (low precision), summed over chunks and, with several processes, over them.
 - ``remove_at_consumers``: a removal applied to a chunk's cached consumers in place
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from carfast.ops.consumer_delta import consumer_delta, owned_weight
-from carfast.ops.score_reduce import pair_results
+from carfast.ops.score_reduce import pair_loss, pair_results
 
-__all__ = ["Chunk", "PairStats", "remove_at_consumers"]
+__all__ = ["Chunk", "ImageResults", "PairStats", "remove_at_consumers"]
 
 
 @dataclass
@@ -43,6 +44,37 @@ class Chunk:
     @property
     def num_classes(self) -> int:
         return int(self.logits.shape[1])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.y.numel())
+
+    def select(self, index: torch.Tensor) -> "Chunk":
+        """A new chunk of the images ``index`` [m] int64 (positions in this chunk), every tensor copied."""
+        def pick(t):
+            return None if t is None else t.index_select(0, index.to(t.device))
+        return Chunk(pick(self.y), pick(self.logits), [pick(a) for a in self.A], [pick(z) for z in self.Z],
+                     [pick(b) for b in self.B], pick(self.x), pick(self.base_correct), pick(self.base_loss), self.topk)
+
+
+@dataclass
+class ImageResults:
+    """Per (scored filter, image) results of one chunk: ``correct`` [F, n] bool (top-``topk``) and ``loss``
+    [F, n] float64 (cross-entropy; None unless asked for). ``intact`` starts every pair at the intact
+    model's result, which the pairs evaluated then overwrite."""
+    correct: torch.Tensor
+    loss: torch.Tensor | None = None
+
+    @classmethod
+    def intact(cls, chunk: Chunk, num_filters: int, loss: bool) -> "ImageResults":
+        return cls(chunk.base_correct.expand(num_filters, -1).clone(),
+                   chunk.base_loss.expand(num_filters, -1).clone() if loss else None)
+
+    def set(self, f_b: torch.Tensor, n_b: torch.Tensor, correct: torch.Tensor, logits: torch.Tensor, labels) -> None:
+        """Pairs (f_b[p], n_b[p]) evaluated: their correctness [P] and ablated logits [P, classes]."""
+        self.correct[f_b, n_b] = correct
+        if self.loss is not None:
+            self.loss[f_b, n_b] = pair_loss(logits, labels)
 
 
 @dataclass

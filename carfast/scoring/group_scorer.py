@@ -40,8 +40,9 @@ class GroupScorer(LayerScorer):
     def num_channels(self) -> int:
         return self.num_filters
 
-    def score(self, filters=None, per_image: bool = False, float32: bool = False) -> LayerScores:
-        res = super().score(filters, per_image, float32)
+    def score(self, filters=None, per_image: bool = False, float32: bool = False, *, image_loss: bool = False,
+              images=None) -> LayerScores:
+        res = super().score(filters, per_image, float32, image_loss=image_loss, images=images)
         res.coupled, res.members = self.flow.coupled, self.members
         return res
 

@@ -1,7 +1,8 @@
 """The scoring methods besides the suffix (``suffix_eval.SuffixMethod``), one object each, with the same
 face: ``prefix(x) -> Chunk``, ``remove(chunk, k, removed)`` (a greedy removal applied to a cached chunk in
 place), ``catch_up(chunk, removed)`` (a fresh chunk gets the removals made so far) and
-``score_chunk(chunk, filt, removed, per_image, stats, bar) -> (counts [F, C], loss sums [F], correct [F, n])``.
+``score_chunk(chunk, filt, removed, per_image, stats, bar, image_loss=False) -> (counts [F, C], loss sums [F],
+``chunks.ImageResults`` or None)``: per-image correctness with ``per_image``, and losses too with ``image_loss``.
 
 - ``ClosedFormMethod``: the consumer is followed by an elementwise epilogue and an affine tail
   (``closed_form.py``); one fused op computes the ablated logits of all (filter, image) pairs and reduces
@@ -20,8 +21,8 @@ from carfast.graph.masking import keep_mask
 from carfast.ops.closed_form_linear import closed_form_linear_ref
 from carfast.ops.closed_form_logits import closed_form_logits
 from carfast.ops.closed_form_score import closed_form_score
-from carfast.ops.score_reduce import score_reduce
-from carfast.scoring.chunks import Chunk, remove_at_consumers
+from carfast.ops.score_reduce import pair_loss, score_reduce
+from carfast.scoring.chunks import Chunk, ImageResults, remove_at_consumers
 from carfast.scoring.pairs import active_pairs
 
 __all__ = ["ClosedFormMethod", "FullNetworkMethod", "prefix_chunk"]
@@ -71,10 +72,11 @@ class ClosedFormMethod:
         for i, k in enumerate(removed):
             self.remove(chunk, k, removed[:i + 1])
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar):
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False):
         cf, y = self.cf, chunk.y
         F_, n = len(filt), y.numel()
-        if cf.kind == "conv" and chunk.topk == 1:    # the fused op counts top-1
+        losses = []
+        if cf.kind == "conv" and chunk.topk == 1 and not image_loss:    # the fused op counts top-1
             R = chunk.B[cf.residual_index] if cf.residual_index is not None else None
             counts, loss, correct = closed_form_score(chunk.A[0], cf.weight, chunk.Z[0], cf.scale, cf.shift, R, cf.act,
                                                       cf.tail, chunk.logits, filt.to(y.device), y, cf.stride,
@@ -91,12 +93,15 @@ class ClosedFormMethod:
                 slots = torch.arange(len(f), device=abl.device).repeat_interleave(n)
                 parts.append(score_reduce(abl, y.repeat(len(f)), slots, len(f), backend=self.backend,
                                           topk=chunk.topk))
+                if image_loss:
+                    losses.append(pair_loss(abl, y.repeat(len(f))).view(len(f), n))
             counts, loss, correct = (torch.cat(t) for t in zip(*parts))
         n_active = int(active_pairs(chunk.A, self.lg.consumers, filt).sum())
         stats.evaluated += n_active
         stats.skipped += F_ * n - n_active
         bar.update(F_ * n)
-        return counts, loss.sum(1), correct.view(F_, n)
+        images = ImageResults(correct.view(F_, n), torch.cat(losses) if image_loss else None) if per_image else None
+        return counts, loss.sum(1), images
 
 
 class FullNetworkMethod:
@@ -129,17 +134,19 @@ class FullNetworkMethod:
         if removed:                        # one rerun with every removal made so far
             chunk.set_logits(self.run_removed(chunk.x, removed))
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar):
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False):
         y = chunk.y
         counts = torch.zeros(len(filt), chunk.num_classes, dtype=torch.long, device=y.device)
         loss = torch.zeros(len(filt), dtype=torch.float64, device=y.device)
-        correct = torch.zeros(len(filt), y.numel(), dtype=torch.bool, device=y.device)
+        images = ImageResults.intact(chunk, len(filt), image_loss)
         slots = torch.zeros_like(y)
+        every = torch.arange(y.numel(), device=y.device)
         for f, k in enumerate(filt.tolist()):
             abl = self.run_removed(chunk.x, list(removed) + [k])
             check_finite(abl, self.fn, _WHAT)
-            c, l, correct[f] = score_reduce(abl, y, slots, 1, backend=self.backend, topk=chunk.topk)
+            c, l, correct = score_reduce(abl, y, slots, 1, backend=self.backend, topk=chunk.topk)
             counts[f], loss[f] = c[0], l.sum()
+            images.set(torch.full_like(every, f), every, correct, abl, y)
             bar.update(y.numel())
         stats.evaluated += y.numel() * len(filt)
-        return counts, loss, correct
+        return counts, loss, images if per_image else None

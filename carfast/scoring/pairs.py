@@ -20,11 +20,11 @@ class Accumulator:
         self.F, self.per_image = num_filters, per_image
         self.C = None
         self.n = 0
-        self.image_correct, self.base_image_correct = [], []
+        self.image_correct, self.base_image_correct, self.image_loss = [], [], []
 
-    def add(self, y, base_correct, base_loss, correct, loss_sum, img_correct, num_classes: int):
+    def add(self, y, base_correct, base_loss, correct, loss_sum, images, num_classes: int):
         """One chunk: y [n]; base_correct [n] bool; base_loss [n] f64; correct [F, C] int64 (per filter and
-        label class); loss_sum [F] f64; img_correct [F, n] bool (or None unless per_image)."""
+        label class); loss_sum [F] f64; images: ``chunks.ImageResults`` (or None unless per_image)."""
         if self.C is None:
             dev, self.C = y.device, num_classes
             self.class_totals = torch.zeros(num_classes, dtype=torch.long, device=dev)
@@ -39,8 +39,10 @@ class Accumulator:
         self.base_loss_sum += base_loss.sum()
         self.loss_sum += loss_sum
         if self.per_image:
-            self.image_correct.append(img_correct.cpu())
+            self.image_correct.append(images.correct.cpu())
             self.base_image_correct.append(base_correct.cpu())
+            if images.loss is not None:
+                self.image_loss.append(images.loss.cpu())
 
     def all_reduce(self, group, stats: list[int], fn: str) -> list[int]:
         """Sum the counts, loss sums and ``stats`` over ``group``'s processes (``distributed.py``), in place;
@@ -59,24 +61,25 @@ class Accumulator:
             base_correct=self.base_correct.cpu(), correct=self.correct.cpu(),
             base_loss_sum=float(self.base_loss_sum), loss_sum=self.loss_sum.cpu(),
             image_correct=torch.cat(self.image_correct, 1) if self.per_image else None,
-            base_image_correct=torch.cat(self.base_image_correct) if self.per_image else None, **info)
+            base_image_correct=torch.cat(self.base_image_correct) if self.per_image else None,
+            image_loss=torch.cat(self.image_loss, 1) if self.image_loss else None, **info)
 
 
-def reduce_pair_batch(abl, y_b, f_b, n_b, counts, loss, img_correct, kernel: str, fn: str, what: str,
+def reduce_pair_batch(abl, y_b, f_b, n_b, counts, loss, images, backend: str, fn: str, what: str,
                       topk: int = 1) -> None:
     """Add one batch of pairs to the running results, in place.
 
     abl [P, classes] ablated logits of pairs (slot f_b[p], image n_b[p]); y_b [P] their labels; counts
-    [F, C] int64 and loss [F] float64 running sums; img_correct [F, n] bool or None; ``kernel`` the
-    backend of ``score_reduce``; ``fn`` / ``what`` name the caller and the logits in the non-finite error;
+    [F, C] int64 and loss [F] float64 running sums; images: ``chunks.ImageResults`` or None; ``backend``
+    of ``score_reduce``; ``fn`` / ``what`` name the caller and the logits in the non-finite error;
     ``topk``: correct means the label is among the top-k logits.
     """
     check_finite(abl, fn, what)
-    c, l, corr = score_reduce(abl, y_b, f_b, counts.shape[0], backend=kernel, topk=topk)
+    c, l, corr = score_reduce(abl, y_b, f_b, counts.shape[0], backend=backend, topk=topk)
     counts += c
     loss += l.sum(1)
-    if img_correct is not None:
-        img_correct[f_b, n_b] = corr
+    if images is not None:
+        images.set(f_b, n_b, corr, abl, y_b)
 
 
 def active_pairs(A, consumers, filt) -> torch.Tensor:

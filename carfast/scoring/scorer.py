@@ -341,12 +341,52 @@ class LayerScorer:
             check_finite(chunk.logits, self.fn, f"the model's output with filters {self.removed} removed")
 
     # ---- scoring -------------------------------------------------------------------------------------
-    def score(self, filters=None, per_image: bool = False, float32: bool = False) -> LayerScores:
+    @property
+    def num_images(self) -> int:
+        """Images of this process's data (runs the prefix pass if it has not run yet)."""
+        if not self._cache_complete:
+            self.prepare()
+        if not self._cache_complete:
+            raise ValueError(f"{self.fn}: the prefix of the data does not fit memory_budget, so its images are not "
+                             "held; raise memory_budget or pass fewer images")
+        return sum(c.num_images for c in self._cache)
+
+    def image_losses(self) -> torch.Tensor:
+        """[n] float64: each image's cross-entropy under the model with the removals made so far, in data order
+        (the prefix must be held in memory)."""
+        if not self.num_images:
+            raise AssertionError("unreachable: num_images raises or is positive")
+        return torch.cat([c.base_loss.cpu() for c in self._cache])
+
+    def _image_chunks(self, images: torch.Tensor):
+        """The cached chunks restricted to ``images`` ([m] int64 ascending positions in the data), in order."""
+        if not self._cache_complete:
+            raise ValueError(f"{self.fn}: scoring a subset of the images needs the data's prefix held in memory, "
+                             "and it does not fit memory_budget; raise memory_budget or pass fewer images")
+        start = 0
+        for chunk in self._cache:
+            end = start + chunk.num_images
+            lo, hi = torch.searchsorted(images, torch.tensor([start, end])).tolist()
+            if hi > lo:
+                yield chunk.select(images[lo:hi] - start)
+            start = end
+
+    def score(self, filters=None, per_image: bool = False, float32: bool = False, *, image_loss: bool = False,
+              images=None) -> LayerScores:
         """CAR scores of ``filters`` (default all that remain), see ``score_layer``. ``float32``: compute in
-        float32 even when the scorer's precision is lower (exact loss sums, e.g. to settle ties)."""
+        float32 even when the scorer's precision is lower (exact loss sums, e.g. to settle ties).
+        ``image_loss``: per-image results with each pair's loss (``LayerScores.image_loss``; implies
+        ``per_image``). ``images``: score only these images, [m] int64 positions in the data, ascending (the
+        prefix must be held in memory; ``num_images`` counts them); the per-image results follow that order."""
         if float32 and self._method.precision != "fp32":
             with self._method.float32():
-                return self.score(filters, per_image)
+                return self.score(filters, per_image, image_loss=image_loss, images=images)
+        per_image = per_image or image_loss
+        if images is not None:
+            images = torch.as_tensor(images, dtype=torch.long).flatten().cpu()
+            if images.numel() and (bool((images.diff() <= 0).any()) or int(images[0]) < 0
+                                   or int(images[-1]) >= self.num_images):
+                raise ValueError(f"{self.fn}: images must be ascending distinct positions in [0, {self.num_images})")
         t0 = time.perf_counter()
         filt = check_filters(self.remaining if filters is None else filters, self.num_filters, self.name, self.fn)
         gone = sorted(set(filt.tolist()) & set(self.removed))
@@ -354,14 +394,14 @@ class LayerScorer:
             raise ValueError(f"{self.fn}: filters {gone[:5]} of {self.name!r} were removed; score the remaining ones "
                              "(filters=None scores all that remain)")
         acc = Accumulator(len(filt), per_image)
-        total = len(filt) * self._num_images_hint if self._num_images_hint else None
-        bar = Progress(self._progress, total, f"scoring {self.name}")
+        n_images = self._num_images_hint if images is None else images.numel()
+        bar = Progress(self._progress, len(filt) * n_images if n_images else None, f"scoring {self.name}")
         stats = PairStats()
         with eval_mode(self._model), torch.no_grad():
-            for chunk in self._chunks():
-                counts, loss_sum, img_correct = self._method.score_chunk(chunk, filt, self.removed, per_image, stats,
-                                                                         bar)
-                acc.add(chunk.y, chunk.base_correct, chunk.base_loss, counts, loss_sum, img_correct, chunk.num_classes)
+            for chunk in self._chunks() if images is None else self._image_chunks(images):
+                counts, loss_sum, img = self._method.score_chunk(chunk, filt, self.removed, per_image, stats, bar,
+                                                                 image_loss=image_loss)
+                acc.add(chunk.y, chunk.base_correct, chunk.base_loss, counts, loss_sum, img, chunk.num_classes)
         bar.close()
         if self._process_group is not None:   # every process scored its shard: add the counts up, exactly
             stats = PairStats(*acc.all_reduce(self._process_group, stats.as_list(), self.fn))
@@ -370,7 +410,7 @@ class LayerScorer:
                          precision=self._method.precision, pairs_rechecked=stats.rechecked,
                          margin_threshold=self._method.margin_threshold, topk=self.topk)
         res.backend_note = self.backend_note
-        if self._check_chance and not self.removed:
+        if self._check_chance and not self.removed and images is None:
             self._check_chance = False
             warn_near_chance(res.base_accuracy, res.num_images, res.num_classes, self.fn, self.topk)
         return res

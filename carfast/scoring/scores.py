@@ -46,7 +46,8 @@ class LayerScores:
     closed form computes them anyway; the full-network path does not look for them and counts every
     pair as evaluated), ``pairs_evaluated`` the rest; ``backend_note`` why ``backend`` is not the one asked
     for ("" when it is). With ``per_image=True``: ``image_correct`` [F, N] bool and ``base_image_correct``
-    [N] bool, in data order.
+    [N] bool, in data order; with ``image_loss=True`` (``LayerScorer.score``) also ``image_loss`` [F, N] float64,
+    each pair's cross-entropy.
     """
 
     layer: str
@@ -71,6 +72,7 @@ class LayerScores:
     image_correct: torch.Tensor | None = field(default=None, repr=False)
     base_image_correct: torch.Tensor | None = field(default=None, repr=False)
     backend_note: str = ""
+    image_loss: torch.Tensor | None = field(default=None, repr=False)
 
     # ---- derived -------------------------------------------------------------------------
     @property

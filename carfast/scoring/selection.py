@@ -21,7 +21,7 @@ import torch
 from carfast.distributed import all_reduce_sum
 
 __all__ = ["RULES", "DEFAULT_RULE", "LCB_Z", "check_rule", "check_rule_precision", "removal_key", "flip_counts",
-           "rule_keys", "score_by_rule"]
+           "rule_keys", "score_by_rule", "settled_keys"]
 
 RULES = ("accuracy", "lcb", "loss")
 DEFAULT_RULE = "loss"       # prune's, the command's and CARImportance's (chosen by measurement: experiments/RESULTS.md)
@@ -94,11 +94,17 @@ def score_by_rule(scorer, rule: str, process_group, filters=None, exact_first: i
     flips = None
     if rule == "lcb" and process_group is not False and process_group is not None:
         flips = all_reduce_sum(list(flip_counts(s)), process_group, "score_by_rule")
+    return s, settled_keys(scorer, s, rule, flips, exact_first)
+
+
+def settled_keys(scorer, s, rule: str, flips=None, exact_first: int = 1) -> list[tuple]:
+    """``rule_keys`` of ``s`` (``LayerScores`` of ``scorer``'s data); in low precision the ties that matter for
+    the first ``exact_first`` places settled by float32 loss sums first (``s`` updated in place)."""
     keys = rule_keys(s, rule, flips)
     if s.precision != "fp32":
         _settle_ties(scorer, s, keys, exact_first)
         keys = rule_keys(s, rule, flips)
-    return s, keys
+    return keys
 
 
 def _settle_ties(scorer, s, keys: list[tuple], exact_first: int) -> None:

@@ -20,7 +20,7 @@ import torch
 from carfast.graph.masking import keep_mask
 from carfast.ops.ablated_consumer import ablated_consumer
 from carfast.ops.consumer_delta import owned_weight
-from carfast.scoring.chunks import Chunk, PairStats, remove_at_consumers
+from carfast.scoring.chunks import Chunk, ImageResults, PairStats, remove_at_consumers
 from carfast.scoring.method_evaluators import prefix_chunk
 from carfast.scoring.pairs import (
     active_pairs,
@@ -99,8 +99,8 @@ class SuffixMethod:
             out.append(row)
         return out
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar):
-        """(counts [F, C], loss sums [F], correct [F, n] or None) of one chunk, ``removed`` made already."""
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar, image_loss: bool = False):
+        """(counts [F, C], loss sums [F], ``ImageResults`` or None) of one chunk, ``removed`` made already."""
         y, A = chunk.y, chunk.A
         F_, C = len(filt), chunk.num_classes
         weights = self._weights_of(filt)
@@ -114,7 +114,7 @@ class SuffixMethod:
             self._calibrate(chunk, filt, weights, removed, fi, ni)
         counts = torch.zeros(F_, C, dtype=torch.long, device=y.device)
         loss = torch.zeros(F_, dtype=torch.float64, device=y.device)
-        img_correct = chunk.base_correct.expand(F_, -1).clone() if per_image else None
+        images = ImageResults.intact(chunk, F_, image_loss) if per_image else None
         for s in range(0, fi.numel(), self.pair_batch):
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
             abl = self._pair_logits(chunk, filt, weights, removed, f_b, n_b, self.dtype)
@@ -124,7 +124,7 @@ class SuffixMethod:
                 if redo.numel():
                     abl[redo] = self._exact_logits(chunk, filt, weights, removed, f_b[redo], n_b[redo])
                 stats.rechecked += redo.numel()
-            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, img_correct, self.backend, self.fn, _WHAT,
+            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, images, self.backend, self.fn, _WHAT,
                               chunk.topk)
             bar.update(f_b.numel())
         c, l = intact_counts(~active, chunk.base_correct, chunk.base_loss, y, C)
@@ -132,7 +132,7 @@ class SuffixMethod:
         stats.evaluated += fi.numel()
         stats.skipped += total - fi.numel()
         bar.update(total - fi.numel())
-        return counts + c, loss + l, img_correct
+        return counts + c, loss + l, images
 
     def _low_copy(self, module):
         """``module`` in ``self.dtype`` (made once)."""
