@@ -36,6 +36,8 @@ def _worker(rank: int, world: int, port: int, out: str, mode: str, n: int):
         shard = (x[rank::world], y[rank::world])    # each process its own images
         if mode == "prune":
             res = _prune_and_group(model, shard)
+        elif mode == "race":
+            res = _race(model, shard)
         else:
             res = {layer: carfast.score_layer(model, layer, shard, progress=False).to_dict()
                    for layer in ("layer1.0.conv1", "layer3.2.conv1")}
@@ -58,6 +60,19 @@ def _prune_and_group(model, data) -> dict:
         r = carfast.prune(model, kw.pop("layers"), data, progress=False, **kw)
         out[key] = {"removed": r.removed, "history": [(h["layer"], h["filter"], h["correct"]) for h in r.history]}
     out["group"] = carfast.score_group(model, "layer3.0.conv2", data, filters=[0, 5, 9], progress=False).to_dict()
+    return out
+
+
+def _race(model, data) -> dict:
+    """The raced search (sequential and global), as plain data: removals and the evaluations counted."""
+    out = {}
+    for key, kw in {"no_drops": dict(layers="layer1.0.conv1", keep=13, search=carfast.Race(delta=0, block=16)),
+                    "race": dict(layers="layer1.0.conv1", keep=13, search=carfast.Race(block=16)),
+                    "global": dict(layers=["layer1.0.conv1", "layer3.2.conv1"], keep=0.9, schedule="global",
+                                   search=carfast.Race(block=16))}.items():
+        r = carfast.prune(model, kw.pop("layers"), data, progress=False, **kw)
+        out[key] = {"removed": r.removed, "history": [(h["layer"], h["filter"], h["correct"], h["evaluations"],
+                                                       h["exhaustive"]) for h in r.history]}
     return out
 
 
@@ -153,3 +168,20 @@ def test_group_is_the_deprecated_name_of_process_group():
     assert torch.equal(a.correct, b.correct)
     with pytest.raises(TypeError, match="pass process_group= only"):
         carfast.score_layer(model, "layer3.2.conv1", (x, y), group=False, process_group=False, progress=False)
+
+
+def test_two_processes_race_in_step(tmp_path):
+    """The raced search on two processes: both make the same removals, with blocks global across them;
+    with no drops it equals the exact search of one process on all the images."""
+    n = 120
+    res = _spawn(tmp_path, "race", n)
+    assert all(r is not None and "ok" in r for r in res), res
+    assert res[0]["ok"] == res[1]["ok"]
+    got = res[0]["ok"]
+    x, y = data.cifar10_test(n)
+    model = models.cifar_resnet(20)
+    exact = carfast.prune(model, "layer1.0.conv1", (x, y), keep=13, progress=False)
+    assert got["no_drops"]["removed"] == exact.removed
+    assert [h[2] for h in got["no_drops"]["history"]] == [h["correct"] for h in exact.history]
+    for key in ("race", "global"):
+        assert all(h[3] <= h[4] for h in got[key]["history"]) and got[key]["history"][0][4] > 0

@@ -42,6 +42,8 @@ class PruneSummary:
     groups: list = field(default_factory=list)    # layers pruned as their coupling group (rows in channels)
     topk: int = 1                                 # the accuracy counted: top-1, or top-k
     num_images: int | None = None                 # scoring images the accuracies are measured on
+    evaluations: int | None = None                # CAR's candidate-image evaluations (None: not recorded)
+    exhaustive: int | None = None                 # those the exact search makes (equal unless search="race")
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -80,6 +82,10 @@ class PruneSummary:
         if self.filters_before:
             lines.append("per layer, before -> after (keep is the share KEPT; a pruning ratio is the share removed):")
             lines += self.layer_lines()
+        if self.evaluations is not None and self.exhaustive:
+            lines.append(f"CAR's work: {self.evaluations:,} candidate-image evaluations"
+                         + ("" if self.evaluations == self.exhaustive else
+                            f", {self.evaluations / self.exhaustive:.1%} of the exact search's {self.exhaustive:,}"))
         for layer, why in self.stops.items():
             lines.append(f"{layer}: stopped at {why['remaining']} by max_accuracy_drop (the next removal would "
                          f"leave {100 * why['accuracy_after_next']:.2f} % < {100 * why['threshold']:.2f} %)")
@@ -95,7 +101,9 @@ class PruneResult:
     kept:     {layer: [original filter indices kept, ascending]}.
     history:  one dict per removal: ``step``, ``layer``, ``filter`` (original index), ``correct``,
               ``accuracy`` and ``loss`` (mean cross-entropy) of the model after it, ``remaining`` (filters
-              left in that layer), ``seconds`` (time to choose and apply it).
+              left in that layer), ``seconds`` (time to choose and apply it); with CAR also
+              ``evaluations`` (candidate-image evaluations made towards it) and ``exhaustive`` (those the
+              exact search makes: equal, unless ``search="race"``).
     base:     {"accuracy", "loss", "num_images"} of the input model on the scoring data.
     settings: the run's settings (layers, keep, step, schedule, criterion, ...), plain data.
     stats:    {"before": {"params", "macs"}, "after": {...}}, counted at ``settings["input_shape"]``.
@@ -137,7 +145,15 @@ class PruneResult:
                             self.stats["before"]["macs"], self.stats["after"]["macs"], self.base["accuracy"],
                             self.accuracy, before, {layer: len(k) for layer, k in self.kept.items()},
                             self.finetuned_accuracy, dict(self.stops), list(self.settings.get("groups", [])),
-                            int(self.settings.get("topk", 1)), self.base.get("num_images"))
+                            int(self.settings.get("topk", 1)), self.base.get("num_images"),
+                            *self.work())
+
+    def work(self) -> tuple[int | None, int | None]:
+        """(candidate-image evaluations CAR made, those the exact search makes), summed over the history;
+        (None, None) when the history does not count them (a baseline criterion, or an older record)."""
+        if not self.history or any("evaluations" not in h for h in self.history):
+            return None, None
+        return sum(h["evaluations"] for h in self.history), sum(h["exhaustive"] for h in self.history)
 
     def record(self) -> dict:
         """Everything but the model, as plain data (JSON-able)."""
