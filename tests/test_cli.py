@@ -91,6 +91,10 @@ def _one_line_error(capsys, command: str) -> str:
     (["--layer", "layer1.0.conv1", "--keep", "3", "--data", "MISSING"], "no such file"),
     (["--layer", "layer1.0.conv1", "--keep", "3", "--weights", "MISSING"], "no such file"),
     (["--layer", "layer1.0.conv1", "--keep", "3", "--criterion", "l1", "--rule", "lcb"], "--rule lcb is CAR's"),
+    (["--layer", "layer1.0.conv1", "--keep", "3", "--delta", "0.1"], "add --search race"),
+    (["--layer", "layer1.0.conv1", "--keep", "3", "--search", "race", "--delta", "2"], "--delta must be"),
+    (["--layer", "layer1.0.conv1", "--keep", "3", "--search", "race", "--rule", "lcb"], "--rule lcb is not one"),
+    (["--layer", "layer1.0.conv1", "--keep", "3", "--search", "race", "--criterion", "l1"], "drop --search"),
 ])
 def test_prune_bad_arguments_exit_2_with_one_line(argv, expected, tmp_path, capsys):
     argv = [str(tmp_path / "nope") if a == "MISSING" else a for a in argv]
@@ -102,6 +106,18 @@ def test_prune_bad_arguments_exit_2_with_one_line(argv, expected, tmp_path, caps
     assert code == 2
     assert expected in _one_line_error(capsys, "prune")
     assert not out.exists()
+
+
+def test_prune_with_the_raced_search(tmp_path, capsys):
+    out = tmp_path / "r.pt"
+    assert main(["prune", "--model", "resnet20", "--layer", "layer1.0.conv1", "--n", "200", "--keep", "14",
+                 "--search", "race", "--delta", "0.1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "CAR's work:" in text and "candidate-image evaluations" in text
+    result = carfast.load_pruned(out)
+    assert result.settings["search"] == {"method": "race", "delta": 0.1, "epsilon": 0.0, "block": 128,
+                                         "strata": 16, "seed": 0}
+    assert all(h["evaluations"] <= h["exhaustive"] == (16 - i) * 200 for i, h in enumerate(result.history))
 
 
 def test_missing_result_and_weights_exit_2(tmp_path, capsys):

@@ -90,6 +90,26 @@ def test_greedy_importance_orders_by_greedy_car(layer, keep):
     assert float(greedy[-1]) == pytest.approx(max(lost), abs=1e-3)
 
 
+def test_greedy_importance_with_the_race_equals_prune_with_it():
+    """search= in CARImportance: with no drops the exact order; with drops the order carfast.prune's race
+    makes (the same step seeds), every removal but the last raced."""
+    model = cifar_resnet(20)
+    x, y = _data()
+    layer, keep = "layer2.1.conv1", 28
+    F = model.get_submodule(layer).out_channels
+    for search in (carfast.Race(delta=0, block=16), carfast.Race(block=16)):
+        imp = CARImportance((x, y), depth=F - keep, search=search)(_group(_graph(model), model, layer)).double()
+        ref = carfast.prune(model, layer, (x, y), keep=keep, search=search, progress=False)
+        order = torch.argsort(imp, stable=True).tolist()
+        if search.delta == 0:
+            assert order[:F - keep] == ref.removed[layer]
+        else:       # the same races (step seeds) but the last step, which CARImportance scores exactly
+            assert order[:F - keep - 1] == ref.removed[layer][:-1]
+            assert sum(h["evaluations"] for h in ref.history) < sum(h["exhaustive"] for h in ref.history)
+    with pytest.raises(ValueError, match="lcb"):
+        CARImportance((x, y), rule="lcb", search="race")
+
+
 def test_bound_greedy_step_is_sequential_greedy_car():
     """Bound to the pruner, one Torch-Pruning step of 25 % on two layers removes what carfast.prune's
     sequential greedy removes (the second layer scored with the first one's removals made)."""

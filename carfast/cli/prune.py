@@ -61,6 +61,16 @@ def add_parser(sub) -> None:
                    help=f"CAR's selection rule (default {DEFAULT_RULE}): 'accuracy' the paper's (most images still "
                         "correct), 'loss' the smallest loss, 'lcb' a lower confidence bound of the accuracy "
                         "(see experiments/RESULTS.md)")
+    r.add_argument("--search", choices=("exact", "race"), default="exact",
+                   help="how CAR finds each removal: 'exact' (default) scores every remaining filter on every "
+                        "image; 'race' visits the images in blocks and drops the filters confidently worse than "
+                        "the best (the choice is still made on exact scores; see --delta, --epsilon)")
+    r.add_argument("--delta", type=float, default=None,
+                   help="with --search race: the chance per step of dropping the best filter, under the bound's "
+                        "normal approximation (default 0.05; 0 drops none)")
+    r.add_argument("--epsilon", type=float, default=None,
+                   help="with --search race: stop a step once the best so far is within this of the others, in "
+                        "the rule's units per image (mean loss, or a fraction of images); default 0: never")
     r.add_argument("--n", type=positive_int, default=None,
                    help="number of scoring images: the first N of --data (default all)")
     add_data_options(r, "the images to score on")
@@ -95,6 +105,27 @@ def _held_out(args, x, y, norm):
     return x[n:], y[n:]
 
 
+def _search(args):
+    """"exact", or the ``carfast.Race`` of --search race --delta --epsilon (CliError for a bad combination)."""
+    import carfast
+
+    given = [f"--{k}" for k in ("delta", "epsilon") if getattr(args, k) is not None]
+    if args.search == "exact":
+        if given:
+            raise CliError(f"{' and '.join(given)} set(s) the raced search; add --search race")
+        return "exact"
+    if args.criterion != "car":
+        raise CliError(f"--search race is how CAR finds its choice; --criterion {args.criterion} ranks by its own "
+                       "importance: drop --search")
+    if args.rule == "lcb":
+        raise CliError("--search race races per-image sums, and --rule lcb is not one: use --rule loss or accuracy")
+    kw = {k: getattr(args, k) for k in ("delta", "epsilon") if getattr(args, k) is not None}
+    try:
+        return carfast.Race(**kw)
+    except ValueError as err:
+        raise CliError(str(err).replace("Race: delta", "--delta").replace("Race: epsilon", "--epsilon")) from None
+
+
 def run(args) -> int:
     import carfast
 
@@ -109,13 +140,14 @@ def run(args) -> int:
     if args.compare is not None and args.criterion in args.compare:
         raise CliError(f"--compare {','.join(args.compare)}: {args.criterion} is already --criterion; compare it "
                        "with other criteria")
+    search = _search(args)
     model, norm = build_model(args.model, args.weights)
     check_layers(model, args.layer, args.model)
     x_all, y_all, _, norm = load_data(args.data, args.normalize, norm, need=args.n, model=user_spec(args.model))
     x, y = x_all[:args.n], y_all[:args.n]
     options = dict(step=args.step, schedule=args.schedule, max_accuracy_drop=args.max_accuracy_drop, rule=args.rule,
                    checkpoint=args.checkpoint, progress=None, backend=args.backend, precision=args.precision,
-                   device=args.device, topk=args.topk)
+                   device=args.device, topk=args.topk, search=search)
     if args.compare is None:
         result = carfast.prune(model, args.layer, (x, y), keep=args.keep, criterion=args.criterion, **options)
     else:

@@ -72,7 +72,8 @@ from carfast.progress import Progress
 from carfast.scoring.checks import count_images
 from carfast.scoring.group_scorer import GroupScorer, score_group
 from carfast.scoring.scorer import LayerScorer, score_layer
-from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule
+from carfast.scoring.race import check_search, race_scores
+from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule, settled_keys
 from carfast.surgery import remove_filters, remove_groups
 from carfast.surgery.slicers import remap_channel_map
 
@@ -105,21 +106,27 @@ def car_importance(scores, rank_by: str = "accuracy") -> torch.Tensor:
     return (drop + tie) / n
 
 
-def greedy_importance(scorer, steps: int, rule: str = DEFAULT_RULE, process_group=False) -> torch.Tensor:
+def greedy_importance(scorer, steps: int, rule: str = DEFAULT_RULE, process_group=False, search=None) -> torch.Tensor:
     """[F] float64 importance of a prepared ``LayerScorer`` / ``GroupScorer``'s channels from greedy CAR
     inside it (see the module docstring), F its channels; the scorer is left with the removals made.
 
     The greedy makes ``steps`` removals (at most F - 1) under the selection ``rule``; removal j scores
     its running maximum accuracy drop + j / (1e4 N); the channels not removed score above all of them:
     the last removal's score + 1 / N + their single-removal ``car_importance`` in the last scoring,
-    shifted to start at zero.
+    shifted to start at zero. ``search``: None (exact) or a ``carfast.Race``: every removal but the last is
+    raced (``scoring.race``); the last scoring is exact, since it orders every channel left.
     """
     F = scorer.num_filters
     imp = torch.zeros(F, dtype=torch.float64)
     base = worst = None
     last = None
-    for j in range(min(steps, F - 1)):
-        s, keys = score_by_rule(scorer, rule, process_group)
+    n_steps = min(steps, F - 1)
+    for j in range(n_steps):
+        if search is not None and j < n_steps - 1:
+            [s], _ = race_scores([(scorer, scorer.remaining)], rule, search, process_group, str(j))
+            keys = settled_keys(scorer, s, rule)
+        else:
+            s, keys = score_by_rule(scorer, rule, process_group)
         filters = s.filters.tolist()
         i = min(range(len(filters)), key=lambda i: (keys[i], filters[i]))
         if base is None:
@@ -151,6 +158,8 @@ class CARImportance(tp.importance.Importance):
             group's channels); None: what the bound pruner's step needs (``bind``), else the whole group.
         rule: greedy CAR's selection rule ("accuracy", "lcb", "loss"; ``carfast.scoring.selection``);
             None: ``DEFAULT_RULE``, as ``carfast.prune``.
+        search: how the greedy finds each removal: "exact" (default), "race" or a ``carfast.Race`` (see
+            ``carfast.prune``; rules "loss" and "accuracy").
         rank_by: with ``greedy=False``: "accuracy" (the accuracy drop, ties broken by the loss increase)
             or "loss" (the loss increase alone); see ``car_importance``.
         fallback: None (default: a group carfast cannot score is left alone: None is returned) or a
@@ -163,7 +172,7 @@ class CARImportance(tp.importance.Importance):
     """
 
     def __init__(self, data, greedy: bool = True, depth=None, rule: str | None = None, rank_by: str = "accuracy",
-                 fallback=None, **score_options):
+                 fallback=None, search="exact", **score_options):
         if rank_by not in ("accuracy", "loss"):
             raise ValueError(f"{_FN}: rank_by must be 'accuracy' (the accuracy drop, ties broken by the loss "
                              f"increase) or 'loss' (the loss increase), got {rank_by!r}")
@@ -181,6 +190,10 @@ class CARImportance(tp.importance.Importance):
         self.rule = DEFAULT_RULE if rule is None else check_rule(rule, _FN)
         if greedy:
             check_rule_precision(self.rule, score_options.get("precision"), _FN)
+        self.search = check_search(search, _FN)
+        if self.search is not None and self.rule == "lcb":
+            raise ValueError(f"{_FN}: search='race' races per-image sums, and the 'lcb' rule's key is not one; use "
+                             "rule='loss' or 'accuracy' with the race, or search='exact'")
         self.data = data
         self.progress = score_options.pop("progress", None)
         self.options = score_options
@@ -308,7 +321,7 @@ class CARImportance(tp.importance.Importance):
         scored = self._shadow if sequential else model
         scorer = (GroupScorer if coupled else LayerScorer)(scored, layer, self.data, progress=progress, **self.options)
         steps = self._steps(layer, root, scorer.num_filters)
-        imp = greedy_importance(scorer, steps, self.rule, scorer.process_group)
+        imp = greedy_importance(scorer, steps, self.rule, scorer.process_group, self.search)
         if sequential and scorer.removed:      # what this step will remove, cut before the next group is scored
             cut = remove_groups if coupled else remove_filters
             self._shadow = cut(self._shadow, {layer: list(scorer.removed)[:steps]})

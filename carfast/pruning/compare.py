@@ -35,7 +35,7 @@ __all__ = ["compare_criteria", "CriteriaComparison", "criterion_label"]
 
 _FN = "compare_criteria"
 _FIRST_ONLY = ("checkpoint", "max_accuracy_drop")     # prune options that only the first criterion takes
-_CAR_ONLY = ("rule",)                                 # CAR's selection rule: meaningless for the baselines
+_CAR_ONLY = ("rule", "search")                       # how CAR chooses: meaningless for the baselines
 _LABELS = {"car": "CAR", "l1": "L1 norm", "random": "random (seed 0)", "mean_activation": "mean activation",
            "apoz": "APoZ", "taylor": "Taylor"}
 
@@ -163,7 +163,7 @@ def compare_criteria(model: nn.Module, layers, data, held_out, keep, criteria=("
         log: optional ``callable(str)`` told, in one line each, which criterion starts and how it did.
         **prune_kwargs: passed to every ``carfast.prune`` call (``step``, ``schedule``, ``finetune``,
             ``progress``, ``device``, ``backend``, ...), except ``checkpoint`` and ``max_accuracy_drop``
-            (the first criterion's run only) and ``rule`` (CAR's runs only).
+            (the first criterion's run only) and ``rule`` and ``search`` (CAR's runs only).
     Returns:
         ``CriteriaComparison``: a row per criterion with held-out and selection accuracy and the removal
         order, and the ``PruneResult`` of each run in ``.results``.

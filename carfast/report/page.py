@@ -77,6 +77,10 @@ def layer_importance(result: PruneResult, layer: str, class_names) -> tuple[Clas
     total = len(result.removed.get(layer, [])) + len(result.kept.get(layer, []))
     if len(scores.filters) == total or total == 0:
         return imp, ""
+    if result.settings.get("search"):
+        return imp, (f"The raced search scored {len(scores.filters)} of the {total} filters on every image; the others "
+                     "were dropped early as confidently worse choices, so only these are shown (score the layer "
+                     "with carfast.score_layer for all).")
     early = result.removed[layer][:total - len(scores.filters)]
     note = (f"Scored after {len(early)} removals replayed from a checkpoint: these scores cover the "
             f"{len(scores.filters)} filters then left.")
@@ -235,6 +239,19 @@ def _summary_section(page, result, original, heldout, example) -> dict:
     return data
 
 
+def _work_note(result) -> str:
+    """How CAR searched and what it cost in candidate-image evaluations ("" for a baseline criterion)."""
+    made, exact = result.work()
+    if made is None:
+        return ""
+    race = result.settings.get("search")
+    if not race:
+        return f"Exact search: {made:,} candidate-image evaluations."
+    return (f"Raced search (delta {race['delta']}, epsilon {race['epsilon']}, blocks of {race['block']} images): "
+            f"{made:,} candidate-image evaluations, {made / exact:.1%} of the exact search's {exact:,}; every "
+            "recorded removal's scores are exact.")
+
+
 def _criterion_name(result) -> str:
     name = str(result.settings.get("criterion", "car"))
     return "CAR" if name == "car" else name
@@ -367,6 +384,9 @@ def write_report(result: PruneResult, out_dir, *, original: nn.Module | None = N
     page.heading(1, title)
     page.note(f"Written {stamp} by carfast. Criterion {_criterion_name(result)}, schedule "
               f"{result.settings.get('schedule')}, {len(result.history)} filters removed.")
+    work = _work_note(result)
+    if work:
+        page.note(work)
     _settings_section(page, result, title)
     data = {"format": _FORMAT, "title": title, "written": stamp, "settings": result.settings,
             "base": result.base, "stats": result.stats, "finetuned_accuracy": result.finetuned_accuracy}
