@@ -2,6 +2,7 @@
 
     python experiments/whole_network.py --run car-loss      [--order reverse] [--threads 1] [--data test.npz]
     python experiments/whole_network.py --run car-accuracy
+    python experiments/whole_network.py --run car-loss-race   (the raced search, carfast.Race defaults)
     python experiments/whole_network.py --run l1 | taylor | random
     python experiments/whole_network.py --table             (the results so far, as a Markdown table)
     python experiments/whole_network.py --figure            (experiments/figures/whole_resnet56.png)
@@ -47,7 +48,8 @@ SHARED_TEST = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"
 RESULTS = REPO / "experiments" / "results"
 FIGURE = REPO / "experiments" / "figures" / "whole_resnet56.png"
 RUNS = {"car-loss": ("car", "loss"), "car-accuracy": ("car", "accuracy"), "l1": ("l1", None),
-        "taylor": ("taylor", None), "random": ("random", None)}
+        "taylor": ("taylor", None), "random": ("random", None), "car-loss-race": ("car", "loss")}
+SEARCH = {"car-loss-race": "race"}     # runs with the raced search at its default settings (the others: exact)
 #: the one fixed fine-tune every pruned network gets (and the unpruned one, for reference). BatchNorm
 #: statistics are re-estimated: the data is the test distribution, and half of every block's filters
 #: gone moves them. Chosen on an L1-pruned copy, judged on test images 7,000-7,999 (neither selection nor
@@ -128,7 +130,8 @@ def prune(args, select, settings: dict) -> dict:
     layers = block_conv1s(model, args.order)
     clock = Clock(args.out_dir / f"whole_{args.run}_time.json", settings)
     res = carfast.prune(model, layers, select, keep=0.5, criterion=criterion, rule=rule, progress=clock,
-                        checkpoint=str(args.out_dir / f"whole_{args.run}_ckpt.json"))
+                        checkpoint=str(args.out_dir / f"whole_{args.run}_ckpt.json"),
+                        **({"search": SEARCH[args.run]} if args.run in SEARCH else {}))
     seconds = sum(r["seconds"] for r in res.history)    # the removals' time, summed over every sitting
     res.save(args.out_dir / f"whole_{args.run}_model.pt")
     row = {"run": args.run, "criterion": criterion, "rule": rule, "seconds": seconds, "sittings": clock.sittings,
@@ -138,6 +141,7 @@ def prune(args, select, settings: dict) -> dict:
         t_full, t_pruned = pass_seconds(model, select), pass_seconds(res.model, select)
         row.update(candidate_passes=candidates, naive_seconds_upper=candidates * t_full,
                    naive_seconds_lower=candidates * t_pruned)
+        row["evaluations"], row["exhaustive"] = res.work()
     return row
 
 
@@ -188,9 +192,11 @@ def seed_table(out_dir: Path, settings: dict) -> str:
     return "\n".join(lines)
 
 
-LABELS = {"car-loss": "CAR, loss rule (default)", "car-accuracy": "CAR, paper's rule", "l1": "L1 norm",
+LABELS = {"car-loss-race": "CAR, loss rule, raced search",
+          "car-loss": "CAR, loss rule (default)", "car-accuracy": "CAR, paper's rule", "l1": "L1 norm",
           "taylor": "Taylor", "random": "random (seed 0)", "unpruned": "unpruned"}
-COLOURS = {"car-loss": "tab:red", "car-accuracy": "darkred", "l1": "tab:blue", "taylor": "tab:green",
+COLOURS = {"car-loss-race": "tab:orange",
+           "car-loss": "tab:red", "car-accuracy": "darkred", "l1": "tab:blue", "taylor": "tab:green",
            "random": "0.5", "unpruned": "k"}
 
 

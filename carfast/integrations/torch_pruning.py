@@ -71,8 +71,8 @@ from carfast.graph.groups import members_of
 from carfast.progress import Progress
 from carfast.scoring.checks import count_images
 from carfast.scoring.group_scorer import GroupScorer, score_group
-from carfast.scoring.scorer import LayerScorer, score_layer
 from carfast.scoring.race import check_search, race_scores
+from carfast.scoring.scorer import LayerScorer, score_layer
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule, settled_keys
 from carfast.surgery import remove_filters, remove_groups
 from carfast.surgery.slicers import remap_channel_map

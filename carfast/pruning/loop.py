@@ -221,7 +221,8 @@ class GreedyRun:
         if self.config.criterion is None:
             if not scorer.removed and not scorer.cached:
                 scorer.prepare()    # the prefix pass, once per target: not part of the per-candidate cost
-            s, keys = self.car_scores(name, scorer, min(self.config.step, len(scorer.remaining) - self.targets[name].keep))
+            picks = min(self.config.step, len(scorer.remaining) - self.targets[name].keep)
+            s, keys = self.car_scores(name, scorer, picks)
             self.first_scores.setdefault(name, s)
             filters = s.filters.tolist()
             order = [filters[i] for i in sorted(range(len(filters)), key=lambda i: (keys[i], filters[i]))]

@@ -1,6 +1,7 @@
 """CAR scoring: ``LayerScorer`` (a layer) and ``GroupScorer`` (a coupling group) on one engine, with the
 evaluation methods as objects (``suffix_eval``, ``method_evaluators``), exact low precision
-(``precision``), the raced search for greedy CAR's choice (``race``), and the results (``scores.LayerScores``, ``classwise.ClassImportance``)."""
+(``precision``), the raced search for greedy CAR's choice (``race``), and the results
+(``scores.LayerScores``, ``classwise.ClassImportance``)."""
 from carfast.scoring.classwise import ClassImportance
 from carfast.scoring.group_scorer import GroupScorer, score_group
 from carfast.scoring.race import Race

@@ -116,7 +116,8 @@ def _z(delta: float, keep: int, candidates: int, checks: int) -> float:
     return statistics.NormalDist().inv_cdf(1 - delta / (keep * (candidates - 1) * checks))
 
 
-def visiting_order(base_loss: torch.Tensor, strata: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def visiting_order(base_loss: torch.Tensor, strata: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(order [n] int64, stratum [n] int64) of a process's n images, from the current model's per-image loss.
 
     The images are split into ``strata`` equal-count strata by that loss (0: the highest), and each

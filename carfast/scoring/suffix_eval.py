@@ -99,7 +99,8 @@ class SuffixMethod:
             out.append(row)
         return out
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar, image_loss: bool = False):
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar,
+                    image_loss: bool = False):
         """(counts [F, C], loss sums [F], ``ImageResults`` or None) of one chunk, ``removed`` made already."""
         y, A = chunk.y, chunk.A
         F_, C = len(filt), chunk.num_classes
