@@ -196,13 +196,14 @@ def test_demo_quick_writes_a_new_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_demo_quick_alexnet_shows_the_first_layer_filters(tmp_path, capsys):
-    assert main(["demo", "--quick", "--model", "alexnet", "--out", str(tmp_path / "a")]) == 0
+    assert main(["demo", "--quick", "--model", "alexnet", "--search", "race", "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "bundled AlexNet-style CIFAR-10 network" in out and "features.0: 64 -> 60 filters" in out
     assert re.search(r"features\.0 filters\s+64 -> 60\s+\(kept 93.8 %, removed 4\)", out)
     folder = tmp_path / "a"
     page = (folder / "index.html").read_text(encoding="utf-8")
     assert "<h2>First-layer filters: features.0</h2>" in page
+    assert "Raced search (delta 0.05" in page and "of the exact search" in page      # --search race
     assert "<h2>Criteria compared on held-out images</h2>" in page
     for png in ("filters_features.0.png", "filter_classes_features.0.png", "colour_features.0.png", "criteria.png",
                 "classwise_features.11.png"):

@@ -72,6 +72,9 @@ def add_parser(sub) -> None:
     d.add_argument("--n", type=positive_int, default=None,
                    help="images of the bundled slice to use (default 2000): the first half (resnet20) or "
                         "quarter (alexnet) to choose filters on, the rest held out")
+    d.add_argument("--search", choices=("exact", "race"), default="exact",
+                   help="how CAR finds each removal: 'exact' (default) or 'race' (the raced search at its default "
+                        "settings: fewer evaluations, recorded scores still exact; see carfast prune --help)")
     add_threads(d)
     d.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)   # tests: small layers, 40 images
 
@@ -122,7 +125,8 @@ def run(args) -> int:
     for layer, keep in demo.layers.items():
         print(f"  {layer}: {model.get_submodule(layer).out_channels} -> {keep} filters")
     comparison = carfast.compare_criteria(model, list(demo.layers), score, heldout, dict(demo.layers),
-                                          ("car", *BASELINES), step=demo.step, progress=None, log=_log)
+                                          ("car", *BASELINES), step=demo.step, progress=None, log=_log,
+                                          search=args.search)
     result = comparison.results["car"]
     result.comparison = comparison.to_dict()
     result.settings["cli_model"] = {"model": args.model, "weights": None, "data": None, "n": k,
