@@ -149,9 +149,9 @@ def test_greedy_in_bf16_makes_float32s_removals(rule, monkeypatch):
     calls = []
     real = carfast.LayerScorer.score
 
-    def spy(self, filters=None, per_image=False, float32=False):
+    def spy(self, filters=None, per_image=False, float32=False, **kw):
         calls.append(float32)
-        return real(self, filters, per_image, float32)
+        return real(self, filters, per_image, float32, **kw)
 
     monkeypatch.setattr(carfast.LayerScorer, "score", spy)
     kw = dict(keep=11, rule=rule, progress=False)
