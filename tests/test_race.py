@@ -11,7 +11,7 @@ from nets import NETS, make_data
 import carfast
 from carfast.data import cifar10_test
 from carfast.models import cifar_resnet
-from carfast.scoring.race import Race, race, visiting_order
+from carfast.scoring.race import Race, _estimate, race, visiting_order
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,17 @@ def test_epsilon_stops_early_and_finishes_the_chosen():
     chosen = fast.survivors[0]
     images = torch.cat([im for ids, im in seen if chosen in ids]).sort().values
     assert torch.equal(images, torch.arange(1000))      # the chosen one saw every image
+
+
+def test_a_stratum_not_yet_seen_twice_leaves_the_total_unknown():
+    S = torch.tensor([[1.0, 3.0], [0.0, 0.0]], dtype=torch.float64)
+    G = torch.stack([torch.tensor([[1.0, 1.0], [1.0, 5.0]]), torch.zeros(2, 2)]).double()
+    for seen in ([2.0, 0.0], [2.0, 1.0]):
+        _, se = _estimate(S, G, torch.tensor(seen, dtype=torch.float64), torch.tensor([10.0, 10.0]))
+        assert bool(torch.isinf(se).all())
+    _, se = _estimate(S, G, torch.tensor([10.0, 1.0], dtype=torch.float64), torch.tensor([10.0, 1.0]))
+    assert bool(torch.isfinite(se).all())          # both strata seen whole: no uncertainty left
+    assert float(se.max()) == 0
 
 
 def test_visiting_order_is_a_seeded_permutation_hard_images_first():

@@ -146,14 +146,15 @@ def _estimate(S, G, seen, sizes):
     """(mean [A, A], se [A, A]) per image of d = v_a - v_b over all N images, stratified.
 
     S [H, A] sums, G [H, A, A] products over the images seen of each stratum; seen [H] images seen; sizes
-    [H] images per stratum (N = sizes.sum()). A stratum seen whole adds no uncertainty."""
+    [H] images per stratum (N = sizes.sum()). A stratum seen whole adds no uncertainty; one with fewer than
+    two images seen (and more left) leaves the total unknown: se is infinite."""
     N = float(sizes.sum())
     mean = torch.zeros(S.shape[1], S.shape[1], dtype=torch.float64)
     var = torch.zeros_like(mean)
     for h in range(S.shape[0]):
         n, Nh = float(seen[h]), float(sizes[h])
-        if n == 0:
-            continue
+        if n < 2 and n < Nh:
+            return mean, torch.full_like(mean, math.inf)
         m = (S[h][:, None] - S[h][None, :]) / n
         mean += Nh * m
         if n < Nh:
