@@ -128,7 +128,8 @@ def main(argv=None) -> int:
         saved["rows"].append(row)
         write_json_atomic(args.out, saved)
         r, e = row["race"], row["exact"]
-        print(f"offset {offset}: same choice in {same}/{len(steps)} steps; held out race {100 * r['held_out_accuracy']:.2f} "
+        print(f"offset {offset}: same choice in {same}/{len(steps)} steps; held out race "
+              f"{100 * r['held_out_accuracy']:.2f} "
               f"% exact {100 * e['held_out_accuracy']:.2f} %; evaluations {r['evaluations'] / e['evaluations']:.3f} "
               f"of exact; {r['seconds']:.0f} s against exact's {e['seconds']:.0f} s in this run", flush=True)
     return 0
