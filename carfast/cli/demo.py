@@ -56,6 +56,7 @@ def _describe(demo: Demo) -> str:
 
 
 def add_parser(sub) -> None:
+    from carfast.scoring.race import SEARCHES
     d = sub.add_parser("demo", help="greedy CAR pruning of a bundled network beside L1 and random, with a report "
                                     "(about 2-3 min on 2 cores)",
                        description="Greedy CAR pruning of a bundled network, then the same layers pruned to the "
@@ -72,7 +73,7 @@ def add_parser(sub) -> None:
     d.add_argument("--n", type=positive_int, default=None,
                    help="images of the bundled slice to use (default 2000): the first half (resnet20) or "
                         "quarter (alexnet) to choose filters on, the rest held out")
-    d.add_argument("--search", choices=("exact", "race"), default="exact",
+    d.add_argument("--search", choices=SEARCHES, default="exact",
                    help="how CAR finds each removal: 'exact' (default) or 'race' (the raced search at its default "
                         "settings: fewer evaluations, recorded scores still exact; see carfast prune --help)")
     add_threads(d)

@@ -41,6 +41,7 @@ def _log(message: str) -> None:
 
 def add_parser(sub) -> None:
     from carfast.criteria import CRITERIA
+    from carfast.scoring.race import SEARCHES
     from carfast.scoring.selection import DEFAULT_RULE, RULES
     r = sub.add_parser("prune", help="greedy CAR (or baseline) pruning of layers and groups; saves the result",
                        description="Remove filters greedily (the least important by CAR, re-scored after each "
@@ -61,7 +62,7 @@ def add_parser(sub) -> None:
                    help=f"CAR's selection rule (default {DEFAULT_RULE}): 'accuracy' the paper's (most images still "
                         "correct), 'loss' the smallest loss, 'lcb' a lower confidence bound of the accuracy "
                         "(see experiments/RESULTS.md)")
-    r.add_argument("--search", choices=("exact", "race"), default="exact",
+    r.add_argument("--search", choices=SEARCHES, default="exact",
                    help="how CAR finds each removal: 'exact' (default) scores every remaining filter on every "
                         "image; 'race' visits the images in blocks and drops the filters confidently worse than "
                         "the best (the choice is still made on exact scores; see --delta, --epsilon)")

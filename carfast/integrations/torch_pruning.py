@@ -71,7 +71,7 @@ from carfast.graph.groups import members_of
 from carfast.progress import Progress
 from carfast.scoring.checks import count_images
 from carfast.scoring.group_scorer import GroupScorer, score_group
-from carfast.scoring.race import check_search, race_scores
+from carfast.scoring.race import check_race_rule, check_search, race_scores
 from carfast.scoring.scorer import LayerScorer, score_layer
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule, settled_keys
 from carfast.surgery import remove_filters, remove_groups
@@ -191,9 +191,7 @@ class CARImportance(tp.importance.Importance):
         if greedy:
             check_rule_precision(self.rule, score_options.get("precision"), _FN)
         self.search = check_search(search, _FN)
-        if self.search is not None and self.rule == "lcb":
-            raise ValueError(f"{_FN}: search='race' races per-image sums, and the 'lcb' rule's key is not one; use "
-                             "rule='loss' or 'accuracy' with the race, or search='exact'")
+        check_race_rule(self.search, self.rule, _FN)
         self.data = data
         self.progress = score_options.pop("progress", None)
         self.options = score_options

@@ -17,7 +17,7 @@ from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.errors import resolve_layer
 from carfast.graph import analyze_units, build_graph
 from carfast.pruning.criteria import get_criterion
-from carfast.scoring.race import Race, check_search
+from carfast.scoring.race import Race, check_race_rule, check_search
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision
 
 __all__ = ["Target", "PruneConfig", "SCORE_KEYS"]
@@ -87,9 +87,7 @@ class PruneConfig:
         if search is not None and crit is not None:
             raise ValueError(f"{_FN}: search={search!r} is how CAR searches for its choice; criterion={criterion!r} "
                              "ranks by its own importance: drop search, or use criterion='car'")
-        if search is not None and rule == "lcb":
-            raise ValueError(f"{_FN}: search='race' races per-image sums, and the 'lcb' rule's key is not one; use "
-                             "rule='loss' or 'accuracy' with the race, or search='exact' with 'lcb'")
+        check_race_rule(search, rule, _FN)
         _check_finetune(finetune)
         example = _example(data)
         names = _layer_names(model, layers)

@@ -47,7 +47,7 @@ import torch
 from carfast.distributed import all_reduce_sum
 from carfast.scoring.scores import LayerScores
 
-__all__ = ["Race", "RaceOutcome", "race", "race_scores", "check_search"]
+__all__ = ["Race", "RaceOutcome", "SEARCHES", "race", "race_scores", "check_search", "check_race_rule"]
 
 SEARCHES = ("exact", "race")
 _TOL = 1e-9           # per image: paired means closer than this are float noise, never a reason to drop
@@ -97,6 +97,14 @@ def check_search(search, fn: str):
     if isinstance(search, Race):
         return search
     raise ValueError(f"{fn}: search must be 'exact', 'race' or a carfast.Race(delta=..., epsilon=...), got {search!r}")
+
+
+def check_race_rule(search, rule: str, fn: str) -> None:
+    """ValueError when the raced ``search`` (a ``Race``, not None) is asked to race ``rule``'s key, which is
+    not a per-image sum ("lcb")."""
+    if search is not None and rule not in ("loss", "accuracy"):
+        raise ValueError(f"{fn}: search='race' races per-image sums, and the {rule!r} rule's key is not one; use "
+                         "rule='loss' or 'accuracy' with the race, or search='exact'")
 
 
 @dataclass
@@ -257,21 +265,13 @@ class _Tally:
             return None
         assert all(self.blocks[f] == self.calls for f in survivors), "a survivor missed a block"
         last = self.last
-        out = LayerScores(last.layer, torch.tensor(survivors, dtype=torch.long), self.num_images, self.class_totals,
+        return LayerScores(last.layer, torch.tensor(survivors, dtype=torch.long), self.num_images, self.class_totals,
                           self.base_correct, torch.stack([self.correct[f] for f in survivors]), self.base_loss_sum,
                           torch.tensor([self.loss[f] for f in survivors], dtype=torch.float64), coupled=last.coupled,
                           method=last.method, backend=last.backend, pairs_evaluated=self.pairs[0],
                           pairs_skipped=self.pairs[1], seconds=self.seconds, precision=last.precision,
                           pairs_rechecked=self.pairs[2], margin_threshold=last.margin_threshold, members=last.members,
                           topk=last.topk, backend_note=last.backend_note)
-        return out
-
-
-def _shard(process_group) -> tuple[int, int]:
-    """(this process's rank, processes) of ``process_group`` (False / None: (0, 1))."""
-    if process_group is False or process_group is None:
-        return 0, 1
-    return torch.distributed.get_rank(process_group), torch.distributed.get_world_size(process_group)
 
 
 def race_scores(entries: list, rule: str, settings: Race, process_group, step_key: str, keep: int = 1):
@@ -283,11 +283,10 @@ def race_scores(entries: list, rule: str, settings: Race, process_group, step_ke
     Returns ([``LayerScores`` of each entry's survivors over all images, or None when none survived],
     ``RaceOutcome``).
     """
-    if rule not in ("loss", "accuracy"):
-        raise ValueError(f"search='race' races per-image sums; rule {rule!r} is not one: use rule='loss' or "
-                         "'accuracy', or search='exact'")
+    check_race_rule(settings, rule, "race_scores")
     group = process_group if process_group not in (None, False) else None
-    rank, world = _shard(group)
+    rank, world = (0, 1) if group is None else (torch.distributed.get_rank(group),
+                                                torch.distributed.get_world_size(group))
     n_local = entries[0][0].num_images
     if any(sc.num_images != n_local for sc, _ in entries):
         raise ValueError("race_scores: the scorers hold different numbers of images; race them on the same data")

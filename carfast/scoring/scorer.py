@@ -341,30 +341,31 @@ class LayerScorer:
             check_finite(chunk.logits, self.fn, f"the model's output with filters {self.removed} removed")
 
     # ---- scoring -------------------------------------------------------------------------------------
-    @property
-    def num_images(self) -> int:
-        """Images of this process's data (runs the prefix pass if it has not run yet)."""
+    def _held(self) -> list:
+        """The cached chunks of the whole data set (running the prefix pass if it has not run yet); ValueError
+        when they do not fit the memory budget."""
         if not self._cache_complete:
             self.prepare()
         if not self._cache_complete:
             raise ValueError(f"{self.fn}: the prefix of the data does not fit memory_budget, so its images are not "
-                             "held; raise memory_budget or pass fewer images")
-        return sum(c.num_images for c in self._cache)
+                             "held (scoring a subset of them, or the raced search, needs them); raise memory_budget, "
+                             "pass fewer images, or use search='exact'")
+        return self._cache
+
+    @property
+    def num_images(self) -> int:
+        """Images of this process's data (the prefix must be held in memory)."""
+        return sum(c.num_images for c in self._held())
 
     def image_losses(self) -> torch.Tensor:
         """[n] float64: each image's cross-entropy under the model with the removals made so far, in data order
         (the prefix must be held in memory)."""
-        if not self.num_images:
-            raise AssertionError("unreachable: num_images raises or is positive")
-        return torch.cat([c.base_loss.cpu() for c in self._cache])
+        return torch.cat([c.base_loss.cpu() for c in self._held()])
 
     def _image_chunks(self, images: torch.Tensor):
         """The cached chunks restricted to ``images`` ([m] int64 ascending positions in the data), in order."""
-        if not self._cache_complete:
-            raise ValueError(f"{self.fn}: scoring a subset of the images needs the data's prefix held in memory, "
-                             "and it does not fit memory_budget; raise memory_budget or pass fewer images")
         start = 0
-        for chunk in self._cache:
+        for chunk in self._held():
             end = start + chunk.num_images
             lo, hi = torch.searchsorted(images, torch.tensor([start, end])).tolist()
             if hi > lo:
