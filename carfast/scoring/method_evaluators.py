@@ -1,8 +1,10 @@
 """The scoring methods besides the suffix (``suffix_eval.SuffixMethod``), one object each, with the same
-face: ``prefix(x) -> Chunk``, ``remove(chunk, k, removed)`` (a greedy removal applied to a cached chunk in
-place), ``catch_up(chunk, removed)`` (a fresh chunk gets the removals made so far) and
-``score_chunk(chunk, filt, removed, per_image, stats, bar, image_loss=False) -> (counts [F, C], loss sums [F],
-``chunks.ImageResults`` or None)``: per-image correctness with ``per_image``, and losses too with ``image_loss``.
+face: ``prefix(x) -> Chunk``, ``remove(chunk, k, removed, known=None)`` (a greedy removal applied to a cached
+chunk in place; ``known``: logits the scoring kept for it, ``logit_memo``), ``catch_up(chunk, removed)`` (a
+fresh chunk gets the removals made so far) and ``score_chunk(chunk, filt, removed, per_image, stats, bar,
+image_loss=False, keep=None) -> (counts [F, C], loss sums [F], ``chunks.ImageResults`` or None)``: per-image
+correctness with ``per_image``, and losses too with ``image_loss``; ``keep``: a dict the method may fill with
+the pairs' logits for the removal (only the suffix method does; these two compute a removal cheaply).
 
 - ``ClosedFormMethod``: the consumer is followed by an elementwise epilogue and an affine tail
   (``closed_form.py``); one fused op computes the ablated logits of all (filter, image) pairs and reduces
@@ -64,7 +66,7 @@ class ClosedFormMethod:
                                   filt.to(logits.device), cf.stride, cf.padding, cf.dilation,
                                   backend="cpu" if self.backend == "cpu" else "torch")
 
-    def remove(self, chunk: Chunk, k: int, removed) -> None:
+    def remove(self, chunk: Chunk, k: int, removed, known=None) -> None:
         chunk.set_logits(self.ablated(chunk, torch.tensor([k]))[0])   # the removal's closed form is the new base
         remove_at_consumers(chunk, self.lg.consumers, k)
 
@@ -72,7 +74,7 @@ class ClosedFormMethod:
         for i, k in enumerate(removed):
             self.remove(chunk, k, removed[:i + 1])
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False):
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False, keep=None):
         cf, y = self.cf, chunk.y
         F_, n = len(filt), y.numel()
         losses = []
@@ -127,14 +129,14 @@ class FullNetworkMethod:
     def prefix(self, x, y) -> Chunk:
         return Chunk(y, self.run_removed(x, []), x=x)
 
-    def remove(self, chunk: Chunk, k: int, removed) -> None:
+    def remove(self, chunk: Chunk, k: int, removed, known=None) -> None:
         chunk.set_logits(self.run_removed(chunk.x, removed))
 
     def catch_up(self, chunk: Chunk, removed) -> None:
         if removed:                        # one rerun with every removal made so far
             chunk.set_logits(self.run_removed(chunk.x, removed))
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False):
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False, keep=None):
         y = chunk.y
         counts = torch.zeros(len(filt), chunk.num_classes, dtype=torch.long, device=y.device)
         loss = torch.zeros(len(filt), dtype=torch.float64, device=y.device)

@@ -67,6 +67,7 @@ from carfast.scoring.checks import (
 from carfast.scoring.chunks import PairStats
 from carfast.scoring.closed_form import find_closed_form
 from carfast.scoring.fused_suffix import find_fused_consumer
+from carfast.scoring.logit_memo import LogitMemo
 from carfast.scoring.method_evaluators import ClosedFormMethod, FullNetworkMethod
 from carfast.scoring.pairs import Accumulator
 from carfast.scoring.precision import check_precision
@@ -165,6 +166,7 @@ class LayerScorer:
             self._plan(lg, example, batch_size, precision)
         self._cache: list | None = [] if self._options.cache else None
         self._cache_complete = False
+        self._memo = LogitMemo()     # the scored logits the next removal may take (held prefix only)
         self._check_chance = self._options.warn_near_chance    # on the first score of the intact model
 
     # ---- what the caller may read -----------------------------------------------------------------------
@@ -332,9 +334,10 @@ class LayerScorer:
         self.removed.append(k)
         if self._cache_complete:
             with eval_mode(self._model), torch.no_grad():
-                for chunk in self._cache:
-                    self._method.remove(chunk, k, self.removed)
+                for i, chunk in enumerate(self._cache):
+                    self._method.remove(chunk, k, self.removed, known=self._memo.take(i, k))
                     self._check_removed(chunk)
+        self._memo.clear()
 
     def _check_removed(self, chunk) -> None:
         if self.removed:
@@ -362,15 +365,29 @@ class LayerScorer:
         (the prefix must be held in memory)."""
         return torch.cat([c.base_loss.cpu() for c in self._held()])
 
-    def _image_chunks(self, images: torch.Tensor):
-        """The cached chunks restricted to ``images`` ([m] int64 ascending positions in the data), in order."""
+    def _image_chunks(self, images: torch.Tensor | None):
+        """(cached chunk index or None, positions in it or None, chunk) of the chunks to score: all of them
+        (``images`` None; index None when the prefix is streamed), or the cached ones restricted to
+        ``images`` ([m] int64 ascending positions in the data), in order."""
+        if images is None:
+            held = self._cache_complete
+            for i, chunk in enumerate(self._chunks()):
+                yield (i if held else None), None, chunk
+            return
         start = 0
-        for chunk in self._held():
+        for i, chunk in enumerate(self._held()):
             end = start + chunk.num_images
             lo, hi = torch.searchsorted(images, torch.tensor([start, end])).tolist()
             if hi > lo:
-                yield chunk.select(images[lo:hi] - start)
+                at = images[lo:hi] - start
+                yield i, at, chunk.select(at)
             start = end
+
+    def _keep(self, i, filt, chunk) -> dict | None:
+        """An empty dict for the method to fill with cached chunk ``i``'s scored logits when they fit the memo."""
+        if i is None or not self._memo.room(i, filt.tolist(), self._cache[i].num_images, chunk.num_classes):
+            return None
+        return {}
 
     def score(self, filters=None, per_image: bool = False, float32: bool = False, *, image_loss: bool = False,
               images=None) -> LayerScores:
@@ -399,9 +416,12 @@ class LayerScorer:
         bar = Progress(self._progress, len(filt) * n_images if n_images else None, f"scoring {self.name}")
         stats = PairStats()
         with eval_mode(self._model), torch.no_grad():
-            for chunk in self._chunks() if images is None else self._image_chunks(images):
+            for i, at, chunk in self._image_chunks(images):
+                keep = self._keep(i, filt, chunk)
                 counts, loss_sum, img = self._method.score_chunk(chunk, filt, self.removed, per_image, stats, bar,
-                                                                 image_loss=image_loss)
+                                                                 image_loss=image_loss, keep=keep)
+                if keep:
+                    self._memo.add(i, self._cache[i].num_images, filt.tolist(), at, keep["logits"], keep["evaluated"])
                 acc.add(chunk.y, chunk.base_correct, chunk.base_loss, counts, loss_sum, img, chunk.num_classes)
         bar.close()
         if self._process_group is not None:   # every process scored its shard: add the counts up, exactly

@@ -76,11 +76,28 @@ class SuffixMethod:
     def prefix(self, x, y) -> Chunk:
         return prefix_chunk(self.lg, x, y, self.prefix_batch)
 
-    def remove(self, chunk: Chunk, k: int, removed) -> None:
+    def remove(self, chunk: Chunk, k: int, removed, known=None) -> None:
+        """Remove filter ``k`` from ``chunk`` in place. The new logits are run through the suffix only for
+        the images where the removal changes something: an image where k is all zero at the consumers
+        keeps its logits (its suffix inputs do not change; unless readers inside the suffix read k through
+        a mask), and so does one whose logits the scoring kept: ``known`` = (logits [n, classes], seen [n]
+        bool) from ``logit_memo``."""
+        todo = None if self.lg.masked else active_pairs(chunk.A, self.lg.consumers, torch.tensor([k]))[0]
         remove_at_consumers(chunk, self.lg.consumers, k)
         keep = keep_mask(None, removed, self.lg.num_filters, chunk.y.device) if self.lg.masked else None
-        chunk.set_logits(suffix_base_logits(self.suffix, chunk.Z, chunk.B, self.pair_batch, self.channels_last,
-                                            keep))
+        if todo is None and known is None:
+            chunk.set_logits(suffix_base_logits(self.suffix, chunk.Z, chunk.B, self.pair_batch, self.channels_last,
+                                                keep))
+            return
+        logits = chunk.logits.clone()
+        if known is not None:
+            logits[known[1]] = known[0][known[1]]
+            todo = ~known[1] if todo is None else todo & ~known[1]
+        at = todo.nonzero().flatten()
+        if at.numel():
+            logits[at] = suffix_base_logits(self.suffix, [z[at] for z in chunk.Z], [b[at] for b in chunk.B],
+                                            self.pair_batch, self.channels_last, keep)
+        chunk.set_logits(logits)
 
     def catch_up(self, chunk: Chunk, removed) -> None:
         for i, k in enumerate(removed):
@@ -100,8 +117,11 @@ class SuffixMethod:
         return out
 
     def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar,
-                    image_loss: bool = False):
-        """(counts [F, C], loss sums [F], ``ImageResults`` or None) of one chunk, ``removed`` made already."""
+                    image_loss: bool = False, keep: dict | None = None):
+        """(counts [F, C], loss sums [F], ``ImageResults`` or None) of one chunk, ``removed`` made already.
+        ``keep``: a dict to receive the evaluated pairs' logits for a later removal (``logit_memo``):
+        "logits" [F, n, classes] float32 and "evaluated" [F, n] bool, set where this method's arithmetic is
+        the removal pass's (float32, unfused, no masked readers)."""
         y, A = chunk.y, chunk.A
         F_, C = len(filt), chunk.num_classes
         weights = self._weights_of(filt)
@@ -116,9 +136,15 @@ class SuffixMethod:
         counts = torch.zeros(F_, C, dtype=torch.long, device=y.device)
         loss = torch.zeros(F_, dtype=torch.float64, device=y.device)
         images = ImageResults.intact(chunk, F_, image_loss) if per_image else None
+        kept = None
+        if keep is not None and not low and self.fused is None and not self.lg.masked:
+            kept = torch.empty(F_, y.numel(), C, dtype=torch.float32, device=y.device)
+            keep.update(logits=kept, evaluated=active)
         for s in range(0, fi.numel(), self.pair_batch):
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
             abl = self._pair_logits(chunk, filt, weights, removed, f_b, n_b, self.dtype)
+            if kept is not None:
+                kept[f_b, n_b] = abl
             if low:
                 redo = (topk_margin(abl, chunk.topk) <= self.threshold).nonzero().flatten()
                 abl = abl.float()
