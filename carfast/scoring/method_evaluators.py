@@ -2,8 +2,8 @@
 face: ``prefix(x) -> Chunk``, ``remove(chunk, k, removed, known=None)`` (a greedy removal applied to a cached
 chunk in place; ``known``: logits the scoring kept for it, ``logit_memo``), ``catch_up(chunk, removed)`` (a
 fresh chunk gets the removals made so far) and ``score_chunk(chunk, filt, removed, per_image, stats, bar,
-image_loss=False, keep=None) -> (counts [F, C], loss sums [F], ``chunks.ImageResults`` or None)``: per-image
-correctness with ``per_image``, and losses too with ``image_loss``; ``keep``: a dict the method may fill with
+image_loss=False, memo=None) -> (counts [F, C], loss sums [F], ``chunks.ImageResults`` or None)``: per-image
+correctness with ``per_image``, and losses too with ``image_loss``; ``memo``: a dict the method may fill with
 the pairs' logits for the removal (only the suffix method does; these two compute a removal cheaply).
 
 - ``ClosedFormMethod``: the consumer is followed by an elementwise epilogue and an affine tail
@@ -74,7 +74,7 @@ class ClosedFormMethod:
         for i, k in enumerate(removed):
             self.remove(chunk, k, removed[:i + 1])
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False, keep=None):
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False, memo=None):
         cf, y = self.cf, chunk.y
         F_, n = len(filt), y.numel()
         losses = []
@@ -136,7 +136,7 @@ class FullNetworkMethod:
         if removed:                        # one rerun with every removal made so far
             chunk.set_logits(self.run_removed(chunk.x, removed))
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False, keep=None):
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, image_loss: bool = False, memo=None):
         y = chunk.y
         counts = torch.zeros(len(filt), chunk.num_classes, dtype=torch.long, device=y.device)
         loss = torch.zeros(len(filt), dtype=torch.float64, device=y.device)

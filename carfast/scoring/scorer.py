@@ -383,7 +383,7 @@ class LayerScorer:
                 yield i, at, chunk.select(at)
             start = end
 
-    def _keep(self, i, filt, chunk) -> dict | None:
+    def _memo_slot(self, i, filt, chunk) -> dict | None:
         """An empty dict for the method to fill with cached chunk ``i``'s scored logits when they fit the memo."""
         if i is None or not self._memo.room(i, filt.tolist(), self._cache[i].num_images, chunk.num_classes):
             return None
@@ -417,11 +417,11 @@ class LayerScorer:
         stats = PairStats()
         with eval_mode(self._model), torch.no_grad():
             for i, at, chunk in self._image_chunks(images):
-                keep = self._keep(i, filt, chunk)
+                slot = self._memo_slot(i, filt, chunk)
                 counts, loss_sum, img = self._method.score_chunk(chunk, filt, self.removed, per_image, stats, bar,
-                                                                 image_loss=image_loss, keep=keep)
-                if keep:
-                    self._memo.add(i, self._cache[i].num_images, filt.tolist(), at, keep["logits"], keep["evaluated"])
+                                                                 image_loss=image_loss, memo=slot)
+                if slot:
+                    self._memo.add(i, self._cache[i].num_images, filt.tolist(), at, slot["logits"], slot["evaluated"])
                 acc.add(chunk.y, chunk.base_correct, chunk.base_loss, counts, loss_sum, img, chunk.num_classes)
         bar.close()
         if self._process_group is not None:   # every process scored its shard: add the counts up, exactly

@@ -117,9 +117,9 @@ class SuffixMethod:
         return out
 
     def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar,
-                    image_loss: bool = False, keep: dict | None = None):
+                    image_loss: bool = False, memo: dict | None = None):
         """(counts [F, C], loss sums [F], ``ImageResults`` or None) of one chunk, ``removed`` made already.
-        ``keep``: a dict to receive the evaluated pairs' logits for a later removal (``logit_memo``):
+        ``memo``: a dict to receive the evaluated pairs' logits for a later removal (``logit_memo``):
         "logits" [F, n, classes] float32 and "evaluated" [F, n] bool, set where this method's arithmetic is
         the removal pass's (float32, unfused, no masked readers)."""
         y, A = chunk.y, chunk.A
@@ -137,9 +137,9 @@ class SuffixMethod:
         loss = torch.zeros(F_, dtype=torch.float64, device=y.device)
         images = ImageResults.intact(chunk, F_, image_loss) if per_image else None
         kept = None
-        if keep is not None and not low and self.fused is None and not self.lg.masked:
+        if memo is not None and not low and self.fused is None and not self.lg.masked:
             kept = torch.empty(F_, y.numel(), C, dtype=torch.float32, device=y.device)
-            keep.update(logits=kept, evaluated=active)
+            memo.update(logits=kept, evaluated=active)
         for s in range(0, fi.numel(), self.pair_batch):
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
             abl = self._pair_logits(chunk, filt, weights, removed, f_b, n_b, self.dtype)
