@@ -267,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-seed", type=int, default=None,
                     help="fine-tune a finished --run again with this seed (whole_<run>_seed<S>.json)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results and checkpoints go")
+    ap.add_argument("--no-finetune", action="store_true",
+                    help="measure the pruned network as it is (selection and held-out top-1), without the fine-tune")
     args = ap.parse_args(argv)
     if args.data is None:
         ap.error("the full CIFAR-10 test set is needed (7,000 images): pass --data test.npz")
@@ -301,7 +303,13 @@ def main(argv=None) -> int:
     if row is None:
         row = {"run": "unpruned", "seconds": 0.0} if args.run == "unpruned" else prune(args, select, settings)
         write_json_atomic(out, {"settings": settings, "row": row})
-    if row.get("finetune") != FINETUNE:    # measured apart from the pruning, so a failed measurement costs no pruning
+    if args.no_finetune and "held_out_accuracy" not in row:
+        model = pruned_model(args)
+        row.update(selection_accuracy=evaluate(model, select).accuracy,
+                   held_out_accuracy=evaluate(model, held).accuracy)
+        write_json_atomic(out, {"settings": settings, "row": row})
+    elif not args.no_finetune and row.get("finetune") != FINETUNE:
+        # measured apart from the pruning, so a failed measurement costs no pruning
         row.update(measure(pruned_model(args), select, held))
         write_json_atomic(out, {"settings": settings, "row": row})
     print(json.dumps(row, indent=1))
