@@ -94,7 +94,9 @@ class SuffixMethod:
             logits[known[1]] = known[0][known[1]]
             todo = ~known[1] if todo is None else todo & ~known[1]
         at = todo.nonzero().flatten()
-        if at.numel():
+        if at.numel() == logits.shape[0]:        # every image: the plain pass, without gathering copies
+            logits = suffix_base_logits(self.suffix, chunk.Z, chunk.B, self.pair_batch, self.channels_last, keep)
+        elif at.numel():
             logits[at] = suffix_base_logits(self.suffix, [z[at] for z in chunk.Z], [b[at] for b in chunk.B],
                                             self.pair_batch, self.channels_last, keep)
         chunk.set_logits(logits)
