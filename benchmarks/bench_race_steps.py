@@ -1,7 +1,8 @@
 """The raced search against the exact one, step by step, on the states of a whole-network greedy run.
 
     python benchmarks/bench_race_steps.py [--trajectory experiments/results/whole_car-loss_ckpt.json]
-                                          [--every 12] [--n 2000] [--data test.npz] [--threads 1] [--out FILE]
+                                          [--races "default;block=64"] [--every 12] [--n 2000]
+                                          [--data test.npz] [--threads 1] [--out FILE]
 
 A long run's wall time mixes whatever else the machine was doing; this benchmark times the two searches
 side by side instead. It replays a recorded greedy run of the bundled ResNet-56 (a ``carfast.prune``
@@ -11,15 +12,18 @@ removal rebuilds that state (the finished layers cut, the current one's earlier 
 scorer) and times, in one process, back to back and in alternating order:
 
 - ``exact``: scoring every remaining filter on every image and ranking them (``score_by_rule``, loss rule);
-- ``race``: the raced search of that step (``Race()``, the step's seed as the pruning loop draws it);
-- ``removal``: making the chosen removal in the scorer's cache (one pass of the network after the layer
-  over the images), which both searches do once per step, and ``prefix``: the state's prefix pass
-  (once per layer for both).
+- ``race``: the raced search of that step for each ``--races`` setting (the step's seed as the pruning
+  loop draws it);
+- ``removal``: making the exact choice's removal in the scorer's cache, which both searches do once per
+  step (with the logit memo: the pass over the images whose logits the scoring did not keep), beside
+  ``pass``: a whole pass of the network after the layer over every image (a removal without the memo),
+  and ``prefix``: the state's prefix pass (once per layer for both).
 
-It records whether the race chose the exact search's filter, the race's candidate-image evaluations,
-and the estimated whole-run seconds of each search: the sampled steps' times times the sampling interval,
-plus 27 prefix passes at the measured mean. Evaluation counts do not depend on the machine; seconds do,
-so both searches are timed within the same minute.
+It records each race's choice (and its regret: the mean loss it adds over the exact choice's), its
+candidate-image evaluations, and the estimated whole-run seconds of each search, with and without the
+memo: the sampled steps' times times the sampling interval, plus one prefix pass per layer at the
+measured mean. Evaluation counts do not depend on the machine; seconds do, so both searches are timed
+within the same minute.
 """
 from __future__ import annotations
 
