@@ -44,6 +44,7 @@ class LogitMemo:
             evaluated: torch.Tensor) -> None:
         """Keep ``logits`` [F, m, classes] of ``filters`` on images ``positions`` ([m] int64 of the cached
         chunk's ``num_images``; None: all of them, in order) where ``evaluated`` [F, m] bool."""
+        at = torch.arange(num_images, device=logits.device) if positions is None else positions.to(logits.device)
         for f, rows, done in zip(filters, logits, evaluated):
             key = (chunk, f)
             if key not in self._kept:
@@ -51,10 +52,8 @@ class LogitMemo:
                                    torch.zeros(num_images, dtype=torch.bool, device=rows.device))
                 self.bytes += num_images * rows.shape[-1] * 4
             kept, seen = self._kept[key]
-            at = torch.arange(num_images, device=rows.device) if positions is None else positions.to(rows.device)
-            at = at[done]
-            kept[at] = rows[done]
-            seen[at] = True
+            kept[at[done]] = rows[done]
+            seen[at[done]] = True
 
     def take(self, chunk: int, f: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits [n, classes], seen [n] bool) of filter ``f`` removed, on cached chunk ``chunk``'s images

@@ -383,9 +383,9 @@ class LayerScorer:
                 yield i, at, chunk.select(at)
             start = end
 
-    def _memo_slot(self, i, filt, chunk) -> dict | None:
+    def _memo_slot(self, i, filters: list[int], chunk) -> dict | None:
         """An empty dict for the method to fill with cached chunk ``i``'s scored logits when they fit the memo."""
-        if i is None or not self._memo.room(i, filt.tolist(), self._cache[i].num_images, chunk.num_classes):
+        if i is None or not self._memo.room(i, filters, self._cache[i].num_images, chunk.num_classes):
             return None
         return {}
 
@@ -416,12 +416,13 @@ class LayerScorer:
         bar = Progress(self._progress, len(filt) * n_images if n_images else None, f"scoring {self.name}")
         stats = PairStats()
         with eval_mode(self._model), torch.no_grad():
+            filters = filt.tolist()
             for i, at, chunk in self._image_chunks(images):
-                slot = self._memo_slot(i, filt, chunk)
+                slot = self._memo_slot(i, filters, chunk)
                 counts, loss_sum, img = self._method.score_chunk(chunk, filt, self.removed, per_image, stats, bar,
                                                                  image_loss=image_loss, memo=slot)
                 if slot:
-                    self._memo.add(i, self._cache[i].num_images, filt.tolist(), at, slot["logits"], slot["evaluated"])
+                    self._memo.add(i, self._cache[i].num_images, filters, at, slot["logits"], slot["evaluated"])
                 acc.add(chunk.y, chunk.base_correct, chunk.base_loss, counts, loss_sum, img, chunk.num_classes)
         bar.close()
         if self._process_group is not None:   # every process scored its shard: add the counts up, exactly

@@ -82,21 +82,22 @@ class SuffixMethod:
         keeps its logits (its suffix inputs do not change; unless readers inside the suffix read k through
         a mask), and so does one whose logits the scoring kept: ``known`` = (logits [n, classes], seen [n]
         bool) from ``logit_memo``."""
-        todo = None if self.lg.masked else active_pairs(chunk.A, self.lg.consumers, torch.tensor([k]))[0]
+        n = chunk.num_images
+        todo = torch.ones(n, dtype=torch.bool, device=chunk.y.device) if self.lg.masked else \
+            active_pairs(chunk.A, self.lg.consumers, torch.tensor([k]))[0]
         remove_at_consumers(chunk, self.lg.consumers, k)
         keep = keep_mask(None, removed, self.lg.num_filters, chunk.y.device) if self.lg.masked else None
-        if todo is None and known is None:
+        if known is not None:
+            todo = todo & ~known[1]
+        at = todo.nonzero().flatten()
+        if at.numel() == n:                      # every image: the plain pass, without gathered copies
             chunk.set_logits(suffix_base_logits(self.suffix, chunk.Z, chunk.B, self.pair_batch, self.channels_last,
                                                 keep))
             return
         logits = chunk.logits.clone()
         if known is not None:
             logits[known[1]] = known[0][known[1]]
-            todo = ~known[1] if todo is None else todo & ~known[1]
-        at = todo.nonzero().flatten()
-        if at.numel() == logits.shape[0]:        # every image: the plain pass, without gathering copies
-            logits = suffix_base_logits(self.suffix, chunk.Z, chunk.B, self.pair_batch, self.channels_last, keep)
-        elif at.numel():
+        if at.numel():
             logits[at] = suffix_base_logits(self.suffix, [z[at] for z in chunk.Z], [b[at] for b in chunk.B],
                                             self.pair_batch, self.channels_last, keep)
         chunk.set_logits(logits)
