@@ -120,6 +120,7 @@ def environment(device: str = "cpu") -> dict:
         "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(torch.device(device))})",
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),    # the widest vector ISA torch uses: AVX2, AVX512
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "carfast_version": getattr(carfast, "__version__", None),
@@ -134,7 +135,8 @@ def environment(device: str = "cpu") -> dict:
 
 def describe_environment(env: dict) -> str:
     load = env.get("load_average_1_5_15")
-    return (f"{env['date']}  {env['device']} ({env['cpu_model']}, {env['cpu_count']} logical CPUs), "
+    isa = f", {env['cpu_capability']}" if env.get("cpu_capability") else ""
+    return (f"{env['date']}  {env['device']} ({env['cpu_model']}, {env['cpu_count']} logical CPUs{isa}), "
             f"torch {env['torch_version']} x{env['torch_threads']} threads, carfast {env['carfast_version']}, "
             f"commit {(env['git_commit'] or '?')[:10]}{' (dirty)' if env['git_dirty'] else ''}"
             + (f", load avg {load[0]:.2f}" if load else ""))

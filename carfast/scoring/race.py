@@ -47,7 +47,7 @@ import torch
 from carfast.distributed import all_reduce_sum
 from carfast.scoring.scores import LayerScores
 
-__all__ = ["Race", "RaceOutcome", "SEARCHES", "race", "race_scores", "check_search", "check_race_rule"]
+__all__ = ["Race", "RaceOutcome", "SEARCHES", "race", "race_scores", "step_plan", "check_search", "check_race_rule"]
 
 SEARCHES = ("exact", "race")
 _TOL = 1e-9           # per image: paired means closer than this are float noise, never a reason to drop
@@ -148,6 +148,20 @@ def visiting_order(base_loss: torch.Tensor, strata: int, generator: torch.Genera
         stratum[members], times[members] = h, t
     order = sorted(range(n), key=lambda i: (float(times[i]), int(stratum[i]), i))
     return torch.tensor(order, dtype=torch.long), stratum
+
+
+def step_plan(base_loss: torch.Tensor, settings: Race, step_key: str, rank: int = 0, fewest: int | None = None,
+              total: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(order [n], stratum [n], strata, num_blocks): how one process visits its n images in the step named
+    ``step_key``, from the current model's per-image loss ``base_loss`` [n]. fewest / total: the images of
+    the process holding the fewest / of all processes (default: this one's n), so every process makes the
+    same number of strata and blocks. The order is drawn from (``settings.seed``, ``step_key``, ``rank``)."""
+    n = base_loss.numel()
+    fewest, total = n if fewest is None else fewest, n if total is None else total
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{settings.seed}:{step_key}:{rank}".encode()))
+    strata = max(1, min(settings.strata, fewest // 2))
+    order, stratum = visiting_order(base_loss, strata, gen)
+    return order, stratum, strata, max(1, min(math.ceil(total / settings.block), fewest))
 
 
 def _estimate(S, G, seen, sizes):
@@ -294,14 +308,11 @@ def race_scores(entries: list, rule: str, settings: Race, process_group, step_ke
     per[rank] = n_local
     if group is not None:
         per = all_reduce_sum([per], group, "race_scores")[0]
-    total = int(per.sum())
-    gen = torch.Generator().manual_seed(zlib.crc32(f"{settings.seed}:{step_key}:{rank}".encode()))
-    strata = max(1, min(settings.strata, int(per.min()) // 2))      # the same on every process
-    order, stratum = visiting_order(entries[0][0].image_losses(), strata, gen)
+    order, stratum, strata, num_blocks = step_plan(entries[0][0].image_losses(), settings, step_key, rank,
+                                                   int(per.min()), int(per.sum()))
     sizes = torch.bincount(stratum, minlength=strata).double()
     if group is not None:
         sizes = all_reduce_sum([sizes], group, "race_scores")[0]
-    num_blocks = max(1, min(math.ceil(total / settings.block), int(per.min())))
     ids = [(e, f) for e, (_, filters) in enumerate(entries) for f in filters]
     tallies = [_Tally() for _ in entries]
 
