@@ -2,7 +2,9 @@
 
     python benchmarks/bench_race_steps.py [--trajectory experiments/results/whole_car-loss_ckpt.json]
                                           [--races "default;block=64"] [--every 12] [--n 2000]
-                                          [--race-n 5000] [--data test.npz] [--threads 1] [--out FILE]
+                                          [--race-n 5000] [--removals A:B] [--data test.npz] [--threads 1]
+                                          [--out FILE]
+    python benchmarks/bench_race_steps.py --every 24 --summarize FIRST.json RETIMED.json --out MERGED.json
 
 A long run's wall time mixes whatever else the machine was doing; this benchmark times the two searches
 side by side instead. It replays a recorded greedy run of the bundled ResNet-56 (a ``carfast.prune``
@@ -24,6 +26,9 @@ candidate-image evaluations, and the estimated whole-run seconds of each search,
 memo: the sampled steps' times times the sampling interval, plus one prefix pass per layer at the
 measured mean. Evaluation counts do not depend on the machine; seconds do, so both searches are timed
 within the same minute.
+
+``--summarize`` writes the summary of earlier outputs instead of timing anything: the rows of a later
+file replace the same removals' rows of an earlier one (a part of the run re-timed with ``--removals``).
 
 ``--race-n`` races on more images than the exact search scores (the first ``--race-n`` of the test set,
 in a second scorer of the same state with its own prefix pass and removal): what the same time buys.
@@ -142,12 +147,31 @@ def summarize(rows: list[dict], name: str, every: int, layers: int) -> dict:
                              "time_ratio": race_pass / exact_pass}}
 
 
+def merged(paths: list[Path], every: int, trajectory: Path, out: Path) -> int:
+    """Summarize the rows of earlier outputs, a later file's rows replacing an earlier one's of the same removal."""
+    outputs = [json.loads(p.read_text()) for p in paths]
+    rows = {}
+    for o in outputs:
+        rows.update({r["removal"]: r for r in o["rows"]})
+    rows = [rows[r] for r in sorted(rows)]
+    layers = len({row["layer"] for row in json.loads(trajectory.read_text())["history"]})
+    summary = {name: summarize(rows, name, every, layers) for name in rows[0]["races"]}
+    write_json_atomic(out, {"environment": [o["environment"] for o in outputs], "merged_from": [str(p) for p in paths],
+                            "rows": rows, "summary": summary})
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trajectory", type=Path, default=TRAJECTORY, help="a carfast.prune checkpoint of ResNet-56")
     ap.add_argument("--races", default="default", help="the race settings to time, ';'-separated: 'default' "
                     "or Race keywords, e.g. 'default;block=64;epsilon=1e-4'")
     ap.add_argument("--every", type=int, default=12, help="time every this-many-th removal")
+    ap.add_argument("--removals", default=None, metavar="A:B",
+                    help="only the sampled removals in [A, B) (to re-time part of a run; the summary covers them only)")
+    ap.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="summarize these outputs (later rows replace earlier ones of the same removal) into --out")
     ap.add_argument("--n", type=int, default=2000, help="scoring images: the first ones of the test set")
     ap.add_argument("--race-n", type=int, default=None,
                     help="the race's scoring images, when more or fewer than the exact search's --n")
@@ -156,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "race_steps_resnet56.json")
     args = ap.parse_args(argv)
+    if args.summarize:
+        return merged(args.summarize, args.every, args.trajectory, args.out)
     torch.set_num_threads(args.threads)
     x, y = cifar10_test(path=args.data) if args.data else cifar10_test()
     race_n = args.race_n or args.n
@@ -167,7 +193,8 @@ def main(argv=None) -> int:
     print(describe_environment(env))
     races = {name: parse_race(name) for name in args.races.split(";")}
     rows = []
-    for i, r in enumerate(range(0, len(history), args.every)):
+    lo, hi = (int(v) for v in args.removals.split(":")) if args.removals else (0, len(history))
+    for i, r in enumerate(r for r in range(0, len(history), args.every) if lo <= r < hi):
         scorer, prefix = state(history, r, data)
         rscorer, race_prefix = (scorer, prefix) if race_n == args.n else state(history, r, (x[:race_n], y[:race_n]))
         step_key = str(r + 1)

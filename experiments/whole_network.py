@@ -3,6 +3,7 @@
     python experiments/whole_network.py --run car-loss      [--order reverse] [--threads 1] [--data test.npz]
     python experiments/whole_network.py --run car-accuracy
     python experiments/whole_network.py --run car-loss-race   (the raced search, carfast.Race defaults)
+    python experiments/whole_network.py --run car-loss-race --n-select 1000 --step 4 --out-dir DIR
     python experiments/whole_network.py --run l1 | taylor | random
     python experiments/whole_network.py --table             (the results so far, as a Markdown table)
     python experiments/whole_network.py --figure            (experiments/figures/whole_resnet56.png)
@@ -15,6 +16,11 @@ out), before and after one fixed short fine-tune (``FINETUNE``, on the selection
 test distribution; the JPEG training copies shift it, experiments/RESULTS.md). ``car-loss`` is greedy CAR
 with carfast's default selection rule, ``car-accuracy`` with the paper's; ``l1``, ``taylor``, ``random``
 are the baseline criteria, re-computed after every removal in the same loop.
+
+``--step`` removes that many filters per scoring (the ``step`` of ``carfast.prune``; the race then keeps
+that many best candidates), ``--block`` sets the race's images per block (``carfast.Race(block=...)``);
+both are recorded in the run's settings when not the defaults, so such runs belong in their own
+``--out-dir``.
 
 ``--order reverse`` (the default) prunes the deepest layer first. Either order is "sequential"; the
 reverse one is about twice as cheap for CAR, because every layer's suffix (the network after it, run
@@ -129,9 +135,11 @@ def prune(args, select, settings: dict) -> dict:
     model = carfast.models.cifar_resnet(56)
     layers = block_conv1s(model, args.order)
     clock = Clock(args.out_dir / f"whole_{args.run}_time.json", settings)
+    search = {}
+    if args.run in SEARCH:
+        search = {"search": carfast.Race(block=args.block) if args.block else SEARCH[args.run]}
     res = carfast.prune(model, layers, select, keep=0.5, criterion=criterion, rule=rule, progress=clock,
-                        checkpoint=str(args.out_dir / f"whole_{args.run}_ckpt.json"),
-                        **({"search": SEARCH[args.run]} if args.run in SEARCH else {}))
+                        step=args.step, checkpoint=str(args.out_dir / f"whole_{args.run}_ckpt.json"), **search)
     seconds = sum(r["seconds"] for r in res.history)    # the removals' time, summed over every sitting
     res.save(args.out_dir / f"whole_{args.run}_model.pt")
     row = {"run": args.run, "criterion": criterion, "rule": rule, "seconds": seconds, "sittings": clock.sittings,
@@ -267,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-seed", type=int, default=None,
                     help="fine-tune a finished --run again with this seed (whole_<run>_seed<S>.json)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the results and checkpoints go")
+    ap.add_argument("--step", type=int, default=1, help="filters removed per scoring (carfast.prune's step)")
+    ap.add_argument("--block", type=int, default=None, help="the race's images per block (default: carfast.Race's)")
     ap.add_argument("--no-finetune", action="store_true",
                     help="measure the pruned network as it is (selection and held-out top-1), without the fine-tune")
     args = ap.parse_args(argv)
@@ -274,6 +284,12 @@ def main(argv=None) -> int:
         ap.error("the full CIFAR-10 test set is needed (7,000 images): pass --data test.npz")
     settings = {"order": args.order, "n_select": args.n_select, "n_held": args.n_held,
                 "data": os.path.basename(args.data)}
+    if args.step != 1:
+        settings["step"] = args.step
+    if args.block is not None:
+        if args.run not in SEARCH:
+            ap.error("--block sets the raced search's blocks: use it with --run car-loss-race")
+        settings["block"] = args.block
     if args.table or args.figure:
         if args.table:
             print(table(args.out_dir, settings))
