@@ -14,11 +14,10 @@ replays the race over them for many settings:
    state is rebuilt as in ``bench_race_steps.py`` and every remaining candidate is scored on every image
    with its per-image loss: a [K, N] float64 matrix, beside the current model's per-image loss [N] (which
    sets the race's strata).
-2. **Replay**: for each setting of ``--grid``, ``carfast.scoring.race.race`` runs on each state with the
-   image order the pruning loop would draw for that step (``step_plan``), its evaluate function reading the
-   matrix. The replay is the race's own decision code; only the per-image losses come from one whole-data
-   scoring instead of one scoring per block, which can differ from the block-wise values in the last
-   float32 bits.
+2. **Replay**: for each setting of ``--grid``, ``carfast.scoring.race.race_values`` races each state's
+   matrix with the image order the pruning loop would draw for that step. The replay is the race's own
+   decision code; only the per-image losses come from one whole-data scoring instead of one scoring per
+   block, which can differ from the block-wise values in the last float32 bits.
 
 For each setting it reports the share of the exact search's evaluations, the share weighted by the exact
 search's recorded seconds for each step (what the share of its time would be if the race cost nothing
@@ -41,7 +40,7 @@ from bench_race_steps import SHARED_TEST, TRAJECTORY, parse_race, state  # noqa:
 from common import describe_environment, environment, write_json_atomic  # noqa: E402
 
 from carfast.data import cifar10_test  # noqa: E402
-from carfast.scoring.race import race, step_plan  # noqa: E402
+from carfast.scoring.race import race_values  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -70,10 +69,7 @@ def replay(values: dict, settings, history: list[dict]) -> list[dict]:
     rows = []
     for r, v in sorted(values.items()):
         losses, filters = v["losses"], v["filters"].tolist()
-        order, stratum, strata, blocks = step_plan(v["base"], settings, str(r + 1))
-        sizes = torch.bincount(stratum, minlength=strata).double()
-        outcome = race(lambda ids, images, m=losses: m[ids][:, images], len(filters), order, stratum, sizes,
-                       blocks, settings)
+        outcome = race_values(losses, v["base"], settings, str(r + 1))
         sums = losses.sum(1)
         exact = min(range(len(filters)), key=lambda i: (float(sums[i]), filters[i]))
         chosen = min(outcome.survivors, key=lambda i: (float(sums[i]), filters[i]))

@@ -11,7 +11,7 @@ from nets import NETS, make_data
 import carfast
 from carfast.data import cifar10_test
 from carfast.models import cifar_resnet
-from carfast.scoring.race import Race, _estimate, race, race_scores, step_plan, visiting_order
+from carfast.scoring.race import Race, _estimate, race, race_scores, race_values, visiting_order
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +150,14 @@ def test_race_records_exact_scores_and_counts_its_work(resnet20):
 
 @pytest.mark.parametrize("layer", ["layer1.0.conv1", "layer3.2.conv1"])      # suffix, closed form
 def test_race_replayed_on_whole_data_losses_decides_as_race_scores(resnet20, layer):
-    # benchmarks/bench_race_settings.py replays race() on per-image losses scored once on every image,
-    # with the image order of step_plan: it must make the decisions race_scores makes block by block.
+    # benchmarks/bench_race_settings.py replays race_values on per-image losses scored once on every image:
+    # it must make the decisions race_scores makes block by block.
     x, y = cifar10_test(600)
     scorer = carfast.LayerScorer(resnet20, layer, (x, y), progress=False)
     settings = Race(block=64)
     _, outcome = race_scores([(scorer, scorer.remaining)], "loss", settings, None, "7")
     losses = scorer.score(image_loss=True).image_loss.double()
-    order, stratum, strata, blocks = step_plan(scorer.image_losses(), settings, "7")
-    replayed = race(lambda ids, images: losses[ids][:, images], losses.shape[0], order, stratum,
-                    torch.bincount(stratum, minlength=strata).double(), blocks, settings)
+    replayed = race_values(losses, scorer.image_losses(), settings, "7")
     assert 0 < outcome.evaluations < outcome.exhaustive
     assert (replayed.survivors, replayed.evaluations) == (outcome.survivors, outcome.evaluations)
 

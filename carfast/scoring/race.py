@@ -47,7 +47,8 @@ import torch
 from carfast.distributed import all_reduce_sum
 from carfast.scoring.scores import LayerScores
 
-__all__ = ["Race", "RaceOutcome", "SEARCHES", "race", "race_scores", "step_plan", "check_search", "check_race_rule"]
+__all__ = ["Race", "RaceOutcome", "SEARCHES", "race", "race_scores", "race_values", "step_plan", "check_search",
+           "check_race_rule"]
 
 SEARCHES = ("exact", "race")
 _TOL = 1e-9           # per image: paired means closer than this are float noise, never a reason to drop
@@ -237,6 +238,19 @@ def race(evaluate, num_candidates: int, order: torch.Tensor, stratum: torch.Tens
         worse = (mean - z * se > _TOL).sum(1)       # survivors each confidently better than this one
         alive = [a for a, w in zip(alive, worse.tolist()) if w < keep]
     return RaceOutcome(sorted(alive), evaluations, K * N)
+
+
+def race_values(values: torch.Tensor, base_loss: torch.Tensor, settings: Race, step_key: str,
+                keep: int = 1) -> RaceOutcome:
+    """The race of one process over candidates whose per-image values are already known: ``values`` [K, N]
+    (smaller is better; row c: candidate c), the images visited in the order ``step_plan`` draws from the
+    current model's per-image loss ``base_loss`` [N] for the step named ``step_key``. It makes the decisions
+    ``race_scores`` makes scoring block by block, where those values are the blocks' (for replaying settings
+    over recorded values: benchmarks/bench_race_settings.py)."""
+    order, stratum, strata, num_blocks = step_plan(base_loss, settings, step_key)
+    sizes = torch.bincount(stratum, minlength=strata).double()
+    return race(lambda ids, images: values[ids][:, images], values.shape[0], order, stratum, sizes, num_blocks,
+                settings, keep)
 
 
 # ---- the race over scorers (``LayerScorer`` / ``GroupScorer``) ------------------------------------------------
