@@ -199,7 +199,7 @@ def _padnet():
     return model, x, y
 
 
-def test_functional_padding_shortcut_is_scored_exactly_but_not_cut():
+def test_functional_padding_shortcut_is_scored_exactly_and_cut():
     model, x, y = _padnet()
     res = carfast.score_group(model, "b", (x, y), per_image=True, progress=False)
     shortcut = [m for m in res.members if m["role"] == "shortcut_out"]
@@ -225,8 +225,29 @@ def test_functional_padding_shortcut_is_scored_exactly_but_not_cut():
         assert not bool(((ok != res.image_correct[i]) & ~tie).any())
     stem = carfast.score_group(model, "stem", (x, y), progress=False)
     assert stem.coupled and [m["layer"] for m in stem.members if m["role"] == "output"] == ["stem", "a"]
-    with pytest.raises(ValueError, match="written as a function"):
-        carfast.remove_groups(model, {"b": [3]}, example=x[:1])
+    pruned = carfast.remove_groups(model, {"b": [3, 6]}, example=x[:1])     # the F.pad call becomes a module
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), ref_logits([3, 6]), atol=1e-5)
+    assert pruned.b.out_channels == 6 and pruned.fc.in_features == 6 * 16
+    assert pruned.pad_map.carfast_channel_map() == (4, 6, [0, 2, 3], [2, 3, 4])    # stream channel 3 held input 1
+    assert model.b.out_channels == 8                                            # the input model is not changed
+
+
+class UntraceablePadNet(PadNet):
+    """PadNet with a data-dependent branch in forward: torch.fx cannot trace it (the recorded pass can)."""
+
+    def forward(self, x):
+        if bool(x.abs().sum() >= 0):
+            return super().forward(x)
+        return super().forward(-x)
+
+
+def test_functional_padding_in_an_untraceable_model_gets_a_clear_error():
+    model, x, y = _padnet()
+    untraceable = UntraceablePadNet().eval()
+    untraceable.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match="torch.fx cannot trace the model.*make it a module"):
+        carfast.remove_groups(untraceable, {"b": [3]}, example=x[:1])
 
 
 class LRNNet(nn.Module):

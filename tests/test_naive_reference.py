@@ -198,9 +198,9 @@ def test_naive_equals_physical_deletion(name):
 
 
 def test_naive_equals_physical_deletion_resnet20():
-    carfast = pytest.importorskip("carfast.models")
+    models = pytest.importorskip("carfast.models")
     data = pytest.importorskip("carfast.data")
-    model = carfast.cifar_resnet(20)
+    model = models.cifar_resnet(20)
     x, y = data.cifar10_test(n=64)
     for layer, consumer in [("layer1.0.conv1", "layer1.0.conv2"), ("layer3.2.conv1", "layer3.2.conv2")]:
         bn = layer.rsplit(".", 1)[0] + ".bn1"

@@ -4,13 +4,16 @@ in both schedules and beside plain layers; the baseline criteria, budgets, check
 masks work for a group as they do for a layer."""
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from naive import RESNET20_STREAMS, naive_greedy_by, naive_removal_logits, naive_stream_logits
 from nets import FAMILIES, make_inputs
 from nets.families import SHAPE
+from torch import nn
 
 import carfast
 from carfast.criteria import l1_norm
@@ -166,3 +169,55 @@ def test_cutting_a_coupled_layer_alone_points_to_remove_groups():
         carfast.remove_filters(model, {"layer2.1.conv2": [0]})
     with pytest.raises(ValueError, match=r"score_layer: .* carfast.score_group\('conv1'\).* carfast.prune"):
         carfast.score_layer(model, "conv1", cifar(8))
+
+
+# ---- a shortcut written as a function ----------------------------------------------------------------
+
+class LambdaLayer(nn.Module):
+    """The module the classic CIFAR ResNet code wraps its option-A shortcut in."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def pad_resnet20() -> nn.Module:
+    """The bundled ResNet-20 with the option-A shortcuts written as that code writes them: ``F.pad`` of the
+    channels in a lambda (the same function as ``models.OptionAShortcut``)."""
+    model = copy.deepcopy(resnet20())
+    for stage in (model.layer2, model.layer3):
+        p = stage[0].conv1.out_channels // 4
+        stage[0].shortcut = LambdaLayer(lambda x, p=p: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, p, p), "constant", 0))
+    return model
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "global"])
+def test_prune_cuts_groups_across_a_functional_pad_shortcut(schedule, tmp_path):
+    """Surgery rewrites the traced F.pad call into a channel map: the pruned network equals the original with
+    the removed channels zeroed on their streams, chooses as the module shortcut does, and saves and loads."""
+    model, x, y = pad_resnet20(), *cifar(32)
+    layers, keep = ["conv1", "layer2.1.conv2"], {"conv1": 13, "layer2.1.conv2": 29}
+    result = carfast.prune(model, layers, (x, y), keep=keep, schedule=schedule, progress=False)
+    same = carfast.prune(resnet20(), layers, (x, y), keep=keep, schedule=schedule, progress=False)
+    assert result.removed == same.removed and result.settings["groups"] == layers
+    gone = torch.tensor(result.removed["layer2.1.conv2"])
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, out: out.index_fill(1, gone, 0))
+               for n in RESNET20_STREAMS["layer2.1.conv2"]]          # the stage-2 stream zeroed too
+    try:
+        reference = naive_stream_logits(model, RESNET20_STREAMS["conv1"], x, result.removed["conv1"])
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        got = result.model(x)
+    assert torch.allclose(got, reference, atol=1e-4)
+    assert result.model.conv1.out_channels == 13 and result.model.layer2[2].conv2.out_channels == 29
+    assert result.model.layer2[0].shortcut.pad_map.carfast_channel_map()[:2] == (13, 29)
+    assert isinstance(model.layer2[0].shortcut, LambdaLayer) and not hasattr(model.layer2[0].shortcut, "pad_map")
+    result.save(tmp_path / "p.pt")
+    back = carfast.load_pruned(tmp_path / "p.pt", model=pad_resnet20())
+    with torch.no_grad():
+        assert torch.equal(back.model(x), got)

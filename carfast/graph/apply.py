@@ -7,7 +7,7 @@ output is replaced by ``norm(reader, x, weight, bias)``. Reader modules get hook
 ``TorchFunctionMode`` that counts calls as the recording did and rewrites the matching one. The model
 itself is never changed: hooks are removed on exit.
 
-``applied(model, flow, keep)`` removes the units ``keep`` [P or 1, U + 1] marks (``carfast.masking``):
+``applied(model, flow, keep)`` removes the units ``keep`` [P or 1, U + 1] marks (``carfast.graph.masking``):
 a ``UnitMask`` before each reader and a ``MaskedNorm`` for each normaliser; ``keep`` may change in place
 between forwards. ``recorded(model, example)`` re-records a model for these.
 """

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from carfast.graph.checks import check_moves, check_separable, profile
 from carfast.graph.ir import FlowGraph, Op, TensorMeta, TraceError, from_fx, from_recording
@@ -94,8 +94,11 @@ class Flow:
 
 
 def build_graph(model: nn.Module, example: torch.Tensor) -> FlowGraph:
-    """The model's ops on ``example`` [1, ...]: the fx front end, else one recorded pass."""
+    """The model's ops on ``example`` [1, ...]: the fx front end, else one recorded pass. A network whose
+    functional channel maps surgery rewrote (``surgery.channel_map``) is analysed on its own graph."""
     try:
+        if isinstance(model, fx.GraphModule) and isinstance(getattr(model, "carfast_rewrites", None), list):
+            return from_fx(model, example, gm=model)
         return from_fx(model, example)
     except TraceError:
         return from_recording(model, example)

@@ -3,7 +3,7 @@
 ``finetune(model, data, config)`` trains a copy of ``model`` with SGD (Nesterov momentum, weight decay,
 cosine or constant learning rate, random-crop + flip augmentation done in torch on each batch) and
 returns the trained copy in eval mode; the model passed in is never changed. Options live in
-``FinetuneConfig`` (or a dict of the same keys). Top-1 accuracy: ``carfast.evaluate.evaluate``.
+``FinetuneConfig`` (or a dict of the same keys). Top-1 accuracy: ``carfast.evaluate``.
 """
 from __future__ import annotations
 

@@ -183,7 +183,7 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> Prun
     if not isinstance(extra, dict) or extra.get("format") != _FORMAT:
         raise ValueError(f"load_pruned: {os.fspath(path)!r} holds a pruned model but no prune record "
                          f"(format {extra.get('format') if isinstance(extra, dict) else None!r}); load it with "
-                         "carfast.pruned_io.load_pruned_model instead")
+                         "carfast.surgery.load_pruned_model instead")
     return PruneResult(pruned, extra["removed"], extra["kept"], extra["history"], extra["base"], extra["settings"],
                        extra.get("stats", {}), extra.get("finetuned_accuracy"),
                        {layer: LayerScores.from_dict(d) for layer, d in extra.get("scores", {}).items()},

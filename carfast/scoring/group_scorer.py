@@ -2,7 +2,7 @@
 
 Removing channel i of a coupling group removes it from every member: the channel-flow analysis
 (``carfast.graph``, with units allowed to pair up) gives its readers, and the engine scores it exactly as
-it scores a single layer (``engine.LayerScorer``): the readers whose input no removal changes are cached
+it scores a single layer (``carfast.scoring.scorer.LayerScorer``): the readers whose input no removal changes are cached
 consumers (the consumer delta), the others read the channel through a keep mask inside the suffix, and
 normalisers renormalise over what remains. Each (channel, image) pair thus gives the logits of the
 naive method (remove the channel wherever the stream is read, rerun the whole network), in float32 or,

@@ -465,7 +465,7 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
         backend: "auto", "torch" (plain PyTorch), "cpu" (the compiled C++ kernels), "triton", "cuda" (the GPU
             kernels); "auto" picks cuda, then triton, on a GPU and cpu on the CPU, where available.
         precision: "fp32" (default), "bf16" or "fp16": the suffix's arithmetic. Low precision re-runs in
-            float32 every pair whose top-k margin is below a calibrated threshold (``carfast.precision``), so
+            float32 every pair whose top-k margin is below a calibrated threshold (``carfast.scoring.precision``), so
             accuracies equal float32's; ``pairs_rechecked`` says how many. Applies to the suffix method; the
             closed form and the full-network method always compute in float32.
         progress: None (a bar on stderr when it is a terminal), True, False, or ``callable(done, total)``.

@@ -7,13 +7,16 @@ load into a fresh instance. ``save_pruned`` writes, with ``torch.save``, a dict 
     {"format": "carfast.pruned_model", "version": 1,
      "arch": model.carfast_arch or None,      # how to rebuild the unpruned network (carfast.models)
      "modules": {name: {"type": "Conv2d", "in_channels": 8, "out_channels": 5, "groups": 1}, ...},
+     "rewrites": [[fx node name, module path], ...] or None,
      "state_dict": {...}, "extra": {...}}
 
 recording the sizes of every Conv, Linear, BatchNorm, LayerNorm, GroupNorm, InstanceNorm and PReLU module
 (and the channel map of every channel-map shortcut, ``models.OptionAShortcut``). ``load_pruned_model``
 builds the unpruned network (from ``arch`` through an allow-list of carfast builders, or a deep copy of
-the ``model=`` the caller passes), gives each recorded module its recorded sizes and every parameter
-and buffer its saved shape (a layer scale too), and loads the state dict strictly.
+the ``model=`` the caller passes), traces it and makes the recorded functional calls ``ChannelMap``
+modules again where surgery had (``rewrites``; ``channel_map.py``), gives each recorded module its
+recorded sizes and every parameter and buffer its saved shape (a layer scale too), and loads the state
+dict strictly.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from carfast.atomic import atomic_path
 from carfast.errors import state_dict_mismatch
 from carfast.graph import is_channel_map
 from carfast.models import cifar as models
+from carfast.surgery.channel_map import rebuild_rewrites
 
 __all__ = ["save_pruned", "load_pruned_model", "read_saved", "read_pruned"]
 
@@ -93,7 +97,9 @@ def save_pruned(model: nn.Module, path: str | os.PathLike, *, extra: dict | None
     _check_plain(arch, "model.carfast_arch", fn)
     _check_plain(extra, "extra", fn)
     sizes = {name: s for name, m in model.named_modules() if (s := _sizes(m)) is not None}
+    rewrites = getattr(model, "carfast_rewrites", None)
     payload = {"format": _FORMAT, "version": _VERSION, "arch": copy.deepcopy(arch), "modules": sizes,
+               "rewrites": [list(r) for r in rewrites] if isinstance(rewrites, list) else None,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "extra": extra,
                "torch_version": str(torch.__version__)}
     with atomic_path(path, ".pt") as tmp:
@@ -179,6 +185,8 @@ def read_pruned(path: str | os.PathLike, model: nn.Module | None, fn: str) -> tu
         raise TypeError(f"{fn}: model must be a torch.nn.Module or None, got {type(model).__name__}")
     obj = read_saved(path, fn)
     net = copy.deepcopy(model) if model is not None else _rebuild(obj["arch"], os.fspath(path), fn, obj.get("extra"))
+    if obj.get("rewrites"):
+        net = rebuild_rewrites(net, obj["rewrites"], fn)
     state = obj["state_dict"]
     _reshape(net, obj["modules"], state, os.fspath(path), fn)
     try:

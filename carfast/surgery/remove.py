@@ -5,7 +5,8 @@ channel-flow analysis (``carfast.graph``) of each layer, the one scoring uses, a
 what removing those units reaches: output rows of every producer (the layer; for a group, every layer
 writing the residual stream; a squeeze-and-excitation gate's conv), per-channel tensors on the way
 (BatchNorm, depthwise convs, LayerNorm / GroupNorm entries, layer scales), input channels or features
-of every reader, and slots of channel-map shortcuts (``slicers.py``, one slicer per layer type). Every
+of every reader, and slots of channel-map shortcuts (``slicers.py``, one slicer per layer type; a
+shortcut written as a function call becomes a module first, ``channel_map.py``). Every
 index refers to the network as passed in. The result is checked against the removal itself: the
 pruned copy must give, on the example, the output of the original with the units removed where they
 are read (``graph.apply``), or the call fails saying so (a forward that hard-codes a channel count).
@@ -29,6 +30,7 @@ from carfast.graph.apply import applied
 from carfast.graph.checks import profile, unit_axis
 from carfast.graph.example import infer_example, signature
 from carfast.graph.masking import keep_mask
+from carfast.surgery.channel_map import rewrite_calls, traced_model
 from carfast.surgery.slicers import Edit, slice_module
 
 __all__ = ["remove_filters", "remove_groups", "plan_edits", "parse_removals"]
@@ -70,12 +72,13 @@ def remove_groups(model: nn.Module, removals: Mapping, *, example: torch.Tensor 
             removed as by ``remove_filters``. Two producers of one group may not both be listed.
         example: one input [1, ...] (inferred as ``remove_filters`` does when None).
     Returns:
-        The pruned copy.
+        The pruned copy. Where the channels pass a channel padding written as a function (``F.pad`` of
+        the channel axis: the option-A shortcut in a lambda or in ``forward``), the copy is a
+        ``torch.fx.GraphModule`` of the traced forward (``surgery.channel_map.RewrittenModel``, with the
+        original's module tree, names and state-dict keys) in which that call is a ``ChannelMap`` module.
     Raises:
-        ValueError for bad indices, removing every channel of a group, a group listed twice, a
-        channel-padding shortcut written as a function (``F.pad``; surgery needs a module with
-        ``carfast_channel_map()`` / ``set_channel_map()`` such as ``carfast.models.OptionAShortcut``), or
-        anything ``remove_filters`` refuses.
+        ValueError for bad indices, removing every channel of a group, a group listed twice, such a
+        functional padding in a model torch.fx cannot trace, or anything ``remove_filters`` refuses.
     """
     return _remove(model, removals, example, "remove_groups", group=True)
 
@@ -96,6 +99,8 @@ def _remove(model, removals, example, fn: str, group: bool) -> nn.Module:
         units = {name: _units(flows[name], idx, fn, group) for name, idx in targets.items()}
         if group:
             _check_one_per_group(flows, fn)
+        calls = _functional_maps(flows)
+        rewrites = rewrite_calls(work, graph, calls, fn) if calls else []
         edits: dict[str, Edit] = {}
         for name, flow in flows.items():
             plan_edits(flow, units[name], edits, fn)
@@ -104,8 +109,20 @@ def _remove(model, removals, example, fn: str, group: bool) -> nn.Module:
         _check_not_shared(graph, modules, edits, fn)
         for name, e in edits.items():
             slice_module(name, modules[name], e, fn)
+        if rewrites:
+            work = traced_model(work, graph, rewrites)
         _check_pruned(work, ex, out_sig, reference, fn)
     return work
+
+
+def _functional_maps(flows: dict) -> list:
+    """The channel-map ops written as function calls (``F.pad`` of the channels) that the removals reach."""
+    found = []
+    for flow in flows.values():
+        for x in [*flow.producers, *flow.readers]:
+            if x.kind == "channel_map" and x.op.kind == "function" and all(x.op is not o for o in found):
+                found.append(x.op)
+    return found
 
 
 def _units(flow, idx: list[int], fn: str, group: bool) -> list[int]:
@@ -137,9 +154,8 @@ def _owner(op, fn: str) -> str:
     w = _weight(op)
     if getattr(w, "kind", None) == "param":
         return w.module
-    raise ValueError(f"{fn}: the channels pass {op.label}, whose weight is not a parameter of the model (or a "
-                     "channel-padding shortcut written as a function, F.pad): surgery needs a module, e.g. "
-                     "carfast.models.OptionAShortcut, with carfast_channel_map() and set_channel_map()")
+    raise ValueError(f"{fn}: the channels pass {op.label}, whose weight is not a parameter of the model: surgery "
+                     "cuts weights it can find; pass them as nn.Parameter attributes of a module")
 
 
 def _weight(op):
