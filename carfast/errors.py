@@ -1,4 +1,5 @@
-"""Error helpers: messages that name the problem, what came, and the fix; carfast's warning classes."""
+"""carfast's error and warning classes, and helpers for messages that name the problem, what came, and
+the fix. The classes are re-exported where they are raised (``carfast.graph.FlowError``...)."""
 from __future__ import annotations
 
 import difflib
@@ -7,7 +8,36 @@ import torch
 from torch import nn
 
 __all__ = ["resolve_layer", "scorable_near", "state_dict_mismatch", "input_mismatch", "run_failure",
-           "CarfastWarning", "NearChanceWarning"]
+           "CarfastWarning", "NearChanceWarning", "FlowError", "TraceError", "UnitMerge", "CliError"]
+
+
+class FlowError(ValueError):
+    """A removal carfast refuses, with the message saying why and what to do. ``reason`` tags it:
+    "coupled" / "merge" (other channels go with it: ``score_group``), "unsupported" (an op carfast cannot
+    follow), "output" (the layer makes the outputs), "shared" (a module called more than once),
+    "spread" (channels spread over positions or axes, as in a channel shuffle), "sizes" (a size written
+    into forward), "constant", "weight" (a functional layer's weight computed in forward)."""
+
+    def __init__(self, message: str, reason: str = "unsupported"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not trace or run the model symbolically (the recorded pass applies instead)."""
+
+
+class UnitMerge(Exception):
+    """Two channels of the target meet at one position (``op``, a ``graph.ir.Op``): they can only be
+    removed together (the walker raises it; ``graph.flow`` turns it into a ``FlowError``)."""
+
+    def __init__(self, op, a: int, b: int):
+        super().__init__(f"filters {a - 1} and {b - 1} meet at {op.label}")
+        self.op, self.a, self.b = op, a - 1, b - 1
+
+
+class CliError(ValueError):
+    """A bad argument found by the command itself (printed as one line, exit status 2)."""
 
 
 class CarfastWarning(UserWarning):

@@ -12,6 +12,8 @@ import importlib
 import os
 import sys
 
+from carfast.errors import CliError
+
 __all__ = ["CliError", "Parser", "BUNDLED", "DATA_HELP", "keep_value", "positive_int", "nonnegative_int",
            "existing_file", "set_threads", "add_model_options", "add_data_options", "add_compute_options",
            "add_threads", "build_model", "user_spec", "load_data", "normalization", "check_layers", "plain_norm",
@@ -31,10 +33,6 @@ KEEP_HELP = ("what to KEEP per layer, not what to remove: a count of filters (a 
              "the fraction kept (0.75 keeps three quarters, removes one quarter). Torch-Pruning's pruning_ratio "
              "and torch.nn.utils.prune's amount are the share REMOVED: --keep 0.75 = pruning_ratio 0.25")
 _THREADS_HELP = "torch threads (default: torch's default, fewer when other processes keep the cores busy)"
-
-
-class CliError(ValueError):
-    """A bad argument found by the command itself (printed as one line, exit status 2)."""
 
 
 class Parser(argparse.ArgumentParser):

@@ -20,8 +20,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from carfast.errors import FlowError
 from carfast.graph.checks import profile, unit_axis
-from carfast.graph.flow import FlowError
 from carfast.graph.ir import is_leaf_module
 from carfast.graph.masking import MaskedNorm, UnitMask
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from carfast.errors import FlowError
 from carfast.graph.catalog import data_args
 from carfast.graph.ir import Op, TensorMeta, op_name
 from carfast.graph.relations import push, value_keys
@@ -44,7 +45,6 @@ def profile(codes: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def check_separable(w, name: str, fn: str) -> None:
-    from carfast.graph.flow import FlowError
     for key in w.codes:
         if key[0] == "param" or key[0].kind != "function" and key[0].kind != "module":
             continue
@@ -106,7 +106,6 @@ def _same(got, expected) -> bool:
 
 
 def check_moves(w, name: str, fn: str) -> None:
-    from carfast.graph.flow import FlowError
     fx = w.graph.front_end == "fx"
     for op in w.touched:
         rule = w.rules[op]

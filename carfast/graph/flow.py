@@ -18,23 +18,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
+from carfast.errors import FlowError, TraceError, UnitMerge
 from carfast.graph.checks import check_moves, check_separable, profile
-from carfast.graph.ir import FlowGraph, Op, TensorMeta, TraceError, from_fx, from_recording
-from carfast.graph.walker import UnitMerge, Walk, walk
+from carfast.graph.ir import FlowGraph, Op, TensorMeta, from_fx, from_recording
+from carfast.graph.walker import Walk, walk
 
 __all__ = ["Reader", "Producer", "Flow", "FlowError", "analyze", "build_graph", "find_target"]
-
-
-class FlowError(ValueError):
-    """A removal carfast refuses, with the message saying why and what to do. ``reason`` tags it:
-    "coupled" / "merge" (other channels go with it: ``score_group``), "unsupported" (an op carfast cannot
-    follow), "output" (the layer makes the outputs), "shared" (a module called more than once),
-    "spread" (channels spread over positions or axes, as in a channel shuffle), "sizes" (a size written
-    into forward), "constant", "weight" (a functional layer's weight computed in forward)."""
-
-    def __init__(self, message: str, reason: str = "unsupported"):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass

@@ -25,17 +25,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from carfast.errors import run_failure
+from carfast.errors import TraceError, run_failure
 
 __all__ = ["TensorMeta", "Op", "FlowGraph", "TraceError", "is_leaf_module", "is_channel_map", "from_fx",
            "from_recording", "op_name"]
 
 #: int / bool tensors up to this many elements keep their values (index tensors of ``x[:, idx]``)
 _KEEP_INDEX = 1 << 16
-
-
-class TraceError(RuntimeError):
-    """torch.fx could not trace or run the model symbolically (the recorded pass applies instead)."""
 
 
 @dataclass(frozen=True)

@@ -20,19 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from carfast.errors import UnitMerge
 from carfast.graph.catalog import Rule, classify
 from carfast.graph.ir import FlowGraph, Op
 from carfast.graph.relations import Relation, build_relations, key_meta
 
 __all__ = ["Walk", "walk", "UnitMerge"]
-
-
-class UnitMerge(Exception):
-    """Two channels of the target meet at one position (``op``): they can only be removed together."""
-
-    def __init__(self, op: Op, a: int, b: int):
-        super().__init__(f"filters {a - 1} and {b - 1} meet at {op.label}")
-        self.op, self.a, self.b = op, a - 1, b - 1
 
 
 @dataclass
