@@ -5,7 +5,7 @@ network loses when that filter is removed, equal to re-running the network once 
 ``prune(model, layers, data, keep=...)`` removes filters greedily by CAR (or a baseline criterion of
 ``carfast.criteria``) and returns a physically smaller model; ``remove_filters`` is the surgery;
 ``ClassImportance`` interprets the class-wise CAR of each filter. ``score_group`` and
-``remove_groups`` do the same for the coupled channels of a residual stream (``carfast.groups``);
+``remove_groups`` do the same for the coupled channels of a residual stream (``carfast.graph.find_group``);
 ``layers(model)`` says which layers carfast scores alone, as a group, or not. A model whose forward does
 not take one tensor and return logits is scored through ``adapt(model, forward)``.
 
@@ -15,7 +15,7 @@ The package: ``graph`` (the channel-flow analysis), ``scoring``, ``surgery``, ``
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from carfast import criteria, data, finetune, integrations, models, train_data
+from carfast import criteria, data, finetune, integrations, models
 from carfast.adapter import adapt, unadapt
 from carfast.extensions import backends
 from carfast.graph import LayerInfo, layers
@@ -34,6 +34,17 @@ from carfast.scoring import (
 )
 from carfast.surgery import remove_filters, remove_groups
 
+_DEPRECATED_MODULES = ("groups", "train_data")     # carfast.graph / carfast.data now; importing them warns
+
+
+def __getattr__(name):
+    """``carfast.groups`` and ``carfast.train_data`` without an import, as before (with their warning)."""
+    if name in _DEPRECATED_MODULES:
+        import importlib
+        return importlib.import_module(f"carfast.{name}")
+    raise AttributeError(f"module 'carfast' has no attribute {name!r}")
+
+
 try:
     __version__ = _version("carfast")
 except PackageNotFoundError:      # not installed (a bare checkout on sys.path)
@@ -42,5 +53,5 @@ except PackageNotFoundError:      # not installed (a bare checkout on sys.path)
 __all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "layers", "LayerInfo",
            "LayerScores", "ScoreOptions", "Race", "prune", "PruneResult", "load_pruned", "compare_criteria",
            "CriteriaComparison", "remove_filters", "write_report",
-           "evaluate", "ClassImportance", "criteria", "finetune", "train_data", "integrations", "backends", "models",
+           "evaluate", "ClassImportance", "criteria", "finetune", "integrations", "backends", "models",
            "data", "adapt", "unadapt", "__version__"]

@@ -44,9 +44,9 @@ from torch import nn
 
 import carfast
 from carfast.atomic import atomic_path, write_json_atomic
+from carfast.data import cifar10_train
+from carfast.finetune import FinetuneConfig, finetune
 from carfast.pruning.evaluate import evaluate
-from carfast.pruning.finetune import FinetuneConfig, finetune
-from carfast.train_data import cifar10_train
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data" / "cifar10"

@@ -40,7 +40,7 @@ from torch import nn
 import carfast
 from carfast.atomic import write_json_atomic
 from carfast.criteria import CRITERIA, random_scores
-from carfast.data import normalize_images
+from carfast.data import cifar10_train, normalize_images
 from carfast.finetune import FinetuneConfig, finetune
 from carfast.models import (
     ALEXNET_CIFAR_NORMALIZATION,
@@ -50,7 +50,6 @@ from carfast.models import (
     alexnet_cifar,
     cifar_resnet,
 )
-from carfast.train_data import cifar10_train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

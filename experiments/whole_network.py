@@ -46,8 +46,8 @@ import torch
 
 import carfast
 from carfast.atomic import write_json_atomic
+from carfast.finetune import finetune
 from carfast.pruning.evaluate import evaluate
-from carfast.pruning.finetune import finetune
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TEST = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"

@@ -1,5 +1,6 @@
-"""Test configuration: Triton in interpreter mode (harmless without Triton), 2 torch threads, seeded,
-tests/ importable (naive.py, nets.py), and the ``slow`` marker (skipped unless ``--runslow``)."""
+"""Test configuration: Triton in interpreter mode (harmless without Triton), 2 torch threads
+(``CARFAST_TEST_THREADS=1``: one, beside another busy process), seeded, tests/ importable (naive.py,
+nets.py), and the ``slow`` marker (skipped unless ``--runslow``)."""
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")   # before anything imports triton
@@ -11,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("CARFAST_TEST_THREADS", "2")))
 torch.manual_seed(0)
 
 

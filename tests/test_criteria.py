@@ -1,4 +1,4 @@
-"""Baseline criteria (carfast/pruning/criteria.py) against direct computations on small seeded nets."""
+"""Baseline criteria (carfast/criteria.py) against direct computations on small seeded nets."""
 import copy
 
 import pytest

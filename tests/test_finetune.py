@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carfast.data import cifar10_train, decode_jpegs
 from carfast.finetune import FinetuneConfig, finetune, random_crop_flip
 from carfast.models import ALEXNET_CIFAR_NORMALIZATION, CIFAR_RESNET_NORMALIZATION
 from carfast.pruning.evaluate import evaluate
-from carfast.train_data import cifar10_train, decode_jpegs
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -15,7 +15,7 @@ from naive import RESNET20_STREAMS, naive_stream_scores, near_tie
 from torch import nn
 
 import carfast
-from carfast.groups import find_group
+from carfast.graph import find_group
 from carfast.models import cifar_resnet
 from carfast.surgery import pruned_io
 

@@ -137,7 +137,7 @@ def test_layers_listing_agrees(name):
 def test_a_target_reading_its_own_group_is_its_reader():
     """The rule behind the RepVGG mismatch: a layer that reads and writes one stream is both a producer
     and a reader of its group, so the group's members list its input (surgery cuts it)."""
-    from carfast.groups import find_group
+    from carfast.graph import find_group
     fam = family("repvgg")
     group = find_group(fam.model, "b1.conv_1x1", data("repvgg")[0][:1])
     roles = {(m.layer, m.role) for m in group.members}

@@ -17,7 +17,7 @@ from torch import nn
 
 import carfast
 from carfast.criteria import l1_norm
-from carfast.groups import find_group
+from carfast.graph import find_group
 from carfast.integrations.masks import to_masks
 from carfast.models import cifar_resnet
 from carfast.scoring.selection import DEFAULT_RULE

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from nets import prune_step
 
 import carfast
-from carfast.groups import find_group
+from carfast.graph import find_group
 from carfast.models import cifar_resnet
 
 tp = pytest.importorskip("torch_pruning", reason="Torch-Pruning is not installed (pip install '.[test]')")

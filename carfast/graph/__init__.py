@@ -10,7 +10,7 @@ cached prefix and the suffix scoring runs per removal; ``groups.py`` lists a cou
 and ``layers.py`` what carfast can do with every layer. ``docs/channel_flow.md`` explains it all.
 """
 from carfast.graph.flow import Flow, FlowError, Producer, Reader, analyze, analyze_units, build_graph, find_target
-from carfast.graph.groups import CouplingGroup, GroupMember, find_group
+from carfast.graph.groups import CouplingGroup, GroupMember, find_group, members_of
 from carfast.graph.ir import (
                               FlowGraph,
                               Op,
@@ -27,4 +27,4 @@ from carfast.graph.split import LayerGraph, split, target_num_filters, trace
 __all__ = ["Flow", "FlowError", "Producer", "Reader", "analyze", "analyze_units", "build_graph", "find_target",
            "FlowGraph", "Op", "TensorMeta", "TraceError", "from_fx", "from_recording", "is_channel_map",
            "is_leaf_module", "LayerGraph", "split", "target_num_filters", "trace", "CouplingGroup", "GroupMember",
-           "find_group", "LayerInfo", "layers"]
+           "find_group", "members_of", "LayerInfo", "layers"]

@@ -45,7 +45,7 @@ class OptionAShortcut(nn.Module):
     Input channel c lands at output channel c + pad. After surgery (``carfast.remove_groups``) the map
     is general: input channel ``src[i]`` lands at output channel ``dst[i]``, the other outputs are zero.
     ``carfast_channel_map()`` reports the map; carfast's graph code treats any module with that method
-    as one parameter-free step from one residual stream into another (``carfast.groups``).
+    as one parameter-free step from one residual stream into another (``carfast.graph.find_group``).
     """
 
     def __init__(self, pad: int, in_channels: int | None = None):

@@ -1,5 +1,5 @@
-"""Greedy CAR pruning: ``prune`` (``prune``), its result (``result.PruneResult``), the baseline criteria
-(``criteria``), fine-tuning (``finetune``) and accuracy on data (``evaluate``)."""
+"""Greedy CAR pruning: ``prune`` (``prune``), its result (``result.PruneResult``) and accuracy on data
+(``evaluate``); the baseline criteria and fine-tuning are ``carfast.criteria`` and ``carfast.finetune``."""
 from carfast.pruning.evaluate import Evaluation, evaluate
 from carfast.pruning.prune import prune
 from carfast.pruning.result import PruneResult, PruneSummary, load_pruned

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from carfast.criteria import CRITERIA
 from carfast.errors import NearChanceWarning
-from carfast.pruning.criteria import CRITERIA
 from carfast.pruning.evaluate import evaluate
 from carfast.pruning.prune import prune
 from carfast.pruning.result import PruneResult

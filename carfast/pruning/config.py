@@ -1,7 +1,7 @@
 """``PruneConfig``: the arguments of ``carfast.prune``, checked once, and what each name to prune means.
 
 A name in ``layers`` is a Conv2d / Linear. If its channels are coupled with other layers' (a residual
-stream; see ``carfast.groups``) it means its coupling group: the group's channels are pruned together,
+stream; see ``carfast.graph.find_group``) it means its coupling group: the group's channels are pruned together,
 scored by ``score_group`` and cut by ``remove_groups``. ``Target`` records which, with the number of
 channels (filters, or the group's channels) and how many to keep.
 """
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from carfast.batching import as_batches, check_batch, eval_mode, model_device
+from carfast.criteria import get_criterion
 from carfast.errors import resolve_layer
 from carfast.graph import analyze_units, build_graph
-from carfast.pruning.criteria import get_criterion
 from carfast.scoring.race import Race, check_race_rule, check_search
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision
 
@@ -106,7 +106,7 @@ def _check_finetune(finetune) -> None:
                         f"'data', got {type(finetune).__name__}")
     if "data" not in finetune:
         raise ValueError(f"{_FN}: finetune config needs 'data': the training (inputs, labels) or batches, "
-                         "e.g. carfast.train_data.cifar10_train(path)")
+                         "e.g. carfast.data.cifar10_train(path)")
 
 
 def _example(data) -> torch.Tensor:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from carfast.criteria import draws_fixed_order
 from carfast.distributed import all_reduce_sum
 from carfast.progress import Progress
 from carfast.pruning.checkpoint import write_checkpoint
-from carfast.pruning.criteria import draws_fixed_order
 from carfast.pruning.eta import RunClock
 from carfast.pruning.evaluate import Evaluation, evaluate
 from carfast.scoring import GroupScorer, LayerScorer

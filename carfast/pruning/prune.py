@@ -38,7 +38,7 @@ def _finetune(model, finetune):
         if not isinstance(out, nn.Module):
             raise TypeError(f"{_FN}: finetune must return the fine-tuned nn.Module, got {type(out).__name__}")
         return out
-    from carfast.pruning.finetune import finetune as run_finetune
+    from carfast.finetune import finetune as run_finetune
     cfg = dict(finetune)
     return run_finetune(model, cfg.pop("data"), cfg)
 

@@ -51,13 +51,13 @@ def score_group(model: nn.Module, layer, data, *, filters=None, device=None, bat
                 memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
                 per_image: bool = False, process_group=None, options: ScoreOptions | None = None,
                 group=UNSET, topk: int = 1) -> LayerScores:
-    """Score each channel of the coupling group of ``layer`` by CAR (``carfast.groups``).
+    """Score each channel of the coupling group of ``layer`` by CAR (``carfast.graph.find_group``).
 
     ``layer`` names any producer of the group (the stem conv, a block's second conv, a 1x1 shortcut
     conv). Channel i's score is the accuracy lost when channel i is removed from every member of the
     group (so it is gone wherever the residual stream is read), equal image by image to removing it at
     every reader and rerunning the whole network. With channel-padding ("option A") shortcuts each stage
-    is its own group (see ``carfast.groups``). A layer coupled with no other gets the scores
+    is its own group (see ``carfast.graph.find_group``). A layer coupled with no other gets the scores
     ``score_layer`` gives.
 
     Args are those of ``score_layer``; ``filters`` are channel indices of the group.

@@ -38,7 +38,7 @@ class LayerScores:
     Provenance: ``coupled`` is always False from ``score_layer`` (it refuses layers whose channels are
     coupled through a residual add) and True from ``score_group`` for a real coupling group, whose
     ``filters`` are then the group's channels and ``members`` (plain dicts: layer, role, channels,
-    width; ``carfast.groups.GroupMember``) its layers and how the channels map onto each; ``method``
+    width; ``carfast.graph.GroupMember``) its layers and how the channels map onto each; ``method``
     says how the ablations were evaluated ("closed_form", "suffix", "full_network" or "group_suffix"),
     ``backend`` which kernels ran; ``pairs_skipped`` counts the (filter,
     image) pairs whose result is the intact one because the filter's activation is all zero on that
