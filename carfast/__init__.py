@@ -19,6 +19,7 @@ from carfast import criteria, data, finetune, integrations, models
 from carfast.adapter import adapt, unadapt
 from carfast.extensions import backends
 from carfast.graph import LayerInfo, layers
+from carfast.graph.registry import ModuleHandler, register_module, unregister_module
 from carfast.pruning import PruneResult, evaluate, load_pruned, prune
 from carfast.pruning.compare import CriteriaComparison, compare_criteria
 from carfast.report import write_report
@@ -54,4 +55,4 @@ __all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_g
            "LayerScores", "ScoreOptions", "Race", "prune", "PruneResult", "load_pruned", "compare_criteria",
            "CriteriaComparison", "remove_filters", "write_report",
            "evaluate", "ClassImportance", "criteria", "finetune", "integrations", "backends", "models",
-           "data", "adapt", "unadapt", "__version__"]
+           "data", "adapt", "unadapt", "ModuleHandler", "register_module", "unregister_module", "__version__"]

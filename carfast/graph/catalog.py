@@ -25,8 +25,9 @@
 (a parameter op) or (module path, attribute); ``axis`` the data axis they align with. ``linear`` marks
 ops affine in their data input (the closed form's tail).
 
-The rules themselves are tables: ``module_rules.RULES`` (one rule per module type, found along the
-class's MRO) and ``function_rules.RULES`` (one per canonical function name); ``rule.py`` holds ``Rule``.
+The rules themselves are tables: ``registry.HANDLERS`` (one handler per module type, found along the
+class's MRO: carfast's own in ``module_rules.py``, users' through ``carfast.register_module``) and
+``function_rules.RULES`` (one per canonical function name); ``rule.py`` holds ``Rule``.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from carfast.errors import TraceError, run_failure
+from carfast.graph.registry import is_registered
 
 __all__ = ["TensorMeta", "Op", "FlowGraph", "TraceError", "is_leaf_module", "is_channel_map", "from_fx",
            "from_recording", "op_name"]
@@ -154,10 +155,11 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 def is_leaf_module(m: nn.Module) -> bool:
-    """Called as one op: modules defined in ``torch.nn`` (whose forward carfast knows by class) and
-    channel-map modules; any other module's forward is followed call by call, so a subclass such as
-    timm's ``BatchNormAct2d`` is judged by what it computes, not by the class it extends."""
-    if is_channel_map(m):
+    """Called as one op: modules defined in ``torch.nn`` (whose forward carfast knows by class),
+    channel-map modules and types registered with ``carfast.register_module``; any other module's
+    forward is followed call by call, so a subclass such as timm's ``BatchNormAct2d`` is judged by what
+    it computes, not by the class it extends."""
+    if is_channel_map(m) or is_registered(m):
         return True
     mod = type(m).__module__
     return (mod.startswith("torch.nn") or mod.startswith("torch.ao.nn")) and not isinstance(m, _CONTAINERS)

@@ -1,9 +1,10 @@
-"""What each module type does to channels: one rule per type, looked up along the class's MRO.
+"""What each ``torch.nn`` module type does to channels: carfast's own handlers (``registry.py``).
 
 ``module_rule(op)`` returns the ``Rule`` of a module call (``op.kind == "module"``): a channel-map
-module (``carfast_channel_map()``) is a ``channel_map``; otherwise the rule registered for the most
-derived class of the module that has one, or ``unsupported``. ``RULES`` maps a module type to
-``rule(module, op, rank) -> Rule`` (``rank``: the number of dims of the module's data input).
+module (``carfast_channel_map()``) is a ``channel_map``; otherwise the rule of the handler of the most
+derived class of the module that has one (``registry.handler_for``), or ``unsupported``. Each built-in
+handler is a ``rule(module, op, rank) -> Rule`` function (``rank``: the number of dims of the module's
+data input) registered here for its types.
 """
 from __future__ import annotations
 
@@ -14,17 +15,27 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from carfast.graph.ir import Op, is_channel_map
+from carfast.graph.registry import HANDLERS, ModuleHandler, handler_for
 from carfast.graph.rule import Rule, group_norm_rule, norm_axis, pad_rule, rank_of
 
-__all__ = ["RULES", "module_rule"]
+__all__ = ["module_rule"]
 
 ModuleRule = Callable[[nn.Module, Op, int], Rule]
-RULES: dict[type, ModuleRule] = {}
+
+
+class _RuleHandler(ModuleHandler):
+    """A built-in handler: one rule function."""
+
+    def __init__(self, rule: ModuleRule):
+        self._rule = rule
+
+    def rule(self, module, op, rank):
+        return self._rule(module, op, rank)
 
 
 def _register(types, rule: ModuleRule) -> None:
     for t in types if isinstance(types, tuple) else (types,):
-        RULES[t] = rule
+        HANDLERS[t] = _RuleHandler(rule)
 
 
 def module_rule(op: Op) -> Rule:
@@ -32,12 +43,16 @@ def module_rule(op: Op) -> Rule:
     m = op.target
     if is_channel_map(m):
         return Rule("channel_map")
-    rule = next((RULES[t] for t in type(m).__mro__ if t in RULES), None)
-    if rule is None:
+    handler = handler_for(m)
+    if handler is None:
         return Rule("unsupported", why=f"module {type(m).__name__}, which carfast does not know to act per channel, "
-                                       "nor to be a Conv2d or Linear")
+                                       "nor to be a Conv2d or Linear; carfast.register_module can teach it")
     x = op.args[0].meta if op.args and isinstance(op.args[0], Op) else None
-    return rule(m, op, rank_of(x))
+    rule = handler.rule(m, op, rank_of(x))
+    if not isinstance(rule, Rule):
+        raise TypeError(f"{type(handler).__name__}.rule returned {type(rule).__name__} for {op.label}; it must "
+                        "return a carfast.graph.rule.Rule")
+    return rule
 
 
 def _params(op: Op, m: nn.Module, names, axis: int = 1) -> list:
