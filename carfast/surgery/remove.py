@@ -50,7 +50,8 @@ def remove_filters(model: nn.Module, removals: Mapping, *, example: torch.Tensor
             zeros [1, C, S, S] for a first Conv2d (S in 32, 224, 64, 28, 16, 96, 128) or [1, in_features]
             for a first Linear, the first on which the model runs with output batch 1.
     Returns:
-        The pruned copy (same training flags, smaller modules).
+        The pruned copy (same training flags, smaller modules); a ``torch.fx.GraphModule`` where the
+        channels pass a channel padding written as a function (see ``remove_groups``).
     Raises:
         ValueError: unknown layer, bad indices, all filters of a layer, channels coupled with other
             layers' (a residual add: use ``remove_groups``), a shared module or tied weights, an op carfast
