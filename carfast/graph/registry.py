@@ -10,6 +10,8 @@ does not know, a custom kernel). The handler is found along the class's MRO, so 
 Example: a gate that mixes positions along the width only, through ``cumsum``, an op carfast does not
 know, so its channels stay separate::
 
+    from carfast.graph.rule import Rule
+
     class WidthGate(nn.Module):
         def forward(self, x):                       # [N, C, H, W] -> [N, C, H, W]
             return x * torch.sigmoid(x.cumsum(-1))
