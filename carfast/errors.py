@@ -51,7 +51,8 @@ class NearChanceWarning(CarfastWarning):
 def scorable_near(model: nn.Module, name: str, n: int = 3) -> list[str]:
     """Up to ``n`` names of Conv2d / Linear layers of ``model`` close to ``name`` (the layers a
     "did you mean" may suggest: only those carfast can score)."""
-    names = [k for k, m in model.named_modules() if k and isinstance(m, (nn.Conv2d, nn.Linear))]
+    from carfast.graph.registry import layer_filters
+    names = [k for k, m in model.named_modules() if k and layer_filters(m) is not None]
     return difflib.get_close_matches(name, names, n=n, cutoff=0.5)
 
 
@@ -149,7 +150,9 @@ def resolve_layer(model: nn.Module, layer, fn: str = "score_layer") -> tuple[str
         name, mod = layer, names[layer]
     else:
         raise TypeError(f"{fn}: layer must be a module name (str) or an nn.Module, got {type(layer).__name__}")
-    if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+    from carfast.graph.registry import layer_filters
+    if layer_filters(mod) is None:
         raise TypeError(f"{fn}: layer {name!r} is a {type(mod).__name__}; CAR scores the filters of a Conv2d "
-                        "or the features of a Linear: pass one of those")
+                        "or the features of a Linear (or of a type registered with a handler that defines "
+                        "filters): pass one of those")
     return name, mod

@@ -6,10 +6,11 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from carfast.errors import run_failure
+from carfast.graph.registry import layer_filters
 
 __all__ = ["infer_example", "signature"]
 
-#: square input sizes tried, in order, when no example is given and the first layer is a Conv2d
+#: square input sizes tried, in order, when no example is given and the first layer has ``in_channels``
 _GUESS_SIZES = (32, 224, 64, 28, 16, 96, 128)
 
 
@@ -33,10 +34,10 @@ def infer_example(model: nn.Module, example, fn: str) -> tuple[torch.Tensor, lis
     arch = getattr(model, "carfast_arch", None)
     if isinstance(arch, dict) and arch.get("input_shape"):
         shapes.append(tuple(arch["input_shape"]))
-    first = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
-    if isinstance(first, nn.Conv2d):
+    first = next((m for m in model.modules() if layer_filters(m) is not None), None)
+    if isinstance(getattr(first, "in_channels", None), int):     # a Conv2d, or a registered conv-like layer
         shapes += [(first.in_channels, s, s) for s in _GUESS_SIZES]
-    elif isinstance(first, nn.Linear):
+    elif isinstance(getattr(first, "in_features", None), int):
         shapes.append((first.in_features,))
     p = next(model.parameters(), torch.zeros(()))
     for shape in shapes:

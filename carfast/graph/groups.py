@@ -33,6 +33,7 @@ from torch import nn
 
 from carfast.graph import Flow, analyze
 from carfast.graph.checks import profile, unit_axis
+from carfast.graph.registry import layer_filters
 from carfast.graph.relations import key_meta
 
 __all__ = ["GroupMember", "CouplingGroup", "find_group", "members_of"]
@@ -138,7 +139,7 @@ def members_of(flow: Flow) -> list[GroupMember]:
             continue
         path, attr = (key[1], key[2]) if key[0] == "param" else (key[0].module, key[0].target)
         module = flow.modules[path]
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if layer_filters(module) is not None:
             continue                       # their rows and columns are the producers' and readers' above
         c = codes.view(*key_meta(key, flow.modules).shape)
         dim = unit_axis(c, 0)

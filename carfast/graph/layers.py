@@ -18,6 +18,7 @@ from torch import nn
 from carfast.batching import eval_mode
 from carfast.graph import FlowError, analyze, build_graph
 from carfast.graph.example import infer_example
+from carfast.graph.registry import layer_filters
 
 __all__ = ["LayerInfo", "layers"]
 
@@ -41,8 +42,7 @@ class LayerInfo:
 
 
 def _info(model, name, module, ex, graph) -> LayerInfo:
-    num = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
-    base = dict(name=name, type=type(module).__name__, filters=num)
+    base = dict(name=name, type=type(module).__name__, filters=layer_filters(module))
     try:
         flow = analyze(model, name, ex, "score_layer", graph=graph)
         return LayerInfo(status="layer", units=flow.num_units, **base)
@@ -58,7 +58,8 @@ def _info(model, name, module, ex, graph) -> LayerInfo:
 
 
 def layers(model: nn.Module, example: torch.Tensor | None = None) -> list[LayerInfo]:
-    """``LayerInfo`` of every Conv2d and Linear of ``model``, in ``named_modules`` order.
+    """``LayerInfo`` of every Conv2d and Linear of ``model`` (and module of a type registered with
+    ``filters``), in ``named_modules`` order.
 
     ``example``: one input [1, ...] (inferred as ``remove_filters`` does when None). The model is run
     once in eval mode and left as it came."""
@@ -68,4 +69,4 @@ def layers(model: nn.Module, example: torch.Tensor | None = None) -> list[LayerI
         ex, _ = infer_example(model, example, _FN)
         graph = build_graph(model, ex)
         return [_info(model, name, m, ex, graph) for name, m in model.named_modules()
-                if isinstance(m, (nn.Conv2d, nn.Linear))]
+                if layer_filters(m) is not None]

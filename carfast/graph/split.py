@@ -30,6 +30,7 @@ from carfast.graph import analyze as analyze_flow
 from carfast.graph.apply import masked_norm, reader_profile
 from carfast.graph.ir import check_runs, trace_fx
 from carfast.graph.masking import UnitMask
+from carfast.graph.registry import is_registered, layer_filters
 from carfast.ops.consumer_delta import LayerSpec
 
 __all__ = ["TraceError", "FlowError", "Consumer", "LayerGraph", "analyze", "split", "trace", "fn_name", "subgraph",
@@ -100,7 +101,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
 
 
 def target_num_filters(m: nn.Module) -> int:
-    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+    """The filters of a layer carfast scores (``registry.layer_filters``)."""
+    return layer_filters(m)
 
 
 def reader_spec(reader: Reader, modules: dict) -> LayerSpec:
@@ -230,7 +232,8 @@ def build_prefix(gm, capture, gather=None) -> fx.GraphModule:
 def _first_level(readers: list[Reader], nodes: dict) -> tuple[list[Reader], list[Reader]]:
     """(cached consumers: conv / linear readers whose input no reader's output feeds, the other readers)."""
     below = descendants([u for r in readers for u in nodes[r.op].users])      # what any reader's output feeds
-    cached = [r for r in readers if r.kind in ("conv", "linear") and nodes[r.op] not in below]
+    cached = [r for r in readers if r.kind in ("conv", "linear") and nodes[r.op] not in below
+              and not (r.op.kind == "module" and is_registered(r.op.target))]    # no LayerSpec: read masked
     return cached, [r for r in readers if r not in cached]
 
 

@@ -30,6 +30,7 @@ from torch.nn.utils import prune as torch_prune
 from carfast.batching import eval_mode
 from carfast.graph import analyze_units, build_graph
 from carfast.graph.example import infer_example
+from carfast.graph.registry import defines, layer_filters, user_handler
 from carfast.surgery.remove import parse_removals
 
 __all__ = ["to_masks", "from_masks"]
@@ -64,6 +65,19 @@ def _input_mask(w: torch.Tensor, kind: str, groups: int, inputs: list[int]) -> t
 def _mask(module: nn.Module, param: str, mask: torch.Tensor) -> None:
     """Apply ``mask`` to ``module.<param>`` (combined with a mask already there, as torch.nn.utils.prune does)."""
     torch_prune.custom_from_mask(module, param, mask.to(getattr(module, param).device))
+
+
+def _registered_masks(op, fn: str, ins=(), outs=()) -> bool:
+    """Mask a registered type by its handler's ``masks`` (True), or False for any other op."""
+    if op.kind != "module" or (handler := user_handler(op.target)) is None:
+        return False
+    masks = handler.masks(op.target, sorted(ins), sorted(outs)) if defines(handler, "masks") else None
+    if masks is None:
+        raise ValueError(f"{fn}: the removal reaches {op.label} ({type(op.target).__name__}), whose handler gives "
+                         "no weight masks (ModuleHandler.masks); use carfast.remove_filters / remove_groups")
+    for attr, mask in masks.items():
+        _mask(op.target, attr, mask)
+    return True
 
 
 def _weight_owner(op, modules) -> tuple[nn.Module, str]:
@@ -124,8 +138,10 @@ def to_masks(model: nn.Module, result_or_removals, *, example: torch.Tensor | No
             if p.kind == "channel_map":
                 raise ValueError(f"{_FN}: the group of {flow.layer!r} is fed by {p.op.label}, a parameter-free "
                                  "channel-map shortcut, which weight masks cannot reach: use carfast.remove_groups")
-            module, attr = _weight_owner(p.op, modules)
             rows = [int(i) for u in units for i in p.rows[u].tolist()]
+            if _registered_masks(p.op, _FN, outs=rows):
+                continue
+            module, attr = _weight_owner(p.op, modules)
             keep = torch.ones_like(getattr(module, attr))
             keep[rows] = 0
             _mask(module, attr, keep)
@@ -134,19 +150,22 @@ def to_masks(model: nn.Module, result_or_removals, *, example: torch.Tensor | No
                 b[rows] = 0
                 _mask(module, "bias", b)
         for r in flow.readers:
-            module, attr = _weight_owner(r.op, modules)
             inputs = [int(i) for u in units for i in r.owned[u].tolist()]
+            if _registered_masks(r.op, _FN, ins=inputs):
+                continue
+            module, attr = _weight_owner(r.op, modules)
             groups = getattr(module, "groups", 1) if r.kind == "conv" else 1
             _mask(module, attr, _input_mask(getattr(module, attr), r.kind, groups, inputs))
     return work
 
 
 def from_masks(model: nn.Module) -> dict[str, list[int]]:
-    """``{layer: [filters]}``: for each Conv2d / Linear with a ``weight_mask``, its all-zero output rows."""
+    """``{layer: [filters]}``: for each Conv2d / Linear (or registered layer type) with a ``weight_mask``
+    [filters, ...], its all-zero output rows."""
     out = {}
     for name, m in model.named_modules():
         mask = getattr(m, "weight_mask", None)
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(mask, torch.Tensor):
+        if layer_filters(m) is not None and isinstance(mask, torch.Tensor):
             dead = (mask.reshape(mask.shape[0], -1) == 0).all(1).nonzero().flatten().tolist()
             if dead:
                 out[name] = dead

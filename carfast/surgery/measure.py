@@ -9,7 +9,8 @@ Used to report what pruning saves (``surgery.remove_filters`` makes the network 
   ``example`` (so only layers that run count, and a module called twice counts twice). A conv output
   element costs in_channels / groups * kernel elements; a Linear output element in_features. Not
   counted: bias additions, BatchNorm (foldable into the conv before it), activations, pooling, adds,
-  and functional matmuls / convs outside modules.
+  and functional matmuls / convs outside modules. A module of a registered type whose handler defines
+  ``macs`` counts what that says, and its submodules are not counted again.
 - ``latency(model, example)``: median wall-clock seconds of one forward of ``example``.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from carfast.batching import eval_mode
+from carfast.graph.registry import defines, user_handler
 
 __all__ = ["ModelStats", "count_params", "count_macs", "latency"]
 
@@ -51,14 +53,17 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     _check(model, example, "count_macs")
     total = 0
 
-    def hook(m, _args, out):
+    def hook(m, args, out):
         nonlocal total
-        if isinstance(m, _CONVS):
+        handler = user_handler(m)
+        if defines(handler, "macs"):
+            total += int(handler.macs(m, args, out) or 0)
+        elif isinstance(m, _CONVS):
             total += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
         else:
             total += out.numel() * m.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _CONVS + (nn.Linear,))]
+    handles = [m.register_forward_hook(hook) for m in _counted(model)]
     try:
         with eval_mode(model), torch.no_grad():
             model(example)
@@ -66,6 +71,21 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
         for h in handles:
             h.remove()
     return total // example.shape[0]
+
+
+def _counted(model: nn.Module) -> list[nn.Module]:
+    """The modules whose MACs count: Conv / Linear, and registered types whose handler defines ``macs``
+    (their submodules are then not counted again)."""
+    out, inside = [], set()
+    for name, m in model.named_modules():
+        if any(name.startswith(p) for p in inside):
+            continue
+        if defines(user_handler(m), "macs"):
+            out.append(m)
+            inside.add(f"{name}." if name else "")
+        elif isinstance(m, _CONVS + (nn.Linear,)):
+            out.append(m)
+    return out
 
 
 def latency(model: nn.Module, example: torch.Tensor, *, repeats: int = 20, warmup: int = 3) -> float:

@@ -10,8 +10,9 @@ load into a fresh instance. ``save_pruned`` writes, with ``torch.save``, a dict 
      "rewrites": [[fx node name, module path], ...] or None,
      "state_dict": {...}, "extra": {...}}
 
-recording the sizes of every Conv, Linear, BatchNorm, LayerNorm, GroupNorm, InstanceNorm and PReLU module
-(and the channel map of every channel-map shortcut, ``models.OptionAShortcut``). ``load_pruned_model``
+recording the sizes of every Conv, Linear, BatchNorm, LayerNorm, GroupNorm, InstanceNorm and PReLU module,
+the channel map of every channel-map shortcut (``models.OptionAShortcut``) and the ``sizes`` of every
+module of a registered type (``graph.registry.ModuleHandler``). ``load_pruned_model``
 builds the unpruned network (from ``arch`` through an allow-list of carfast builders, or a deep copy of
 the ``model=`` the caller passes), traces it and makes the recorded functional calls ``ChannelMap``
 modules again where surgery had (``rewrites``; ``channel_map.py``), gives each recorded module its
@@ -29,6 +30,7 @@ from torch import nn
 from carfast.atomic import atomic_path
 from carfast.errors import state_dict_mismatch
 from carfast.graph import is_channel_map
+from carfast.graph.registry import user_handler
 from carfast.models import cifar as models
 from carfast.surgery.channel_map import rebuild_rewrites
 
@@ -66,6 +68,10 @@ def _check_plain(obj, where: str, fn: str) -> None:
 
 
 def _sizes(m: nn.Module) -> dict | None:
+    handler = user_handler(m)
+    if handler is not None:
+        sizes = handler.sizes(m)
+        return {"type": type(m).__name__, **{a: _plain_size(v) for a, v in sizes.items()}} if sizes else None
     for types, attrs in _SIZES:
         if isinstance(m, types):
             return {"type": type(m).__name__, **{a: _plain_size(getattr(m, a)) for a in attrs}}

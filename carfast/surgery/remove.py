@@ -30,6 +30,7 @@ from carfast.graph.apply import applied
 from carfast.graph.checks import profile, unit_axis
 from carfast.graph.example import infer_example, signature
 from carfast.graph.masking import keep_mask
+from carfast.graph.registry import layer_filters
 from carfast.surgery.channel_map import rewrite_calls, traced_model
 from carfast.surgery.slicers import Edit, slice_module
 
@@ -215,8 +216,8 @@ def plan_edits(flow, units: list[int], edits: dict, fn: str) -> None:
         else:
             continue
         module = flow.modules[path]
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            continue                         # their rows and columns come from the producers and readers
+        if layer_filters(module) is not None:
+            continue                         # a layer's rows and columns come from the producers and readers
         c = codes.view(*getattr(module, attr).shape)
         dim = unit_axis(c, 0)
         edit(path).add(params={attr: (dim, _positions(c, units, dim))}, by=by)
@@ -236,7 +237,7 @@ def parse_removals(model: nn.Module, removals: Mapping, fn: str) -> dict[str, li
         if name in out:
             raise ValueError(f"{fn}: layer {name!r} is given twice (by name and as a module); give it once "
                              "with all its filters")
-        num = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        num = layer_filters(module)
         if isinstance(filters, torch.Tensor):
             if filters.dtype.is_floating_point or filters.dtype == torch.bool or filters.is_complex():
                 raise TypeError(f"{fn}: filters of {name!r} must be integer indices, got a {filters.dtype} tensor")

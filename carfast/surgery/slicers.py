@@ -18,8 +18,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from carfast.graph import is_channel_map
+from carfast.graph.registry import defines, user_handler
 
-__all__ = ["Edit", "slice_module", "remap_channel_map"]
+__all__ = ["Edit", "slice_module", "remap_channel_map", "cut_tensor"]
 
 
 @dataclass
@@ -55,8 +56,10 @@ def _set(module: nn.Module, attr: str, value: torch.Tensor) -> None:
     setattr(module, attr, value)
 
 
-def _cut(module: nn.Module, attr: str, dim: int, drop: set) -> int:
-    """Cut tensor ``attr`` of ``module`` along ``dim``; returns its new size there."""
+def cut_tensor(module: nn.Module, attr: str, dim: int, drop) -> int:
+    """Delete indices ``drop`` of tensor ``attr`` of ``module`` along ``dim`` (a parameter keeps its
+    ``requires_grad``); returns its new size there. For ``ModuleHandler.slice`` of a registered type."""
+    drop = set(int(i) for i in drop)
     t = getattr(module, attr)
     keep = _keep(t.shape[dim], drop, t.device)
     _set(module, attr, t.detach().index_select(dim, keep))
@@ -88,7 +91,7 @@ def _slice_norm(m, e: Edit, count_attr: str) -> None:
     n = None
     for attr in names:
         if getattr(m, attr, None) is not None:
-            n = _cut(m, attr, 0, drop)
+            n = cut_tensor(m, attr, 0, drop)
     setattr(m, count_attr, n if n is not None else getattr(m, count_attr) - len(drop))
 
 
@@ -98,7 +101,7 @@ def _slice_layer_norm(m: nn.LayerNorm, e: Edit) -> None:
     shape = list(m.normalized_shape)
     for attr in ("weight", "bias"):
         if getattr(m, attr, None) is not None:
-            _cut(m, attr, dim, drop)
+            cut_tensor(m, attr, dim, drop)
     shape[dim] -= len(drop)
     m.normalized_shape = tuple(shape)
 
@@ -108,7 +111,7 @@ def _slice_group_norm(m: nn.GroupNorm, e: Edit) -> None:
     per_channel = m.num_groups == m.num_channels
     for attr in ("weight", "bias"):
         if getattr(m, attr, None) is not None:
-            _cut(m, attr, 0, drop)
+            cut_tensor(m, attr, 0, drop)
     m.num_channels -= len(drop)
     if per_channel:
         m.num_groups = m.num_channels
@@ -116,11 +119,11 @@ def _slice_group_norm(m: nn.GroupNorm, e: Edit) -> None:
 
 def _slice_linear(m: nn.Linear, e: Edit) -> None:
     if e.outs:
-        m.out_features = _cut(m, "weight", 0, e.outs)
+        m.out_features = cut_tensor(m, "weight", 0, e.outs)
         if m.bias is not None:
-            _cut(m, "bias", 0, e.outs)
+            cut_tensor(m, "bias", 0, e.outs)
     if e.ins:
-        m.in_features = _cut(m, "weight", 1, e.ins)
+        m.in_features = cut_tensor(m, "weight", 1, e.ins)
 
 
 def slice_conv(name: str, m: nn.Conv2d, ins: set, outs: set, by: list, fn: str) -> None:
@@ -157,29 +160,39 @@ def slice_conv(name: str, m: nn.Conv2d, ins: set, outs: set, by: list, fn: str) 
     m.in_channels, m.out_channels = size[0] * len(parts), size[1] * len(parts)
 
 
+#: torch.nn layer types -> slicer(name, module, edit, fn); found along the MRO (a subclass is sliced as its base)
+_SLICERS = {
+    nn.Conv2d: lambda name, m, e, fn: slice_conv(name, m, e.ins, e.outs, e.by, fn),
+    nn.Linear: lambda name, m, e, fn: _slice_linear(m, e),
+    _BatchNorm: lambda name, m, e, fn: _slice_norm(m, e, "num_features"),
+    _InstanceNorm: lambda name, m, e, fn: _slice_norm(m, e, "num_features"),
+    nn.LayerNorm: lambda name, m, e, fn: _slice_layer_norm(m, e),
+    nn.GroupNorm: lambda name, m, e, fn: _slice_group_norm(m, e),
+    nn.PReLU: lambda name, m, e, fn: setattr(m, "num_parameters", cut_tensor(m, "weight", 0,
+                                                                            _entries(m, e, ("weight",)))),
+}
+
+
+def _slice_other(name: str, m: nn.Module, e: Edit, fn: str) -> None:
+    """A module carfast has no slicer for: its per-channel tensors are cut; its channels cannot be."""
+    if e.ins or e.outs:
+        raise ValueError(f"{fn}: removing filters of {e.by} reaches {name!r} ({type(m).__name__}), which carfast "
+                         "cannot resize; supported: Conv2d, Linear, BatchNorm, LayerNorm, GroupNorm, tensors "
+                         "applied channel by channel, and types registered with a handler that defines slice "
+                         "(carfast.register_module)")
+    for attr, (dim, idx) in e.params.items():
+        cut_tensor(m, attr, dim, idx)
+
+
 def slice_module(name: str, m: nn.Module, e: Edit, fn: str) -> None:
-    """Apply edit ``e`` to module ``m`` (called ``name``) in place; ``fn`` names the caller in errors."""
+    """Apply edit ``e`` to module ``m`` (called ``name``) in place; ``fn`` names the caller in errors. A
+    registered type is sliced by its handler's ``slice`` (``graph.registry``)."""
     if is_channel_map(m):
         remap_channel_map(m, e.ins, e.outs)
         return
-    if isinstance(m, nn.Conv2d):
-        slice_conv(name, m, e.ins, e.outs, e.by, fn)
-    elif isinstance(m, nn.Linear):
-        _slice_linear(m, e)
-    elif isinstance(m, _BatchNorm):
-        _slice_norm(m, e, "num_features")
-    elif isinstance(m, _InstanceNorm):
-        _slice_norm(m, e, "num_features")
-    elif isinstance(m, nn.LayerNorm):
-        _slice_layer_norm(m, e)
-    elif isinstance(m, nn.GroupNorm):
-        _slice_group_norm(m, e)
-    elif isinstance(m, nn.PReLU):
-        m.num_parameters = _cut(m, "weight", 0, _entries(m, e, ("weight",)))
-    else:
-        if e.ins or e.outs:
-            raise ValueError(f"{fn}: removing filters of {e.by} reaches {name!r} ({type(m).__name__}), which carfast "
-                             "cannot resize; supported: Conv2d, Linear, BatchNorm, LayerNorm, GroupNorm and tensors "
-                             "applied channel by channel")
-        for attr, (dim, idx) in e.params.items():
-            _cut(m, attr, dim, idx)
+    handler = user_handler(m)
+    if defines(handler, "slice"):
+        handler.slice(m, sorted(e.ins), sorted(e.outs), {a: (d, sorted(i)) for a, (d, i) in e.params.items()})
+        return
+    slicer = None if handler is not None else next((_SLICERS[t] for t in type(m).__mro__ if t in _SLICERS), None)
+    (slicer or _slice_other)(name, m, e, fn)
