@@ -15,20 +15,13 @@
 #include <vector>
 
 #include "check.h"
+#include "conv_geometry.h"
 
 namespace carfast {
 
-// Conv settings and sizes of a consumer: a [N, K, H, W] -> z [N, O, Ho, Wo].
-struct ConvSizes {
-  int64_t N, K, H, W;              // a
-  int64_t O, kh, kw;               // weight [O, K, kh, kw]
-  int64_t Ho, Wo;                  // z
-  int64_t sy, sx, py, px, dy, dx;  // stride, padding, dilation
-};
-
 // `op` names the op in the messages, e.g. "carfast::closed_form_logits". The parameters are named as in
 // the ops' schemas, since the CHECK_* macros spell the argument's name from them.
-inline ConvSizes check_conv(const char* op, const at::Tensor& a, const at::Tensor& weight, const at::Tensor& z,
+inline ConvGeometry check_conv(const char* op, const at::Tensor& a, const at::Tensor& weight, const at::Tensor& z,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   CHECK_LEN(op, stride, 2);
   CHECK_LEN(op, padding, 2);
@@ -42,7 +35,7 @@ inline ConvSizes check_conv(const char* op, const at::Tensor& a, const at::Tenso
   CHECK_DIM(op, a, 4, "[N, K, H, W]");
   CHECK_DIM(op, weight, 4, "[O, K, kh, kw]");
   CHECK_DIM(op, z, 4, "[N, O, Ho, Wo]");
-  ConvSizes s{};
+  ConvGeometry s{};
   s.N = a.size(0);
   s.K = a.size(1);
   s.H = a.size(2);

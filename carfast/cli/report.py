@@ -33,14 +33,13 @@ from carfast.cli.common import (
 
 __all__ = ["add_parser", "run"]
 
+_ABOUT = ("Write index.html (self-contained), its PNG figures and summary.json for a result saved by carfast prune or "
+          "PruneResult.save. The original model is --model (with --weights), else the one carfast prune recorded; "
+          "held-out accuracy is measured on the images that follow the scored ones in the same source, or on --data.")
+
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("report", help="write the HTML report of a saved pruning result",
-                       description="Write index.html (self-contained), its PNG figures and summary.json for a "
-                                   "result saved by carfast prune or PruneResult.save. The original model is "
-                                   "--model (with --weights), else the one carfast prune recorded; held-out "
-                                   "accuracy is measured on the images that follow the scored ones in the same "
-                                   "source, or on --data.")
+    t = sub.add_parser("report", help="write the HTML report of a saved pruning result", description=_ABOUT)
     t.add_argument("result", metavar="RESULT.pt", help="a file written by carfast prune or PruneResult.save")
     t.add_argument("--out", default=None, help="report folder (default: RESULT-report beside the file)")
     add_model_options(t, default=None)

@@ -1,17 +1,7 @@
 """``carfast score``: CAR scores of every filter of one or more layers (or of their coupling groups)."""
 from __future__ import annotations
 
-from carfast.cli.common import (
-    add_compute_options,
-    add_data_options,
-    add_model_options,
-    add_threads,
-    build_model,
-    check_layers,
-    load_data,
-    positive_int,
-    user_spec,
-)
+from carfast.cli import common
 
 __all__ = ["add_parser", "run"]
 
@@ -20,29 +10,29 @@ def add_parser(sub) -> None:
     s = sub.add_parser("score", help="score every filter of a layer by CAR and print a table",
                        description="Score the filters of one or more layers by CAR (accuracy lost when the "
                                    "filter is removed) and print them, least important first.")
-    add_model_options(s)
+    common.add_model_options(s)
     s.add_argument("--layer", action="append", default=None,
                    help="layer to score (repeatable; default layer1.0.conv1; carfast layers lists them)")
-    s.add_argument("--n", type=positive_int, default=None, help="number of images (default all)")
-    add_data_options(s)
+    s.add_argument("--n", type=common.positive_int, default=None, help="number of images (default all)")
+    common.add_data_options(s)
     s.add_argument("--filters", type=int, nargs="+", default=None, help="score only these filters")
-    add_compute_options(s)
+    common.add_compute_options(s)
     s.add_argument("--memory-budget", type=float, default=None, help="bytes for cached activations and work")
     s.add_argument("--top", type=int, default=None, help="print only the first TOP rows of each table")
     s.add_argument("--json", default=None, help="also write the scores to this JSON file")
     s.add_argument("--group", action="store_true",
                    help="score the coupling group of each --layer (its residual stream's channels: score_group)")
-    add_threads(s)
+    common.add_threads(s)
 
 
 def run(args) -> int:
     import carfast
     from carfast.atomic import write_json_atomic
 
-    model, norm = build_model(args.model, args.weights)
+    model, norm = common.build_model(args.model, args.weights)
     layers = args.layer or ["layer1.0.conv1"]
-    check_layers(model, layers, args.model)
-    x, y, _, _ = load_data(args.data, args.normalize, norm, need=args.n, model=user_spec(args.model))
+    common.check_layers(model, layers, args.model)
+    x, y, _, _ = common.load_data(args.data, args.normalize, norm, need=args.n, model=common.user_spec(args.model))
     x, y = x[:args.n], y[:args.n]
     results = []
     for layer in layers:

@@ -46,7 +46,7 @@
 #include <vector>
 
 #include "../check.h"
-#include "../conv_checks.h"
+#include "../closed_form_checks.h"
 
 namespace carfast {
 namespace {
@@ -84,13 +84,10 @@ inline float hsum(vecf v) {
   return s;
 }
 
-struct Geometry {
-  int64_t N, K, H, W;      // a
-  int64_t O, kh, kw;       // weight
+struct Geometry : ConvGeometry {  // a, weight, z, the conv settings (conv_geometry.h), and:
   int64_t Op;              // O padded up to a multiple of VL
-  int64_t Ho, Wo, P;       // z, P = Ho * Wo
+  int64_t P;               // Ho * Wo
   int64_t C, J;            // classes, filters
-  int64_t sy, sx, py, px, dy, dx;  // stride, padding, dilation
   int64_t Hp, Wp;          // H + 2 py, W + 2 px: the zero-padded channel
 };
 
@@ -483,63 +480,18 @@ at::Tensor closed_form_logits_cpu(const at::Tensor& a, const at::Tensor& weight,
                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
   const bool res = residual_opt.has_value() && residual_opt->defined();
   CHECK_CPU(OP, a);
-  CHECK_CPU(OP, weight);
-  CHECK_CPU(OP, z);
-  CHECK_CPU(OP, scale);
-  CHECK_CPU(OP, shift);
-  CHECK_CPU(OP, tail);
-  CHECK_CPU(OP, logits);
-  CHECK_CPU(OP, filters);
-  CHECK_FLOAT32(OP, a);
-  CHECK_FLOAT32(OP, weight);
-  CHECK_FLOAT32(OP, z);
-  CHECK_FLOAT32(OP, scale);
-  CHECK_FLOAT32(OP, shift);
-  CHECK_FLOAT32(OP, tail);
-  CHECK_FLOAT32(OP, logits);
-  CHECK_INT64(OP, filters);
-  CHECK_ARG(OP, act >= 0 && act <= 2, "`act` must be 0 (identity), 1 (relu) or 2 (relu6), got ", act,
-            "; fix: pass carfast.ops.closed_form_logits.ACTIVATIONS[name]");
-  CHECK_DIM(OP, tail, 4, "[classes, O, Ho, Wo]");
-  CHECK_DIM(OP, logits, 2, "[N, classes]");
-  CHECK_DIM(OP, filters, 1, "[J]");
-  // the conv settings, the ranks of a, weight and z, the window and z's shape: checked as the CUDA
-  // binding checks them (csrc/conv_checks.h)
-  const ConvSizes s = check_conv(OP, a, weight, z, stride, padding, dilation);
+  // every other tensor on a's device, dtypes, act, ranks, conv settings and shapes: checked as the CUDA
+  // binding checks them (csrc/closed_form_checks.h)
+  const ConvGeometry s = check_closed_form(OP, a, weight, z, scale, shift, residual_opt, act, tail, logits, filters,
+                                        stride, padding, dilation);
 
   Geometry g{};
-  g.N = s.N;
-  g.K = s.K;
-  g.H = s.H;
-  g.W = s.W;
-  g.O = s.O;
-  g.kh = s.kh;
-  g.kw = s.kw;
+  static_cast<ConvGeometry&>(g) = s;
   g.C = logits.size(1);
   g.J = filters.size(0);
-  g.sy = s.sy;
-  g.sx = s.sx;
-  g.py = s.py;
-  g.px = s.px;
-  g.dy = s.dy;
-  g.dx = s.dx;
   g.Hp = g.H + 2 * g.py;
   g.Wp = g.W + 2 * g.px;
-  g.Ho = s.Ho;
-  g.Wo = s.Wo;
   g.P = g.Ho * g.Wo;
-  CHECK_SHAPE(OP, scale, ({g.O}), "[O]", "one value per output channel of the consumer");
-  CHECK_SHAPE(OP, shift, ({g.O}), "[O]", "one value per output channel of the consumer");
-  if (res) {
-    const at::Tensor& residual = *residual_opt;
-    CHECK_CPU(OP, residual);
-    CHECK_FLOAT32(OP, residual);
-    CHECK_SHAPE(OP, residual, ({g.N, g.O, g.Ho, g.Wo}), "[N, O, Ho, Wo]",
-                "pass the residual added after the affine, shaped like `z`, or None");
-  }
-  CHECK_SHAPE(OP, tail, ({g.C, g.O, g.Ho, g.Wo}), "[classes, O, Ho, Wo]",
-              "pass the linear part of the tail, classes = logits.size(1)");
-  CHECK_SHAPE(OP, logits, ({g.N, g.C}), "[N, classes]", "pass the intact logits of the same images");
 
   const at::Tensor filters_c = filters.contiguous();
   const int64_t* fp = filters_c.data_ptr<int64_t>();

@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "../check.h"
-#include "../conv_checks.h"
+#include "../closed_form_checks.h"
 #include "kernels.h"
 
 namespace carfast {
@@ -81,24 +81,7 @@ void check_indices(const char* op, const std::vector<IndexRange>& ranges, const 
 // plain struct the launchers take.
 cuda::ConvGeometry conv_geometry(const char* op, const at::Tensor& a, const at::Tensor& weight, const at::Tensor& z,
                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const ConvSizes s = check_conv(op, a, weight, z, stride, padding, dilation);
-  cuda::ConvGeometry g{};
-  g.N = s.N;
-  g.K = s.K;
-  g.H = s.H;
-  g.W = s.W;
-  g.O = s.O;
-  g.kh = s.kh;
-  g.kw = s.kw;
-  g.Ho = s.Ho;
-  g.Wo = s.Wo;
-  g.sy = s.sy;
-  g.sx = s.sx;
-  g.py = s.py;
-  g.px = s.px;
-  g.dy = s.dy;
-  g.dx = s.dx;
-  return g;
+  return check_conv(op, a, weight, z, stride, padding, dilation);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -211,40 +194,10 @@ ClosedFormInputs closed_form_inputs(const char* op, const at::Tensor& a, const a
                                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const bool res = residual_opt.has_value() && residual_opt->defined();
   CHECK_CUDA(op, a);
-  CHECK_SAME_DEVICE(op, weight, a);
-  CHECK_SAME_DEVICE(op, z, a);
-  CHECK_SAME_DEVICE(op, scale, a);
-  CHECK_SAME_DEVICE(op, shift, a);
-  CHECK_SAME_DEVICE(op, tail, a);
-  CHECK_SAME_DEVICE(op, logits, a);
-  CHECK_SAME_DEVICE(op, filters, a);
-  CHECK_FLOAT32(op, a);
-  CHECK_FLOAT32(op, weight);
-  CHECK_FLOAT32(op, z);
-  CHECK_FLOAT32(op, scale);
-  CHECK_FLOAT32(op, shift);
-  CHECK_FLOAT32(op, tail);
-  CHECK_FLOAT32(op, logits);
-  CHECK_INT64(op, filters);
-  CHECK_ARG(op, act >= 0 && act <= 2, "`act` must be 0 (identity), 1 (relu) or 2 (relu6), got ", act,
-            "; fix: pass carfast.ops.closed_form_logits.ACTIVATIONS[name]");
-  CHECK_DIM(op, tail, 4, "[classes, O, Ho, Wo]");
-  CHECK_DIM(op, logits, 2, "[N, classes]");
-  CHECK_DIM(op, filters, 1, "[J]");
-  const cuda::ConvGeometry g = conv_geometry(op, a, weight, z, stride, padding, dilation);
+  // the checks the CPU kernel makes too (csrc/closed_form_checks.h)
+  const cuda::ConvGeometry g = check_closed_form(op, a, weight, z, scale, shift, residual_opt, act, tail, logits,
+                                                 filters, stride, padding, dilation);
   const int64_t C = logits.size(1);
-  CHECK_SHAPE(op, scale, ({g.O}), "[O]", "one value per output channel of the consumer");
-  CHECK_SHAPE(op, shift, ({g.O}), "[O]", "one value per output channel of the consumer");
-  if (res) {
-    const at::Tensor& residual = *residual_opt;
-    CHECK_SAME_DEVICE(op, residual, a);
-    CHECK_FLOAT32(op, residual);
-    CHECK_SHAPE(op, residual, ({g.N, g.O, g.Ho, g.Wo}), "[N, O, Ho, Wo]",
-                "pass the residual added after the affine, shaped like `z`, or None");
-  }
-  CHECK_SHAPE(op, tail, ({C, g.O, g.Ho, g.Wo}), "[classes, O, Ho, Wo]",
-              "pass the linear part of the tail, classes = logits.size(1)");
-  CHECK_SHAPE(op, logits, ({g.N, C}), "[N, classes]", "pass the intact logits of the same images");
   CHECK_ARG(op, g.O * g.Ho * g.Wo < (int64_t{1} << 31) && g.H * g.W < (int64_t{1} << 31),
             "the consumer's output per image (", g.O, " x ", g.Ho, " x ", g.Wo, ") and input channel (", g.H, " x ",
             g.W, ") must each have fewer than 2^31 elements; fix: use backend='torch' for this layer");

@@ -12,6 +12,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../conv_geometry.h"
+
 namespace carfast {
 namespace cuda {
 
@@ -19,12 +21,7 @@ namespace cuda {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Conv settings and sizes shared by the consumer ops (a [N, K, H, W] -> z [N, O, Ho, Wo]).
-struct ConvGeometry {
-  int64_t N, K, H, W;          // a
-  int64_t O, kh, kw;           // weight [O, K, kh, kw]
-  int64_t Ho, Wo;              // z
-  int64_t sy, sx, py, px, dy, dx;  // stride, padding, dilation
-};
+using carfast::ConvGeometry;
 
 // ---------------------------------------------------------------------------------------------
 // carfast::ablated_consumer (ablated_consumer.cu)

@@ -9,6 +9,7 @@
 // then says what went wrong.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "kernels.h"
@@ -27,22 +28,9 @@ constexpr int kTooMuchShared = -1;
 
 // geometry: the 15 sizes of ConvGeometry in its order (N, K, H, W, O, kh, kw, Ho, Wo, sy, sx, py, px, dy, dx)
 ConvGeometry conv_geometry(const int64_t* v) {
+  static_assert(sizeof(ConvGeometry) == 15 * sizeof(int64_t), "ConvGeometry is the 15 sizes, nothing else");
   ConvGeometry g{};
-  g.N = v[0];
-  g.K = v[1];
-  g.H = v[2];
-  g.W = v[3];
-  g.O = v[4];
-  g.kh = v[5];
-  g.kw = v[6];
-  g.Ho = v[7];
-  g.Wo = v[8];
-  g.sy = v[9];
-  g.sx = v[10];
-  g.py = v[11];
-  g.px = v[12];
-  g.dy = v[13];
-  g.dx = v[14];
+  std::memcpy(&g, v, sizeof g);
   return g;
 }
 

@@ -22,6 +22,7 @@ from .sources import CUDA_DIR, EMU_DIR, HEADERS, ROOT, UNITS, read, translate
 CXXFLAGS = ("-std=c++17", "-O1", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off",
             "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas")
 INCLUDES = (os.path.join(EMU_DIR, "include"), EMU_DIR, CUDA_DIR)
+CSRC_DIR = os.path.dirname(CUDA_DIR)      # the scratch copy mirrors csrc/ (kernels.h includes ../conv_geometry.h)
 
 
 def find_cxx() -> str | None:
@@ -104,12 +105,12 @@ def build(overrides: dict[str, str] | None = None, verbose: bool = False) -> str
 
 
 def _compile(cxx: str, unit: str, source: str, headers: dict[str, str], obj: str, verbose: bool) -> None:
-    """Compiles one unit in a scratch copy of csrc/cuda holding every header (overrides applied), so that
+    """Compiles one unit in a scratch copy of csrc holding every header (overrides applied), so that
     every #include, relative or by the include path, finds the same text; a #line keeps each file's
     real name and line numbers in diagnostics and in the emulator's messages."""
     with tempfile.TemporaryDirectory(prefix="carfast-emu-") as tmp:
         def copy(path: str, body: str, suffix: str = "") -> str:
-            dst = os.path.join(tmp, os.path.relpath(path, CUDA_DIR) + suffix)
+            dst = os.path.join(tmp, os.path.relpath(path, CSRC_DIR) + suffix)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             _write_atomic(dst, body if body.startswith("#line 1 ") else f'#line 1 "{path}"\n{body}')
             return dst
@@ -118,7 +119,7 @@ def _compile(cxx: str, unit: str, source: str, headers: dict[str, str], obj: str
             copy(path, body)
         src = copy(unit, source, ".cpp")
         out = os.path.join(tmp, "unit.o")
-        includes = [flag for d in INCLUDES for flag in ("-I", os.path.join(tmp, os.path.relpath(d, CUDA_DIR)))]
+        includes = [flag for d in INCLUDES for flag in ("-I", os.path.join(tmp, os.path.relpath(d, CSRC_DIR)))]
         _run([cxx, *CXXFLAGS, *includes, "-c", src, "-o", out], os.path.relpath(unit, ROOT), verbose)
         os.replace(out, obj)
 

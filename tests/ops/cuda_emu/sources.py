@@ -18,7 +18,8 @@ KERNEL_FILES = ("ablated_consumer.cu", "closed_form_score.cu", "score_reduce.cu"
 UNITS = tuple(os.path.join(CUDA_DIR, f) for f in KERNEL_FILES) + tuple(
     os.path.join(EMU_DIR, f) for f in ("selftest.cu", "launch.cpp", "scheduler.cpp", "sync.cpp", "api.cpp"))
 # every header a unit may include (their text is part of every cache key)
-HEADERS = (os.path.join(CUDA_DIR, "common.cuh"), os.path.join(CUDA_DIR, "kernels.h"),
+HEADERS = (os.path.join(ROOT, "csrc", "conv_geometry.h"), os.path.join(CUDA_DIR, "common.cuh"),
+           os.path.join(CUDA_DIR, "kernels.h"),
            os.path.join(EMU_DIR, "cuda_emu.h"), os.path.join(EMU_DIR, "emu_control.h"),
            os.path.join(EMU_DIR, "runtime.h"),
            *(os.path.join(EMU_DIR, "include", h) for h in ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h")))
