@@ -10,6 +10,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <initializer_list>
+
 #define CHECK_CPU(op, x)                                                                           \
   TORCH_CHECK((x).device().is_cpu(), op, ": `" #x "` must be a CPU tensor, got one on ",           \
               (x).device(), "; fix: pass `" #x ".cpu()` or choose the backend for that device")
@@ -59,3 +61,39 @@
               " ints (one per spatial dim), got ", (x).size(), "; fix: pass `(h, w)`")
 
 #define CHECK_ARG(op, cond, ...) TORCH_CHECK((cond), op, ": ", __VA_ARGS__)
+
+// The same checks over a list of arguments, each with its name as the schema spells it: NAMED(weight).
+namespace carfast {
+
+struct Named {
+  const char* name;
+  const at::Tensor& t;
+};
+#define NAMED(x) ::carfast::Named{#x, (x)}
+
+// every tensor of `xs` on `ref`'s device (the message CHECK_SAME_DEVICE gives)
+inline void check_same_device(const char* op, Named ref, std::initializer_list<Named> xs) {
+  for (const Named& x : xs) {
+    TORCH_CHECK(x.t.device() == ref.t.device(), op, ": `", x.name, "` must be on ", ref.t.device(), " like `",
+                ref.name, "`, got ", x.t.device(), "; fix: pass `", x.name, ".to(", ref.name, ".device)`");
+  }
+}
+
+// every tensor of `xs` of dtype `want`, at::kFloat or at::kLong (the message CHECK_FLOAT32 / CHECK_INT64 give)
+inline void check_dtype(const char* op, at::ScalarType want, std::initializer_list<Named> xs) {
+  const bool is_long = want == at::kLong;
+  for (const Named& x : xs) {
+    TORCH_CHECK(x.t.scalar_type() == want, op, ": `", x.name, "` must be ", is_long ? "int64" : "float32", ", got ",
+                x.t.scalar_type(), "; fix: pass `", x.name, is_long ? ".long()" : ".float()", "`");
+  }
+}
+
+// every tensor of `xs` floating-point (the message CHECK_FLOATING gives)
+inline void check_floating(const char* op, std::initializer_list<Named> xs) {
+  for (const Named& x : xs) {
+    TORCH_CHECK(c10::isFloatingType(x.t.scalar_type()), op, ": `", x.name, "` must be a floating-point tensor, got ",
+                x.t.scalar_type(), "; fix: pass `", x.name, ".float()`");
+  }
+}
+
+}  // namespace carfast

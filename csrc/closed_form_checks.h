@@ -22,20 +22,10 @@ inline ConvGeometry check_closed_form(const char* op, const at::Tensor& a, const
                                    const std::optional<at::Tensor>& residual_opt, int64_t act, const at::Tensor& tail,
                                    const at::Tensor& logits, const at::Tensor& filters, at::IntArrayRef stride,
                                    at::IntArrayRef padding, at::IntArrayRef dilation) {
-  CHECK_SAME_DEVICE(op, weight, a);
-  CHECK_SAME_DEVICE(op, z, a);
-  CHECK_SAME_DEVICE(op, scale, a);
-  CHECK_SAME_DEVICE(op, shift, a);
-  CHECK_SAME_DEVICE(op, tail, a);
-  CHECK_SAME_DEVICE(op, logits, a);
-  CHECK_SAME_DEVICE(op, filters, a);
-  CHECK_FLOAT32(op, a);
-  CHECK_FLOAT32(op, weight);
-  CHECK_FLOAT32(op, z);
-  CHECK_FLOAT32(op, scale);
-  CHECK_FLOAT32(op, shift);
-  CHECK_FLOAT32(op, tail);
-  CHECK_FLOAT32(op, logits);
+  check_same_device(op, NAMED(a), {NAMED(weight), NAMED(z), NAMED(scale), NAMED(shift), NAMED(tail), NAMED(logits),
+                                   NAMED(filters)});
+  check_dtype(op, at::kFloat, {NAMED(a), NAMED(weight), NAMED(z), NAMED(scale), NAMED(shift), NAMED(tail),
+                               NAMED(logits)});
   CHECK_INT64(op, filters);
   CHECK_ARG(op, act >= 0 && act <= 2, "`act` must be 0 (identity), 1 (relu) or 2 (relu6), got ", act,
             "; fix: pass carfast.ops.closed_form_logits.ACTIVATIONS[name]");

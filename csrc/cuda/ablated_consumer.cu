@@ -29,7 +29,6 @@ namespace carfast {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kChannelsPerThread = 16;
 
 // How the output is cut into blocks (the same on the host, for the launch, and in the kernel).
@@ -168,11 +167,7 @@ cudaError_t launch_typed(const AblatedConsumerArgs& x, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_in(const AblatedConsumerArgs& x, cudaStream_t stream) {
-  switch (x.out_dtype) {
-    case DType::kFloat16: return launch_typed<T, __half>(x, stream);
-    case DType::kBFloat16: return launch_typed<T, __nv_bfloat16>(x, stream);
-    default: return launch_typed<T, float>(x, stream);
-  }
+  return with_dtype(x.out_dtype, [&](auto out) { return launch_typed<T, typename decltype(out)::type>(x, stream); });
 }
 
 }  // namespace
@@ -183,11 +178,7 @@ size_t ablated_consumer_shared_bytes(const AblatedConsumerArgs& args) {
 
 cudaError_t launch_ablated_consumer(const AblatedConsumerArgs& args, cudaStream_t stream) {
   if (args.P == 0 || args.g.O == 0 || args.g.Ho * args.g.Wo == 0) return cudaSuccess;
-  switch (args.in_dtype) {
-    case DType::kFloat16: return launch_in<__half>(args, stream);
-    case DType::kBFloat16: return launch_in<__nv_bfloat16>(args, stream);
-    default: return launch_in<float>(args, stream);
-  }
+  return with_dtype(args.in_dtype, [&](auto in) { return launch_in<typename decltype(in)::type>(args, stream); });
 }
 
 }  // namespace cuda

@@ -95,19 +95,11 @@ at::Tensor ablated_consumer_cuda(const at::Tensor& a, const at::Tensor& weight, 
   constexpr const char* OP = "carfast::ablated_consumer";
   const bool res = residual_opt.has_value() && residual_opt->defined();
   CHECK_CUDA(OP, a);
-  CHECK_SAME_DEVICE(OP, weight, a);
-  CHECK_SAME_DEVICE(OP, z, a);
-  CHECK_SAME_DEVICE(OP, scale, a);
-  CHECK_SAME_DEVICE(OP, shift, a);
-  CHECK_SAME_DEVICE(OP, filters, a);
-  CHECK_SAME_DEVICE(OP, images, a);
+  check_same_device(OP, NAMED(a), {NAMED(weight), NAMED(z), NAMED(scale), NAMED(shift), NAMED(filters),
+                                   NAMED(images)});
   CHECK_FLOAT_16_32(OP, a);
-  CHECK_FLOATING(OP, weight);
-  CHECK_FLOATING(OP, z);
-  CHECK_FLOATING(OP, scale);
-  CHECK_FLOATING(OP, shift);
-  CHECK_INT64(OP, filters);
-  CHECK_INT64(OP, images);
+  check_floating(OP, {NAMED(weight), NAMED(z), NAMED(scale), NAMED(shift)});
+  check_dtype(OP, at::kLong, {NAMED(filters), NAMED(images)});
   CHECK_ARG(OP, act >= 0 && act <= 2, "`act` must be 0 (identity), 1 (relu) or 2 (relu6), got ", act,
             "; fix: pass carfast.ops.epilogue.ACTIVATIONS[name]");
   const cuda::ConvGeometry g = conv_geometry(OP, a, weight, z, stride, padding, dilation);

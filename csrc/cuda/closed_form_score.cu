@@ -36,8 +36,6 @@ namespace carfast {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarp;
 constexpr int kNB = 4;            // images per group
 constexpr int kMaxCB = 16;        // classes per register block
 constexpr int kMaxTileImages = 32;

@@ -1,5 +1,6 @@
 // Device helpers shared by carfast's CUDA kernels (csrc/cuda/*.cu): element conversion, the
-// consumer's epilogue, warp reductions and the per-row scoring. CUDA headers only.
+// consumer's epilogue, warp reductions, the per-row scoring, the block size and the dtype dispatch of the
+// launchers. CUDA headers only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -9,11 +10,32 @@
 #include <climits>
 #include <cstdint>
 
+#include "kernels.h"
+
 namespace carfast {
 namespace cuda {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kThreads = 256;               // threads per block of every kernel here
+constexpr int kWarps = kThreads / kWarp;
+
+// The element type a DType names, as a tag: with_dtype(d, f) returns f(Elem<T>{}) for that T, so each
+// launcher picks its template instance in one place, e.g.
+//   with_dtype(x.dtype, [&](auto e) { return launch_typed<typename decltype(e)::type>(x, stream); })
+template <typename T>
+struct Elem {
+  using type = T;
+};
+
+template <typename F>
+cudaError_t with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat16: return f(Elem<__half>{});
+    case DType::kBFloat16: return f(Elem<__nv_bfloat16>{});
+    default: return f(Elem<float>{});
+  }
+}
 
 // min / max usable on both sides without --expt-relaxed-constexpr
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }

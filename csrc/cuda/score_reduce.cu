@@ -17,8 +17,6 @@ namespace carfast {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / kWarp;
 constexpr int kChunk = 256;  // pairs per chunk
 
 // First index i in [0, P) with slots[i] >= s (P if none).
@@ -104,11 +102,7 @@ cudaError_t launch_typed(const ScoreReduceArgs& x, cudaStream_t stream) {
 
 cudaError_t launch_score_reduce(const ScoreReduceArgs& args, cudaStream_t stream) {
   if (args.S == 0 || args.C == 0) return cudaSuccess;
-  switch (args.dtype) {
-    case DType::kFloat16: return launch_typed<__half>(args, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(args, stream);
-    default: return launch_typed<float>(args, stream);
-  }
+  return with_dtype(args.dtype, [&](auto e) { return launch_typed<typename decltype(e)::type>(args, stream); });
 }
 
 }  // namespace cuda

@@ -34,6 +34,15 @@ ConvGeometry conv_geometry(const int64_t* v) {
   return g;
 }
 
+// A launcher's arguments `Args` with the geometry and the activation set, the rest zero.
+template <typename Args>
+Args args_for(const int64_t* geometry, int act) {
+  Args x{};
+  x.g = conv_geometry(geometry);
+  x.act = act;
+  return x;
+}
+
 int too_much_shared(size_t need, size_t have) {
   carfast_emu::set_message("a block needs " + std::to_string(need) + " bytes of shared memory, the device has " +
                            std::to_string(have));
@@ -77,10 +86,8 @@ CARFAST_EMU_API int carfast_emu_ablated_consumer(const int64_t* geometry, int64_
                                                  void* out) {
   auto lock = carfast_emu::lock_device();
   carfast_emu::begin_call();
-  carfast::cuda::AblatedConsumerArgs x{};
-  x.g = conv_geometry(geometry);
+  auto x = args_for<carfast::cuda::AblatedConsumerArgs>(geometry, act);
   x.P = P;
-  x.act = act;
   x.in_dtype = static_cast<DType>(in_dtype);
   x.out_dtype = static_cast<DType>(out_dtype);
   x.a = a;
@@ -116,11 +123,9 @@ CARFAST_EMU_API int carfast_emu_closed_form(const int64_t* geometry, int64_t C, 
                                             int score, int sm_count, int mode, void* workspace, int64_t* plan_out) {
   auto lock = carfast_emu::lock_device();
   carfast_emu::begin_call();
-  carfast::cuda::ClosedFormArgs x{};
-  x.g = conv_geometry(geometry);
+  auto x = args_for<carfast::cuda::ClosedFormArgs>(geometry, act);
   x.C = C;
   x.J = J;
-  x.act = act;
   x.a = a;
   x.weight = weight;
   x.z = z;
