@@ -15,8 +15,15 @@ import torch
 
 __all__ = ["resolve_group", "process_group_argument", "all_reduce_sum"]
 
+class _Unset:
+    """The default of a deprecated argument: not given."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
 #: the default of the deprecated ``group=`` argument: "not given"
-UNSET = object()
+UNSET = _Unset()
 
 
 def process_group_argument(process_group, group, fn: str):

@@ -8,6 +8,7 @@ importable from the current folder that returns the network (``--weights``: a st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
@@ -26,9 +27,6 @@ DATA_HELP = ("an .npz file with x: uint8 images [N, H, W, C] (scaled to [0, 1], 
 _NORMALIZE_HELP = ("for uint8 --data images: 'cifar' (the bundled ResNets' mean and std), 'none' (only scaled to "
                    "[0, 1]) or MEAN/STD per channel, e.g. 0.49,0.48,0.45/0.25,0.24,0.26 (default: the bundled "
                    "model's own; 'none' for package.module:factory)")
-_PRECISION_HELP = ("arithmetic of the network after the consumer: fp32 (default), or bf16/fp16 with an exact "
-                   "float32 re-run of the image/filter pairs whose top-k margin is too small to trust (pruning: "
-                   "with --rule accuracy or lcb; the loss rule needs fp32)")
 KEEP_HELP = ("what to KEEP per layer, not what to remove: a count of filters (a group's channels) to keep (14) or "
              "the fraction kept (0.75 keeps three quarters, removes one quarter). Torch-Pruning's pruning_ratio "
              "and torch.nn.utils.prune's amount are the share REMOVED: --keep 0.75 = pruning_ratio 0.25")
@@ -110,13 +108,27 @@ def add_data_options(p, what: str = "the images to score on") -> None:
     p.add_argument("--normalize", default=None, help=_NORMALIZE_HELP)
 
 
+def _cli_options():
+    """The score options the command line offers: (field, argparse keywords) of each ``ScoreSettings`` field
+    with a ``cli`` entry."""
+    from carfast.scoring.settings import ScoreSettings
+    for f in dataclasses.fields(ScoreSettings):
+        if f.metadata["cli"] is not None:
+            kw = dict(f.metadata["cli"])
+            if kw.get("type") == "positive_int":
+                kw["type"] = positive_int
+            yield f, kw
+
+
 def add_compute_options(p) -> None:
-    p.add_argument("--topk", type=positive_int, default=1,
-                   help="count an image correct when its label is among the k largest logits (default 1: top-1 "
-                        "accuracy; 5: the top-5 accuracy ImageNet results quote)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpu", "triton", "cuda"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help=_PRECISION_HELP)
-    p.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: cpu)")
+    """``--device``, ``--backend``, ``--precision``, ``--topk``...: the score options (``ScoreSettings``)."""
+    for f, kw in _cli_options():
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kw)
+
+
+def score_options(args) -> dict:
+    """{option: value} of the score options ``add_compute_options`` added, as ``score_layer`` takes them."""
+    return {f.name: getattr(args, f.name) for f, _ in _cli_options()}
 
 
 def add_threads(p) -> None:

@@ -29,6 +29,7 @@ from carfast.cli.common import (
     load_data,
     plain_norm,
     positive_int,
+    score_options,
     user_spec,
 )
 
@@ -147,8 +148,7 @@ def run(args) -> int:
     x_all, y_all, _, norm = load_data(args.data, args.normalize, norm, need=args.n, model=user_spec(args.model))
     x, y = x_all[:args.n], y_all[:args.n]
     options = dict(step=args.step, schedule=args.schedule, max_accuracy_drop=args.max_accuracy_drop, rule=args.rule,
-                   checkpoint=args.checkpoint, progress=None, backend=args.backend, precision=args.precision,
-                   device=args.device, topk=args.topk, search=search)
+                   checkpoint=args.checkpoint, progress=None, search=search, **score_options(args))
     if args.compare is None:
         result = carfast.prune(model, args.layer, (x, y), keep=args.keep, criterion=args.criterion, **options)
     else:

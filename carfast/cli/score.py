@@ -17,7 +17,6 @@ def add_parser(sub) -> None:
     common.add_data_options(s)
     s.add_argument("--filters", type=int, nargs="+", default=None, help="score only these filters")
     common.add_compute_options(s)
-    s.add_argument("--memory-budget", type=float, default=None, help="bytes for cached activations and work")
     s.add_argument("--top", type=int, default=None, help="print only the first TOP rows of each table")
     s.add_argument("--json", default=None, help="also write the scores to this JSON file")
     s.add_argument("--group", action="store_true",
@@ -37,9 +36,7 @@ def run(args) -> int:
     results = []
     for layer in layers:
         score = carfast.score_group if args.group else carfast.score_layer
-        res = score(model, layer, (x, y), backend=args.backend, filters=args.filters,
-                    memory_budget=args.memory_budget, progress=None, precision=args.precision, device=args.device,
-                    topk=args.topk)
+        res = score(model, layer, (x, y), filters=args.filters, progress=None, **common.score_options(args))
         print(res.table(top=args.top))
         if args.group:
             print(f"  group of {len(res.members)} members: producers "

@@ -19,12 +19,13 @@ from carfast.errors import resolve_layer
 from carfast.graph import analyze_units, build_graph
 from carfast.scoring.race import Race, check_race_rule, check_search
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision
+from carfast.scoring.settings import SCORE_OPTIONS
 
 __all__ = ["Target", "PruneConfig", "SCORE_KEYS"]
 
 _FN = "prune"
-SCORE_KEYS = ("device", "batch_size", "memory_budget", "backend", "precision", "options", "process_group", "group",
-              "topk")
+#: the score options ``prune`` passes on (``ScoreSettings``; its own ``progress`` is not one of them)
+SCORE_KEYS = tuple(k for k in SCORE_OPTIONS if k != "progress")
 
 
 @dataclass

@@ -108,8 +108,9 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
             may be continued to a smaller ``keep``: the removals it already made are replayed).
         progress: None (a bar on a terminal, periodic lines elsewhere), True, False, or
             ``callable(done, total)``.
-        **score_options: ``device``, ``batch_size``, ``memory_budget``, ``backend``, ``precision``, ``options``,
-            ``process_group``, ``topk`` of ``score_layer`` (``group`` is its deprecated name); ``topk`` (default
+        **score_options: the score options of ``score_layer`` (``carfast.scoring.settings.ScoreSettings``) but
+            ``progress``: ``device``, ``batch_size``, ``memory_budget``, ``backend``, ``precision``, ``options``,
+            ``process_group``, ``topk`` (``group`` is its deprecated name); ``topk`` (default
             1) is the accuracy CAR counts and ``max_accuracy_drop`` and the history report (top-5: 5). ``process_group``
             (default: the default process group when ``torch.distributed`` is initialised; False: this
             process alone): each process passes its own shard of the images; scores and accuracy checks

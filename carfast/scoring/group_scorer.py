@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from carfast.distributed import UNSET
 from carfast.errors import resolve_layer
 from carfast.graph.groups import members_of
-from carfast.scoring.scorer import LayerScorer, ScoreOptions
+from carfast.scoring.scorer import LayerScorer, one_score
 from carfast.scoring.scores import LayerScores
+from carfast.scoring.settings import takes_score_options
 
 __all__ = ["GroupScorer", "score_group"]
 
@@ -47,10 +47,8 @@ class GroupScorer(LayerScorer):
         return res
 
 
-def score_group(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
-                memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                per_image: bool = False, process_group=None, options: ScoreOptions | None = None,
-                group=UNSET, topk: int = 1) -> LayerScores:
+@takes_score_options
+def score_group(model: nn.Module, layer, data, *, filters=None, per_image: bool = False, **settings) -> LayerScores:
     """Score each channel of the coupling group of ``layer`` by CAR (``carfast.graph.find_group``).
 
     ``layer`` names any producer of the group (the stem conv, a block's second conv, a 1x1 shortcut
@@ -60,14 +58,16 @@ def score_group(model: nn.Module, layer, data, *, filters=None, device=None, bat
     is its own group (see ``carfast.graph.find_group``). A layer coupled with no other gets the scores
     ``score_layer`` gives.
 
-    Args are those of ``score_layer``; ``filters`` are channel indices of the group.
+    Args:
+        model, data: as ``score_layer`` takes them.
+        layer: a name from ``model.named_modules()`` or the module: any producer of the group.
+        filters: channel indices of the group to score, in the order wanted (default all).
+        per_image: also return ``image_correct`` [F, N] bool and ``base_image_correct`` [N] bool.
+        {score_options}
     Returns:
         ``LayerScores`` with ``coupled`` True for a real group and ``members``: the layers of the group and
         how its channels map onto each (``groups.GroupMember``).
     """
     if isinstance(model, nn.Module):
         resolve_layer(model, layer, "score_group")
-    scorer = GroupScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                         backend=backend, precision=precision, progress=progress, process_group=process_group,
-                         options=options, group=group, topk=topk)
-    return scorer.score(filters, per_image=per_image)
+    return GroupScorer(model, layer, data, **one_score(settings, "score_group")).score(filters, per_image=per_image)

@@ -49,11 +49,12 @@ from carfast.batching import (
     iter_chunks,
     model_dtype,
 )
-from carfast.distributed import UNSET, process_group_argument, resolve_group
+from carfast.distributed import process_group_argument, resolve_group
 from carfast.errors import resolve_layer
 from carfast.graph import analyze as analyze_flow
 from carfast.graph import from_recording
 from carfast.graph.split import TraceError, analyze, target_num_filters
+from carfast.ops import dispatch
 from carfast.progress import Progress
 from carfast.scoring.checks import (
     check_filters,
@@ -72,6 +73,7 @@ from carfast.scoring.method_evaluators import ClosedFormMethod, FullNetworkMetho
 from carfast.scoring.pairs import Accumulator
 from carfast.scoring.precision import check_precision
 from carfast.scoring.scores import LayerScores
+from carfast.scoring.settings import ScoreSettings, takes_score_options
 from carfast.scoring.suffix_eval import SuffixMethod
 from carfast.scoring.suffix_opt import optimized_suffix
 
@@ -109,6 +111,17 @@ class ScoreOptions:
     warn_near_chance: bool = True
 
 
+#: the ops a method runs with its backend: the conv closed form, and the others (suffix, linear closed form)
+_CONV_CLOSED_FORM_OPS = ("closed_form_score", "closed_form_logits")
+_REDUCE_OPS = ("score_reduce", "ablated_consumer")
+
+
+def one_score(settings: dict, fn: str) -> dict:
+    """``settings`` for a scorer that scores once: ``ScoreOptions.cache`` off (nothing to keep)."""
+    options = ScoreSettings.of(settings, fn).options
+    return {**settings, "options": dataclasses.replace(options or ScoreOptions(), cache=False)}
+
+
 class LayerScorer:
     """One layer prepared for CAR scoring: graph split, memory plan, the scoring method, the prefix cache.
 
@@ -125,12 +138,14 @@ class LayerScorer:
     fn = "score_layer"     # the public function named in messages
     as_group = False       # score the layer's coupling group (``GroupScorer``)
 
-    def __init__(self, model: nn.Module, layer, data, *, device=None, batch_size: int | None = None,
-                 memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                 process_group=None, options: ScoreOptions | None = None, group=UNSET, topk: int = 1):
-        self._options = options or ScoreOptions()
-        self.topk = check_topk(topk, self.fn)
-        self._process_group = resolve_group(process_group_argument(process_group, group, self.fn), self.fn)
+    @takes_score_options
+    def __init__(self, model: nn.Module, layer, data, **settings):
+        s = ScoreSettings.of(settings, self.fn)
+        device, batch_size, memory_budget, backend, precision, progress = (
+            s.device, s.batch_size, s.memory_budget, s.backend, s.precision, s.progress)
+        self._options = s.options or ScoreOptions()
+        self.topk = check_topk(s.topk, self.fn)
+        self._process_group = resolve_group(process_group_argument(s.process_group, s.group, self.fn), self.fn)
         self._dtype = check_precision(precision, self.fn)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self.fn}: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -256,13 +271,14 @@ class LayerScorer:
     def _split_method(self, lg, cf, cpu, prefix_batch, precision):
         """The closed form where it applies, else the suffix (fused with the consumer on GPU backends)."""
         opt, backend = self._options, self._backend
-        if backend == "cpu" and (cf is None or cf.kind == "linear"):
-            backend = "torch"  # no C++ kernel for a general suffix or a Linear consumer
-            if self._asked_backend == "cpu":        # asked for by name: say why it is not used
-                self.backend_note = ("backend 'cpu' has C++ kernels only for the closed form of a Conv2d consumer; "
-                                     f"this layer is scored by the "
-                                     f"{'suffix' if cf is None else 'linear closed form'} method, which runs on "
-                                     "'torch' (same results; backend='auto' picks this without a note)")
+        ops = _CONV_CLOSED_FORM_OPS if cf is not None and cf.kind == "conv" else _REDUCE_OPS
+        if not any(dispatch.has_kernel(op, backend) for op in ops):
+            if backend != "torch" and self._asked_backend == backend:   # asked for by name: say why it is not used
+                method = "suffix" if cf is None else f"{cf.kind} closed form"
+                self.backend_note = (f"backend {backend!r} has no kernel for the ops of the {method} method, which "
+                                     f"scores this layer ({', '.join(ops)}: carfast.backends() lists the kernels); "
+                                     "it runs on 'torch' (same results; backend='auto' picks this without a note)")
+            backend = "torch"
         if cf is not None:
             return ClosedFormMethod(lg, cf, backend, prefix_batch, self.fn)
         # channels_last: oneDNN's fast layout on CPU, and cuDNN's for bf16/fp16 tensor-core convolutions
@@ -438,10 +454,8 @@ class LayerScorer:
         return res
 
 
-def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, batch_size: int | None = None,
-                memory_budget: int | None = None, backend: str = "auto", precision: str = "fp32", progress=None,
-                per_image: bool = False, process_group=None, options: ScoreOptions | None = None,
-                group=UNSET, topk: int = 1) -> LayerScores:
+@takes_score_options
+def score_layer(model: nn.Module, layer, data, *, filters=None, per_image: bool = False, **settings) -> LayerScores:
     """Score each filter of ``layer`` by CAR: the accuracy the model loses when that filter is removed.
 
     Removing filter k means what docs/design.md section 2 says: the channel disappears from every consumer
@@ -456,32 +470,9 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
             or a Linear. A layer whose channels enter a residual add is refused (coupled channels).
         data: ``(inputs [N, ...], labels [N] int)`` or an iterable of such batches (a DataLoader).
         filters: filter indices to score, in the order wanted (default all).
-        device: where to compute (default: where the model's parameters are; the model is copied, never
-            moved, when another device is asked for).
-        batch_size: (filter, image) pairs per evaluation of the network's suffix (default 128 on CPU,
-            4096 on GPU, reduced to fit the memory budget).
-        memory_budget: bytes the engine may use for cached activations and work (default: a quarter of
-            free host memory up to 8 GiB, or half of free GPU memory); it works in chunks of images.
-        backend: "auto", "torch" (plain PyTorch), "cpu" (the compiled C++ kernels), "triton", "cuda" (the GPU
-            kernels); "auto" picks cuda, then triton, on a GPU and cpu on the CPU, where available.
-        precision: "fp32" (default), "bf16" or "fp16": the suffix's arithmetic. Low precision re-runs in
-            float32 every pair whose top-k margin is below a calibrated threshold (``carfast.scoring.precision``), so
-            accuracies equal float32's; ``pairs_rechecked`` says how many. Applies to the suffix method; the
-            closed form and the full-network method always compute in float32.
-        progress: None (a bar on stderr when it is a terminal), True, False, or ``callable(done, total)``.
         per_image: also return ``image_correct`` [F, N] bool and ``base_image_correct`` [N] bool (with
             several processes: of this process's images).
-        process_group: several processes (``torch.distributed``), each passing its own shard of the data: the
-            counts are all-reduced, so every process returns the scores of all the shards, equal to one
-            process scoring them all (counts exactly; loss sums up to float rounding). None (default):
-            the default process group when ``torch.distributed`` is initialised, else this process alone;
-            a ``ProcessGroup``; or False for this process alone. A process that fails makes the others
-            raise RuntimeError after the process group's timeout (``carfast.distributed``).
-        options: ``ScoreOptions`` engine settings.
-        group: the deprecated name of ``process_group``.
-        topk: an image counts correct when its label is among the ``topk`` largest logits (default 1:
-            top-1; 5 for the top-5 accuracy ImageNet results quote; ties go to the lower class index).
-            The fused kernels count top-1; k > 1 counts with the plain-PyTorch reduction (same results).
+        {score_options}
     Returns:
         ``LayerScores`` (see ``carfast.scoring.scores``).
     Raises:
@@ -490,8 +481,4 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, device=None, bat
     if isinstance(model, nn.Module):   # check filters before the work of preparing the layer
         name, module = resolve_layer(model, layer, _FN)
         check_filters(filters, target_num_filters(module), name)
-    options = dataclasses.replace(options or ScoreOptions(), cache=False)   # one score: nothing to keep
-    scorer = LayerScorer(model, layer, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
-                         backend=backend, precision=precision, progress=progress, process_group=process_group,
-                         options=options, group=group, topk=topk)
-    return scorer.score(filters, per_image=per_image)
+    return LayerScorer(model, layer, data, **one_score(settings, _FN)).score(filters, per_image=per_image)
