@@ -133,8 +133,12 @@ def _status(name: str) -> Tuple[bool, str]:
 
 
 def backends() -> List[dict]:
-    """One dict per backend: ``{"name": str, "available": bool, "reason": str}``."""
-    return [{"name": n, "available": _status(n)[0], "reason": _status(n)[1]} for n in BACKENDS]
+    """One dict per backend: ``{"name": str, "available": bool, "reason": str, "kernels": [op, ...]}``, the
+    ops it has kernels for (``carfast.ops.dispatch``; the others run the "torch" reference)."""
+    from carfast.ops import dispatch  # the registry the op files fill (they import this module)
+    ops = dispatch.kernels()
+    return [{"name": n, "available": _status(n)[0], "reason": _status(n)[1],
+             "kernels": [op for op, on in ops.items() if n in on]} for n in BACKENDS]
 
 
 def has_backend(name: str) -> bool:

@@ -49,6 +49,7 @@ def test_missing_data_file(capsys, tmp_path):
 def test_version_lists_backends():
     r = subprocess.run([sys.executable, "-m", "carfast.cli", "--version"], capture_output=True, text=True, check=True)
     assert r.stdout.startswith("carfast ") and "torch" in r.stdout
+    assert "kernels: closed_form_logits, closed_form_score" in r.stdout      # the cpu backend's, from the registry
 
 
 # ---- prune / report / demo ---------------------------------------------------------------------------------

@@ -262,7 +262,7 @@ def test_backend_cpu_says_why_it_ran_torch(project):
     _, model, x, y, _ = project
     asked = carfast.score_layer(model, "block1.conv1", (x, y), backend="cpu", progress=False)
     assert asked.method == "suffix" and asked.backend == "torch"
-    assert "backend 'cpu' has C++ kernels only for the closed form" in asked.backend_note
+    assert "backend 'cpu' has no kernel for the ops of the suffix method" in asked.backend_note
     assert f"backend torch: {asked.backend_note}" in asked.table()
     assert carfast.score_layer(model, "block1.conv1", (x, y), progress=False).backend_note == ""
 

@@ -36,6 +36,8 @@ def _version_text() -> str:
     lines = [f"carfast {carfast.__version__}"]
     for b in carfast.backends():
         lines.append(f"  {b['name']:<7} {'yes' if b['available'] else 'no ':<4} {b['reason']}")
+        if b["kernels"]:
+            lines.append(f"          kernels: {', '.join(b['kernels'])}")
     return "\n".join(lines)
 
 

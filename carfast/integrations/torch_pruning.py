@@ -47,7 +47,7 @@ merges all three stages into one group with mismatched channel indices. ``channe
 gives the ``customized_pruners`` that make Torch-Pruning's groups carfast's (one per stage)::
 
     import torch_pruning as tp
-    from carfast.integrations.torch_pruning import CARImportance, channel_map_pruners
+     import CARImportance, channel_map_pruners
     imp = CARImportance((x, y))
     pruner = tp.pruner.BasePruner(model, example, imp, pruning_ratio=0.3, iterative_steps=2,
                                   ignored_layers=[model.linear],
@@ -68,12 +68,14 @@ from torch import nn
 from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.graph import analyze_units, is_channel_map
 from carfast.graph.groups import members_of
+from carfast.integrations.tp_internals import asked, graph_of, layer_name
 from carfast.progress import Progress
 from carfast.scoring.checks import count_images
 from carfast.scoring.group_scorer import GroupScorer, score_group
 from carfast.scoring.race import check_race_rule, check_search, race_scores
 from carfast.scoring.scorer import LayerScorer, score_layer
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule, settled_keys
+from carfast.scoring.settings import SCORE_OPTIONS
 from carfast.surgery import remove_filters, remove_groups
 from carfast.surgery.slicers import remap_channel_map
 
@@ -86,8 +88,7 @@ except ImportError as err:   # the rest of carfast works without it
 __all__ = ["CARImportance", "ChannelMapPruner", "channel_map_pruners", "car_importance", "greedy_importance"]
 
 _FN = "CARImportance"
-_OPTIONS = {"device", "batch_size", "memory_budget", "backend", "precision", "progress", "process_group", "options",
-            "topk"}
+_OPTIONS = set(SCORE_OPTIONS) - {"group"}     # the score options (ScoreSettings) but the deprecated name
 
 
 def car_importance(scores, rank_by: str = "accuracy") -> torch.Tensor:
@@ -248,9 +249,9 @@ class CARImportance(tp.importance.Importance):
             root = group[0].dep.target.module
             if not isinstance(root, (nn.Conv2d, nn.Linear)) or not DG.is_out_channel_pruning_fn(group[0].dep.handler):
                 continue
-            why = self._verdict(DG, DG._module2name[root], _producers(DG, group), example)[0]
+            why = self._verdict(DG, layer_name(DG, root), _producers(DG, group), example)[0]
             if why is not None:
-                bad[DG._module2name[root]] = why
+                bad[layer_name(DG, root)] = why
         self._warn(bad)
 
     def _warn(self, bad: dict) -> None:
@@ -284,16 +285,15 @@ class CARImportance(tp.importance.Importance):
 
     @torch.no_grad()
     def __call__(self, group):
-        DG = group._DG
+        DG = graph_of(group)
         model = DG.model
-        names = DG._module2name
         root, idxs = group[0].dep.target.module, [int(i) for i in group[0].idxs]
         if not DG.is_out_channel_pruning_fn(group[0].dep.handler) or not isinstance(root, (nn.Conv2d, nn.Linear)):
             raise ValueError(f"{_FN}: the group's root {type(root).__name__} is not a Conv2d / Linear losing output "
                              "channels; carfast scores output channels (use root_module_types=[nn.Conv2d, nn.Linear])")
         if self.pruner is not None and not self._checked:
             self._check_all(DG)
-        layer = names[root]
+        layer = layer_name(DG, root)
         why, coupled = self._verdict(DG, layer, _producers(DG, group), self._example())
         if why is not None:
             self._warn({layer: why})
@@ -352,13 +352,12 @@ class CARImportance(tp.importance.Importance):
         """Candidate channels of every group the bound pruner's step will ask this importance to score
         (the groups it has not pruned to its limit, that carfast can score)."""
         p, example, total = self.pruner, self._example(), 0
-        asked = getattr(p, "_check_pruning_ratio", lambda group: True)    # Torch-Pruning 1.6.1's own test
         for group in DG.get_all_groups(ignored_layers=p.ignored_layers, root_module_types=p.root_module_types):
             root = group[0].dep.target.module
             if not isinstance(root, (nn.Conv2d, nn.Linear)) or not DG.is_out_channel_pruning_fn(group[0].dep.handler) \
-                    or not asked(group):
+                    or not asked(p, group):
                 continue
-            layer = DG._module2name[root]
+            layer = layer_name(DG, root)
             if self._verdict(DG, layer, _producers(DG, group), example)[0] is None:
                 total += self._candidates(layer, root, len(group[0].idxs))
         return total
@@ -387,7 +386,7 @@ class _Forward:
 def _producers(DG, group) -> list[str]:
     """The Conv2d / Linear layers of a Torch-Pruning group that lose output channels, by name, depthwise
     convs left out (``_producer``)."""
-    return sorted({DG._module2name[dep.target.module] for dep, _ in group if DG.is_out_channel_pruning_fn(dep.handler)
+    return sorted({layer_name(DG, dep.target.module) for dep, _ in group if DG.is_out_channel_pruning_fn(dep.handler)
                    and _producer(dep.target.module)})
 
 
@@ -460,8 +459,8 @@ def _torch_pruning_cuts(DG, root: nn.Module, channels: list[int]) -> dict:
     out = {}
     for dep, idxs in DG.get_pruning_group(root, fn, idxs=channels):
         m = dep.target.module
-        if (_plain(m) or _depthwise(m)) and m in DG._module2name:
-            key = (DG._module2name[m], "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in")
+        if (_plain(m) or _depthwise(m)) and layer_name(DG, m) is not None:
+            key = (layer_name(DG, m), "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in")
             out.setdefault(key, set()).update(int(i) for i in idxs)
     return {k: sorted(v) for k, v in out.items()}
 

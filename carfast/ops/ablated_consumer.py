@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from carfast import extensions
+from carfast.ops import dispatch
 from carfast.ops.epilogue import epilogue
 
 __all__ = ["ablated_consumer_ref", "ablated_consumer"]
@@ -67,20 +68,26 @@ def ablated_consumer_ref(a: torch.Tensor, weight: torch.Tensor, z: torch.Tensor,
 
 def ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images, stride=(1, 1), padding=(0, 0),
                      dilation=(1, 1), out_dtype=None, backend: str = "torch") -> torch.Tensor:
-    """``ablated_consumer_ref`` on the chosen backend ("torch", "cpu", "triton" or "cuda"); same contract."""
-    if backend in ("torch", "cpu"):
-        return ablated_consumer_ref(a, weight, z, scale, shift, residual, act, filters, images, stride, padding,
-                                    dilation, out_dtype)
-    if backend == "triton":
-        extensions.require_backend("triton")
-        from carfast.ops.triton import ablated_consumer as tri
-        return tri.ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images, stride, padding,
-                                    dilation, out_dtype)
-    if backend == "cuda":
-        extensions.require_backend("cuda")
-        return torch.ops.carfast.ablated_consumer(a, weight, z, scale, shift, residual, int(act), filters, images,
-                                                  list(stride), list(padding), list(dilation), out_dtype)
-    raise ValueError(f"ablated_consumer: unknown backend {backend!r}; expected torch, cpu, triton or cuda")
+    """``ablated_consumer_ref`` on the chosen backend (``dispatch``: "torch", "triton" or "cuda"; "cpu" has no
+    kernel of its own and runs the reference); same contract."""
+    return dispatch.implementation("ablated_consumer", backend)(a, weight, z, scale, shift, residual, act, filters,
+                                                                images, stride, padding, dilation, out_dtype)
+
+
+def _triton(a, weight, z, scale, shift, residual, act, filters, images, stride, padding, dilation, out_dtype):
+    from carfast.ops.triton import ablated_consumer as tri
+    return tri.ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images, stride, padding,
+                                dilation, out_dtype)
+
+
+def _cuda(a, weight, z, scale, shift, residual, act, filters, images, stride, padding, dilation, out_dtype):
+    return torch.ops.carfast.ablated_consumer(a, weight, z, scale, shift, residual, int(act), filters, images,
+                                              list(stride), list(padding), list(dilation), out_dtype)
+
+
+dispatch.register("ablated_consumer", "torch", ablated_consumer_ref)
+dispatch.register("ablated_consumer", "triton", _triton)
+dispatch.register("ablated_consumer", "cuda", _cuda)
 
 
 if extensions.has_op("ablated_consumer"):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from carfast import extensions
+from carfast.ops import dispatch
 from carfast.ops.epilogue import ACTIVATIONS, epilogue
 
 __all__ = ["ACTIVATIONS", "closed_form_logits_ref", "closed_form_logits"]
@@ -73,7 +74,6 @@ def _closed_form_logits_cpu(a, weight, z, scale, shift, residual, act, tail, log
 
     The kernel checks dtypes, devices and shapes itself; here ``filters`` may also be a list of ints.
     """
-    extensions.require_backend("cpu")
     if not isinstance(filters, torch.Tensor):
         filters = torch.tensor(list(filters), dtype=torch.int64)
     return torch.ops.carfast.closed_form_logits(a, weight, z, scale, shift, residual, int(act), tail, logits,
@@ -89,9 +89,6 @@ if extensions.has_op("closed_form_logits"):
         return logits.new_empty((filters.shape[0], logits.shape[0], logits.shape[1]))
 
 
-_BACKENDS = ("torch", "cpu", "cuda")
-
-
 def closed_form_logits(a, weight, z, scale, shift, residual, act, tail, logits, filters, stride=(1, 1),
                        padding=(0, 0), dilation=(1, 1), backend: str = "torch") -> torch.Tensor:
     """``closed_form_logits_ref`` on the chosen backend; same contract and shapes.
@@ -100,17 +97,19 @@ def closed_form_logits(a, weight, z, scale, shift, residual, act, tail, logits, 
     kernel: float32 CPU tensors) or "cuda" (the CUDA kernel: float32 CUDA tensors); a compiled backend
     that is not built raises RuntimeError saying why and how to fix it (see ``carfast.backends()``).
     """
-    if backend == "torch":
-        return closed_form_logits_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters,
-                                      stride, padding, dilation)
-    if backend == "cuda":   # the CUDA kernel of closed_form_score also serves this op (csrc/cuda/bindings.cpp)
-        extensions.require_backend("cuda")
-        if not isinstance(filters, torch.Tensor):
-            filters = torch.tensor(list(filters), dtype=torch.int64, device=a.device)
-        return torch.ops.carfast.closed_form_logits(a, weight, z, scale, shift, residual, int(act), tail, logits,
-                                                    filters, _pair(stride, "stride"), _pair(padding, "padding"),
-                                                    _pair(dilation, "dilation"))
-    if backend == "cpu":
-        return _closed_form_logits_cpu(a, weight, z, scale, shift, residual, act, tail, logits, filters,
-                                       stride, padding, dilation)
-    raise ValueError(f"closed_form_logits: unknown backend {backend!r}; expected one of {list(_BACKENDS)}")
+    return dispatch.implementation("closed_form_logits", backend)(a, weight, z, scale, shift, residual, act, tail,
+                                                                  logits, filters, stride, padding, dilation)
+
+
+def _cuda(a, weight, z, scale, shift, residual, act, tail, logits, filters, stride, padding, dilation):
+    """The CUDA kernel of closed_form_score also serves this op (csrc/cuda/bindings.cpp)."""
+    if not isinstance(filters, torch.Tensor):
+        filters = torch.tensor(list(filters), dtype=torch.int64, device=a.device)
+    return torch.ops.carfast.closed_form_logits(a, weight, z, scale, shift, residual, int(act), tail, logits, filters,
+                                                _pair(stride, "stride"), _pair(padding, "padding"),
+                                                _pair(dilation, "dilation"))
+
+
+dispatch.register("closed_form_logits", "torch", closed_form_logits_ref)
+dispatch.register("closed_form_logits", "cpu", _closed_form_logits_cpu)
+dispatch.register("closed_form_logits", "cuda", _cuda)

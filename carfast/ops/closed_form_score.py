@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from carfast import extensions
+from carfast.ops import dispatch
 from carfast.ops.closed_form_logits import closed_form_logits
 from carfast.ops.score_reduce import score_reduce_ref
 
@@ -41,21 +42,33 @@ def closed_form_score_ref(a, weight, z, scale, shift, residual, act: int, tail, 
 
 def closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride=(1, 1),
                       padding=(0, 0), dilation=(1, 1), backend: str = "torch"):
-    """``closed_form_score_ref`` on the chosen backend ("torch", "cpu", "triton" or "cuda"); same contract."""
-    if backend in ("torch", "cpu"):
-        return closed_form_score_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels,
-                                     stride, padding, dilation, backend=backend)
-    if backend == "triton":
-        extensions.require_backend("triton")
-        from carfast.ops.triton import closed_form_score as tri
-        return tri.closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels,
-                                     stride, padding, dilation)
-    if backend == "cuda":
-        extensions.require_backend("cuda")
-        return tuple(torch.ops.carfast.closed_form_score(a, weight, z, scale, shift, residual, int(act), tail,
-                                                         logits, filters, labels, list(stride), list(padding),
-                                                         list(dilation)))
-    raise ValueError(f"closed_form_score: unknown backend {backend!r}; expected torch, cpu, triton or cuda")
+    """``closed_form_score_ref`` on the chosen backend (``dispatch``: "torch", "cpu", "triton" or "cuda"); same
+    contract."""
+    return dispatch.implementation("closed_form_score", backend)(a, weight, z, scale, shift, residual, act, tail,
+                                                                 logits, filters, labels, stride, padding, dilation)
+
+
+def _cpu(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride, padding, dilation):
+    """The C++ closed_form_logits kernel, then the reduction."""
+    return closed_form_score_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride,
+                                 padding, dilation, backend="cpu")
+
+
+def _triton(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride, padding, dilation):
+    from carfast.ops.triton import closed_form_score as tri
+    return tri.closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride,
+                                 padding, dilation)
+
+
+def _cuda(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride, padding, dilation):
+    return tuple(torch.ops.carfast.closed_form_score(a, weight, z, scale, shift, residual, int(act), tail, logits,
+                                                     filters, labels, list(stride), list(padding), list(dilation)))
+
+
+dispatch.register("closed_form_score", "torch", closed_form_score_ref)
+dispatch.register("closed_form_score", "cpu", _cpu)
+dispatch.register("closed_form_score", "triton", _triton)
+dispatch.register("closed_form_score", "cuda", _cuda)
 
 
 if extensions.has_op("closed_form_score"):
@@ -66,8 +79,4 @@ if extensions.has_op("closed_form_score"):
         return (logits.new_empty((J, C), dtype=torch.int64), logits.new_empty((J, C), dtype=torch.float64),
                 logits.new_empty((J, N), dtype=torch.bool))
 
-    @torch.library.impl("carfast::closed_form_score", "CPU")
-    def _closed_form_score_cpu(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride,
-                               padding, dilation):
-        return closed_form_score_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels,
-                                     stride, padding, dilation, backend="cpu")
+    torch.library.impl("carfast::closed_form_score", "CPU")(_cpu)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from carfast import extensions
+from carfast.ops import dispatch
 
 __all__ = ["label_rank", "pair_loss", "pair_results", "score_reduce_ref", "score_reduce"]
 
@@ -84,21 +85,31 @@ def check_score_reduce_args(logits, labels, slots, num_slots) -> None:
 
 
 def score_reduce(logits, labels, slots, num_slots: int, backend: str = "torch", topk: int = 1):
-    """``score_reduce_ref`` on the chosen backend ("torch", "cpu", "triton" or "cuda"); same contract.
+    """``score_reduce_ref`` on the chosen backend (``dispatch``: "torch", "triton" or "cuda"; "cpu" has no kernel
+    of its own and runs the reference); same contract.
 
     The triton and cuda kernels count top-1 and check their arguments themselves (one device sync each),
     so the checks are not repeated here for them; ``topk`` > 1 runs the reference on any backend."""
-    if backend in ("torch", "cpu") or topk != 1:
-        check_score_reduce_args(logits, labels, slots, num_slots)
-        return score_reduce_ref(logits, labels, slots, num_slots, topk)
-    if backend == "triton":
-        extensions.require_backend("triton")
-        from carfast.ops.triton import score_reduce as tri
-        return tri.score_reduce(logits, labels, slots, num_slots)
-    if backend == "cuda":
-        extensions.require_backend("cuda")
-        return tuple(torch.ops.carfast.score_reduce(logits, labels, slots, int(num_slots)))
-    raise ValueError(f"score_reduce: unknown backend {backend!r}; expected torch, cpu, triton or cuda")
+    return dispatch.implementation("score_reduce", backend, topk)(logits, labels, slots, num_slots, topk)
+
+
+def _checked_ref(logits, labels, slots, num_slots, topk=1):
+    check_score_reduce_args(logits, labels, slots, num_slots)
+    return score_reduce_ref(logits, labels, slots, num_slots, topk)
+
+
+def _triton(logits, labels, slots, num_slots, topk=1):
+    from carfast.ops.triton import score_reduce as tri
+    return tri.score_reduce(logits, labels, slots, num_slots)
+
+
+def _cuda(logits, labels, slots, num_slots, topk=1):
+    return tuple(torch.ops.carfast.score_reduce(logits, labels, slots, int(num_slots)))
+
+
+dispatch.register("score_reduce", "torch", _checked_ref)
+dispatch.register("score_reduce", "triton", _triton)
+dispatch.register("score_reduce", "cuda", _cuda)
 
 
 if extensions.has_op("score_reduce"):

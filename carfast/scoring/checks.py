@@ -13,7 +13,7 @@ __all__ = ["check_filters", "pick_backend", "work_model", "count_images", "nbyte
            "warn_near_chance", "NEAR_CHANCE_MIN_IMAGES"]
 
 _FN = "score_layer"
-_BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+_BACKENDS = ("auto", *reversed(extensions.BACKENDS))      # auto, torch, cpu, triton, cuda
 
 
 def check_filters(filters, num: int, name: str, fn: str = _FN) -> torch.Tensor:

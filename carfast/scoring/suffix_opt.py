@@ -5,7 +5,8 @@ touched) with:
 
 1. Conv2d -> BatchNorm pairs folded into one conv (``torch.fx.experimental.optimization.fuse``);
 2. on CPU with oneDNN, ``relu(conv(x))`` and ``relu(conv(x) + other)`` each run as one oneDNN
-   convolution with a fused post-op (``mkldnn._convolution_pointwise``), saving the elementwise passes.
+   convolution with a fused post-op (oneDNN's private op, behind ``ops/onednn.py``), saving the elementwise
+   passes.
    The graph calls ``conv_relu`` / ``conv_add_relu``, which take the oneDNN kernel where this CPU's
    oneDNN runs the input's dtype (``onednn_supports``: float32 always; bfloat16 needs AVX-512 BF16 or
    AMX, float16 AVX-512-FP16 or AVX-NE-CONVERT) and the same arithmetic in plain PyTorch elsewhere, so
@@ -18,44 +19,34 @@ only at near-tie images, as the exactness contract allows; the tests check image
 from __future__ import annotations
 
 import copy
-import functools
 import operator
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from carfast.ops import onednn
+
 __all__ = ["optimized_suffix", "onednn_supports", "conv_relu", "conv_add_relu"]
 
 _RELU_FUNCTIONS = ("relu", "relu_")
 
 
-@functools.cache
-def onednn_supports(dtype: torch.dtype) -> bool:
-    """Whether this CPU's oneDNN runs convolutions in ``dtype`` (float16 needs AVX-512-FP16 or
-    AVX-NE-CONVERT, which e.g. AMD Zen 5 lacks; bfloat16 needs AVX-512 BF16 or AMX)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.float16:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32
+#: whether this CPU's oneDNN runs convolutions in a dtype (``ops.onednn.supports``)
+onednn_supports = onednn.supports
 
 
 def conv_relu(x, weight, bias, padding, stride, dilation, groups):
     """relu(conv2d(x)): one oneDNN convolution with a fused ReLU where ``onednn_supports(x.dtype)``."""
     if onednn_supports(x.dtype):
-        return torch.ops.mkldnn._convolution_pointwise.default(x, weight, bias, padding, stride, dilation, groups,
-                                                               "relu", [], "")
+        return onednn.conv_relu(x, weight, bias, padding, stride, dilation, groups)
     return torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
 
 
 def conv_add_relu(x, other, weight, bias, padding, stride, dilation, groups):
     """relu(conv2d(x) + other): one oneDNN convolution with fused add and ReLU where supported."""
     if onednn_supports(x.dtype):
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, other, weight, bias, padding, stride, dilation,
-                                                              groups, "add", 1.0, "relu", [], "")
+        return onednn.conv_add_relu(x, other, weight, bias, padding, stride, dilation, groups)
     return torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + other)
 
 
@@ -119,7 +110,7 @@ def _fuse_pointwise(gm: fx.GraphModule) -> int:
 
 
 def _pointwise_fusion_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    return onednn.available()
 
 
 def optimized_suffix(suffix: fx.GraphModule, channels_last: bool, fuse_pointwise: bool = True) -> fx.GraphModule:
