@@ -35,6 +35,7 @@ from carfast.graph import Flow, analyze
 from carfast.graph.checks import profile, unit_axis
 from carfast.graph.registry import layer_filters
 from carfast.graph.relations import key_meta
+from carfast.graph.rule import channel_map_of
 
 __all__ = ["GroupMember", "CouplingGroup", "find_group", "members_of"]
 
@@ -92,14 +93,9 @@ def _blocks(owned: list) -> tuple[list, int]:
 
 
 def _channel_map(op) -> dict:
-    """{input channel: output channel} of a channel-map op (a module, or zero padding of the channels)."""
-    if op.kind == "module":
-        _, _, src, dst = op.target.carfast_channel_map()
-        return dict(zip(src, dst))
-    pads = op.args[1] if len(op.args) > 1 else op.kwargs["pad"]
-    rank = len(op.args[0].meta.shape)
-    front = pads[2 * (rank - 2)]
-    return {c: c + front for c in range(op.args[0].meta.shape[1])}
+    """{input channel: output channel} of a channel-map op (``rule.channel_map_of``)."""
+    _, _, src, dst = channel_map_of(op)
+    return dict(zip(src, dst))
 
 
 def members_of(flow: Flow) -> list[GroupMember]:

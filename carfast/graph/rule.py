@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from carfast.graph.ir import TensorMeta
 
-__all__ = ["Rule", "rank_of", "norm_axis", "group_norm_rule", "pad_rule"]
+__all__ = ["Rule", "rank_of", "norm_axis", "group_norm_rule", "pad_rule", "channel_map_of"]
 
 
 @dataclass
@@ -41,6 +41,19 @@ def group_norm_rule(groups: int, channels: int, params: list, rank: int) -> Rule
         return Rule("norm", axes=tuple(range(1, rank)), params=params)
     return Rule("unsupported", why=f"a GroupNorm with {groups} groups of {channels // groups} channels: deleting one "
                                    "channel would change which channels each group normalises")
+
+
+def channel_map_of(op) -> tuple[int, int, list[int], list[int]]:
+    """(in, out, src, dst) of a channel-map op: input channel src[i] lands at output dst[i], the other
+    outputs are zero. ``op``: a module call (its ``carfast_channel_map()``) or a zero padding of the
+    channel axis (``F.pad``, whose rule ``pad_rule`` says is a channel map)."""
+    if op.kind == "module":
+        return op.target.carfast_channel_map()
+    pads = op.args[1] if len(op.args) > 1 else op.kwargs["pad"]
+    rank = len(op.args[0].meta.shape)
+    n_in = op.args[0].meta.shape[1]
+    front, back = int(pads[2 * (rank - 2)]), int(pads[2 * (rank - 2) + 1])
+    return n_in, n_in + front + back, list(range(n_in)), [c + front for c in range(n_in)]
 
 
 def pad_rule(pad: tuple, value, mode: str, rank: int) -> Rule:

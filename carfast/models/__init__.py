@@ -1,5 +1,6 @@
 """The bundled networks: the CIFAR ResNets (pretrained weights in ``carfast/assets``) and the
-AlexNet-style CIFAR network, and the option-A shortcut the ResNets use."""
+AlexNet-style CIFAR network, the option-A shortcut the ResNets use, and the general parameter-free
+channel map (``channel_map.ChannelMap``)."""
 from carfast.models.cifar import (
                                   ALEXNET_CIFAR_NORMALIZATION,
                                   CIFAR_RESNET_NORMALIZATION,

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carfast.models.channel_map import apply_map, set_map
+
 __all__ = ["CifarResNet", "BasicBlock", "cifar_resnet", "AlexNetCifar", "alexnet_cifar",
            "CIFAR_RESNET_NORMALIZATION", "ALEXNET_CIFAR_NORMALIZATION", "bundled_resnet_depths"]
 
@@ -67,19 +69,13 @@ class OptionAShortcut(nn.Module):
 
     def set_channel_map(self, in_channels: int, out_channels: int, src: list[int], dst: list[int]) -> None:
         """Make input channel src[i] land at output channel dst[i] (the surgery's edit)."""
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.src, self.dst = [int(c) for c in src], [int(c) for c in dst]
-        device = self.src_index.device if hasattr(self, "src_index") else None
-        # index buffers (not saved: pruned_io records the map) so the module moves with .to(device)
-        self.register_buffer("src_index", torch.tensor(self.src, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("dst_index", torch.tensor(self.dst, dtype=torch.long, device=device), persistent=False)
+        set_map(self, in_channels, out_channels, src, dst)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, C + 2 pad, H/2, W/2]
         x = x[:, :, ::2, ::2]
         if self.src is None:
             return F.pad(x, (0, 0, 0, 0, self.pad, self.pad))
-        out = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
-        return out.index_copy(1, self.dst_index, x.index_select(1, self.src_index))
+        return apply_map(self, x)
 
 
 class BasicBlock(nn.Module):

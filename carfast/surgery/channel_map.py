@@ -20,48 +20,13 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import fx, nn
 
 from carfast.graph.ir import FlowGraph, Op, trace_fx
+from carfast.graph.rule import channel_map_of
+from carfast.models.channel_map import ChannelMap
 
 __all__ = ["ChannelMap", "RewrittenModel", "rewrite_calls", "traced_model", "rebuild_rewrites"]
-
-
-class ChannelMap(nn.Module):
-    """Input channel ``src[i]`` lands at output channel ``dst[i]``; every other output channel is zero.
-
-    ``x`` [N, in_channels, ...] -> [N, out_channels, ...], positions along the other axes unchanged.
-    ``carfast_channel_map()`` / ``set_channel_map()`` make it a channel-map shortcut to carfast's graph
-    code and surgery, like ``carfast.models.OptionAShortcut``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, src: list[int], dst: list[int]):
-        super().__init__()
-        self.set_channel_map(in_channels, out_channels, src, dst)
-
-    def carfast_channel_map(self) -> tuple[int, int, list[int], list[int]]:
-        """(input channels, output channels, src, dst)."""
-        return self.in_channels, self.out_channels, list(self.src), list(self.dst)
-
-    def set_channel_map(self, in_channels: int, out_channels: int, src: list[int], dst: list[int]) -> None:
-        """Make input channel src[i] land at output channel dst[i] (the surgery's edit)."""
-        if len(src) != len(dst):
-            raise ValueError(f"ChannelMap: src and dst must have one entry per moved channel, got {len(src)} and "
-                             f"{len(dst)}")
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.src, self.dst = [int(c) for c in src], [int(c) for c in dst]
-        device = self.src_index.device if hasattr(self, "src_index") else None
-        # index buffers (not saved: pruned_io records the map) so the module moves with .to(device)
-        self.register_buffer("src_index", torch.tensor(self.src, dtype=torch.long, device=device), persistent=False)
-        self.register_buffer("dst_index", torch.tensor(self.dst, dtype=torch.long, device=device), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in_channels, ...] -> [N, out_channels, ...]
-        out = x.new_zeros(x.shape[0], self.out_channels, *x.shape[2:])
-        return out.index_copy(1, self.dst_index, x.index_select(1, self.src_index))
-
-    def extra_repr(self) -> str:
-        return f"{self.in_channels} -> {self.out_channels}, {len(self.src)} moved"
 
 
 class RewrittenModel(fx.GraphModule):
@@ -77,15 +42,6 @@ class RewrittenModel(fx.GraphModule):
             if attr in self.__dict__:
                 setattr(res, attr, copy.deepcopy(self.__dict__[attr], memo))
         return res
-
-
-def _pad_map(op: Op) -> tuple[int, int, list[int], list[int]]:
-    """(in, out, src, dst) of a zero padding of the channel axis (the catalogue's only functional map)."""
-    pads = op.args[1] if len(op.args) > 1 else op.kwargs["pad"]
-    rank = len(op.args[0].meta.shape)
-    n_in = op.args[0].meta.shape[1]
-    front, back = int(pads[2 * (rank - 2)]), int(pads[2 * (rank - 2) + 1])
-    return n_in, n_in + front + back, list(range(n_in)), [c + front for c in range(n_in)]
 
 
 def _put(root: nn.Module, target: str, module: nn.Module) -> None:
@@ -132,7 +88,7 @@ def rewrite_calls(work: nn.Module, graph: FlowGraph, ops: list[Op], fn: str) -> 
                          "or make the forward traceable")
     done = []
     for op in ops:
-        module = ChannelMap(*_pad_map(op))
+        module = ChannelMap(*channel_map_of(op))
         target = _free_path(work, op.module, op.fx_node.name)
         _put(work, target, module)
         if graph.gm is not work:
