@@ -138,9 +138,9 @@ def test_the_command_counts_top_k(tmp_path, capsys):
 
 def test_the_closed_forms_top_k_path_works_a_slice_of_filters_at_a_time(monkeypatch):
     """The unfused closed form materialises ablated logits: in slices, with the same results."""
-    from carfast.scoring import method_evaluators
+    from carfast.scoring import closed_form_method
     x, y, ref = _resnet_reference("layer3.2.conv1")
-    monkeypatch.setattr(method_evaluators, "_SLICE_ELEMENTS", 7 * N * 10)     # 7 filters per slice
+    monkeypatch.setattr(closed_form_method, "_SLICE_ELEMENTS", 7 * N * 10)     # 7 filters per slice
     res = carfast.score_layer(carfast.models.cifar_resnet(20), "layer3.2.conv1", (x, y), topk=2, per_image=True,
                               progress=False)
     _assert_topk_matches(res, ref, 2, "layer3.2.conv1 top-2 in slices of 7 filters")

@@ -1,5 +1,6 @@
 """CAR scoring: ``LayerScorer`` (a layer) and ``GroupScorer`` (a coupling group) on one engine, with the
-evaluation methods as objects (``suffix_eval``, ``method_evaluators``), exact low precision
+evaluation methods as objects with one face (``method.ScoringMethod``: ``suffix_eval``, ``closed_form_method``,
+``full_network_method``), exact low precision
 (``precision``), the raced search for greedy CAR's choice (``race``), and the results
 (``scores.LayerScores``, ``classwise.ClassImportance``)."""
 from carfast.scoring.classwise import ClassImportance

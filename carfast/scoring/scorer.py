@@ -16,8 +16,9 @@ scored filter, the ablated logits come from one of three methods:
 - ``full_network``: for models torch.fx cannot trace, the whole network reruns with the removal applied
   at its readers (the naive method, exact by construction).
 
-Each method is an object with one face (``method_evaluators.py``, ``suffix_eval.py``) over the typed
-record of what a chunk keeps (``chunks.Chunk``).
+Each method is an object with one face (``method.ScoringMethod``; ``suffix_eval.py``,
+``closed_form_method.py``, ``full_network_method.py``) over the typed record of what a chunk keeps
+(``chunks.Chunk``).
 
 Pairs whose filter is all zero on an image equal the intact result and are not evaluated (3.5). Each
 batch of ablated logits reduces to per-(filter, class) counts and loss sums (``ops/score_reduce.py``).
@@ -67,9 +68,10 @@ from carfast.scoring.checks import (
 )
 from carfast.scoring.chunks import PairStats
 from carfast.scoring.closed_form import find_closed_form
+from carfast.scoring.closed_form_method import ClosedFormMethod
+from carfast.scoring.full_network_method import FullNetworkMethod
 from carfast.scoring.fused_suffix import find_fused_consumer
 from carfast.scoring.logit_memo import LogitMemo
-from carfast.scoring.method_evaluators import ClosedFormMethod, FullNetworkMethod
 from carfast.scoring.pairs import Accumulator
 from carfast.scoring.precision import check_precision
 from carfast.scoring.scores import LayerScores
@@ -412,9 +414,6 @@ class LayerScorer:
         ``image_loss``: per-image results with each pair's loss (``LayerScores.image_loss``; implies
         ``per_image``). ``images``: score only these images, [m] int64 positions in the data, ascending (the
         prefix must be held in memory; ``num_images`` counts them); the per-image results follow that order."""
-        if float32 and self._method.precision != "fp32":
-            with self._method.float32():
-                return self.score(filters, per_image, image_loss=image_loss, images=images)
         per_image = per_image or image_loss
         if images is not None:
             images = torch.as_tensor(images, dtype=torch.long).flatten().cpu()
@@ -436,7 +435,7 @@ class LayerScorer:
             for i, at, chunk in self._image_chunks(images):
                 slot = self._memo_slot(i, filters, chunk)
                 counts, loss_sum, img = self._method.score_chunk(chunk, filt, self.removed, per_image, stats, bar,
-                                                                 image_loss=image_loss, memo=slot)
+                                                                 image_loss=image_loss, memo=slot, float32=float32)
                 if slot:
                     self._memo.add(i, self._cache[i].num_images, filters, at, slot["logits"], slot["evaluated"])
                 acc.add(chunk.y, chunk.base_correct, chunk.base_loss, counts, loss_sum, img, chunk.num_classes)
@@ -445,7 +444,7 @@ class LayerScorer:
             stats = PairStats(*acc.all_reduce(self._process_group, stats.as_list(), self.fn))
         res = acc.result(self.name, filt, method=self.method, backend=self.backend, pairs_evaluated=stats.evaluated,
                          pairs_skipped=stats.skipped, seconds=time.perf_counter() - t0,
-                         precision=self._method.precision, pairs_rechecked=stats.rechecked,
+                         precision="fp32" if float32 else self._method.precision, pairs_rechecked=stats.rechecked,
                          margin_threshold=self._method.margin_threshold, topk=self.topk)
         res.backend_note = self.backend_note
         if self._check_chance and not self.removed and images is None:

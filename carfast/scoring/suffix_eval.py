@@ -8,11 +8,10 @@ each consumer's weight restricted to each filter's inputs. Per chunk of images i
 active pairs (the filter is not all zero on the image; every pair where readers inside the suffix read
 the filter through a mask), in batches, and reduces each batch's logits to per-(filter, class) counts
 and loss sums (``ops/score_reduce.py``); the inactive pairs take the intact result
-(``pairs.intact_counts``). Its face is that of ``method_evaluators``' methods.
+(``pairs.intact_counts``). Its face is ``method.ScoringMethod``.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -21,7 +20,7 @@ from carfast.graph.masking import keep_mask
 from carfast.ops.ablated_consumer import ablated_consumer
 from carfast.ops.consumer_delta import owned_weight
 from carfast.scoring.chunks import Chunk, ImageResults, PairStats, remove_at_consumers
-from carfast.scoring.method_evaluators import prefix_chunk
+from carfast.scoring.method import ScoringMethod, prefix_chunk
 from carfast.scoring.pairs import (
     active_pairs,
     intact_counts,
@@ -37,7 +36,7 @@ __all__ = ["SuffixMethod"]
 _WHAT = "the model's output with a filter removed"
 
 
-class SuffixMethod:
+class SuffixMethod(ScoringMethod):
     """The suffix method of one prepared layer (see the module docstring).
 
     lg: the ``LayerGraph``; suffix: its optimised float32 suffix (Z, B[, keep]) -> logits; fused: a
@@ -57,16 +56,6 @@ class SuffixMethod:
         self.threshold: float | None = None
         self._low = {}       # low-precision copies of the suffix (or of fused.post), made on first use
         self._weights = {}   # (consumer index, unit) -> the consumer's weight over the unit's inputs
-
-    @contextlib.contextmanager
-    def float32(self):
-        """Score in float32 inside the block (exact loss sums, e.g. to settle ties of a low-precision run)."""
-        dtype, precision = self.dtype, self.precision
-        self.dtype, self.precision = torch.float32, "fp32"
-        try:
-            yield
-        finally:
-            self.dtype, self.precision = dtype, precision
 
     @property
     def margin_threshold(self) -> float:
@@ -102,10 +91,6 @@ class SuffixMethod:
                                             self.pair_batch, self.channels_last, keep)
         chunk.set_logits(logits)
 
-    def catch_up(self, chunk: Chunk, removed) -> None:
-        for i, k in enumerate(removed):
-            self.remove(chunk, k, removed[:i + 1])
-
     # ---- scoring -------------------------------------------------------------------------------------------
     def _weights_of(self, filt) -> list:
         """weights[u][f]: consumer u's weight restricted to filter filt[f]'s inputs (made once per filter)."""
@@ -119,12 +104,14 @@ class SuffixMethod:
             out.append(row)
         return out
 
-    def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar,
-                    image_loss: bool = False, memo: dict | None = None):
+    def score_chunk(self, chunk: Chunk, filt, removed, per_image: bool, stats: PairStats, bar, *,
+                    image_loss: bool = False, memo: dict | None = None, float32: bool = False):
         """(counts [F, C], loss sums [F], ``ImageResults`` or None) of one chunk, ``removed`` made already.
         ``memo``: a dict to receive the evaluated pairs' logits for a later removal (``logit_memo``):
         "logits" [F, n, classes] float32 and "evaluated" [F, n] bool, set where this method's arithmetic is
-        the removal pass's (float32, unfused, no masked readers)."""
+        the removal pass's (float32, unfused, no masked readers). ``float32``: the suffix in float32 whatever
+        the method's precision."""
+        dtype = torch.float32 if float32 else self.dtype
         y, A = chunk.y, chunk.A
         F_, C = len(filt), chunk.num_classes
         weights = self._weights_of(filt)
@@ -133,7 +120,7 @@ class SuffixMethod:
         else:
             active = active_pairs(A, self.lg.consumers, filt)
         fi, ni = active.nonzero(as_tuple=True)
-        low = self.dtype != torch.float32
+        low = dtype != torch.float32
         if low and self.threshold is None and fi.numel():
             self._calibrate(chunk, filt, weights, removed, fi, ni)
         counts = torch.zeros(F_, C, dtype=torch.long, device=y.device)
@@ -145,7 +132,7 @@ class SuffixMethod:
             memo.update(logits=kept, evaluated=active)
         for s in range(0, fi.numel(), self.pair_batch):
             f_b, n_b = fi[s:s + self.pair_batch], ni[s:s + self.pair_batch]
-            abl = self._pair_logits(chunk, filt, weights, removed, f_b, n_b, self.dtype)
+            abl = self._pair_logits(chunk, filt, weights, removed, f_b, n_b, dtype)
             if kept is not None:
                 kept[f_b, n_b] = abl
             if low:
