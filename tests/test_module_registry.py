@@ -3,6 +3,8 @@ handler, through the whole pipeline (layers, scoring against the naive re-run, p
 surgery, masks, saving and loading)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,16 +45,24 @@ class GatedNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv2(x)), 1).flatten(1))
 
 
+@contextlib.contextmanager
+def _registered(module_type, handler):
+    carfast.register_module(module_type, handler)
+    try:
+        yield
+    finally:
+        carfast.unregister_module(module_type)
+
+
 @pytest.fixture
 def registered():
-    carfast.register_module(WidthGate, WidthGateHandler())
-    yield
-    carfast.unregister_module(WidthGate)
+    with _registered(WidthGate, WidthGateHandler()):
+        yield
 
 
-def _net_and_data():
-    model = randomize(GatedNet(), seed=0)
-    x, y = own_labels(model, (3, 8, 8), 80, seed=0, num_classes=4)
+def _net_and_data(net=GatedNet, seed=0):
+    model = randomize(net(), seed=seed)
+    x, y = own_labels(model, (3, 8, 8), 80, seed=seed, num_classes=4)
     return model, x, y
 
 
@@ -165,21 +175,14 @@ class FusedNet(nn.Module):
 
 @pytest.fixture
 def fused_registered():
-    carfast.register_module(ConvBNAct, ConvBNActHandler())
-    yield
-    carfast.unregister_module(ConvBNAct)
-
-
-def _fused_net_and_data():
-    model = randomize(FusedNet(), seed=1)
-    x, y = own_labels(model, (3, 8, 8), 80, seed=1, num_classes=4)
-    return model, x, y
+    with _registered(ConvBNAct, ConvBNActHandler()):
+        yield
 
 
 @pytest.mark.parametrize("layer, consumer, width", [("block1", "block2", 1), ("block2", "fc", 1)])
 def test_registered_layer_type_scores_prunes_cuts_masks_and_reloads(fused_registered, tmp_path, layer, consumer,
                                                                      width):
-    model, x, y = _fused_net_and_data()
+    model, x, y = _net_and_data(FusedNet, seed=1)
     info = {i.name: i for i in carfast.layers(model)}
     assert [i.status for i in info.values()] == ["layer", "layer", "refused"] and info[layer].filters == \
         model.get_submodule(layer).out_channels
@@ -221,12 +224,9 @@ def test_registered_type_without_slice_is_refused_by_surgery(tmp_path):
         def filters(self, module):
             return module.out_channels
 
-    carfast.register_module(ConvBNAct, RuleOnly())
-    try:
-        model, x, y = _fused_net_and_data()
+    with _registered(ConvBNAct, RuleOnly()):
+        model, x, y = _net_and_data(FusedNet, seed=1)
         with pytest.raises(ValueError, match="cannot resize.*defines slice"):
             carfast.remove_filters(model, {"block1": [0]})
         with pytest.raises(ValueError, match="no weight masks"):
             to_masks(model, {"block1": [0]})
-    finally:
-        carfast.unregister_module(ConvBNAct)
