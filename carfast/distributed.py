@@ -15,6 +15,7 @@ import torch
 
 __all__ = ["resolve_group", "process_group_argument", "all_reduce_sum"]
 
+
 class _Unset:
     """The default of a deprecated argument: not given."""
 

@@ -47,7 +47,7 @@ merges all three stages into one group with mismatched channel indices. ``channe
 gives the ``customized_pruners`` that make Torch-Pruning's groups carfast's (one per stage)::
 
     import torch_pruning as tp
-     import CARImportance, channel_map_pruners
+    from carfast.integrations.torch_pruning import CARImportance, channel_map_pruners
     imp = CARImportance((x, y))
     pruner = tp.pruner.BasePruner(model, example, imp, pruning_ratio=0.3, iterative_steps=2,
                                   ignored_layers=[model.linear],
