@@ -14,12 +14,11 @@ from carfast.ops.closed_form_logits import closed_form_logits
 from carfast.ops.closed_form_score import closed_form_score
 from carfast.ops.score_reduce import pair_loss, score_reduce
 from carfast.scoring.chunks import Chunk, ImageResults, remove_at_consumers
-from carfast.scoring.method import ScoringMethod, prefix_chunk
+from carfast.scoring.method import ABLATED, ScoringMethod
 from carfast.scoring.pairs import active_pairs
 
 __all__ = ["ClosedFormMethod"]
 
-_WHAT = "the model's output with a filter removed"
 _SLICE_ELEMENTS = 1 << 25   # ablated logits materialised at once by the closed form's unfused path
 
 
@@ -28,14 +27,9 @@ class ClosedFormMethod(ScoringMethod):
     ``backend`` of the ops, ``prefix_batch`` images per prefix call, ``fn`` the function named in errors."""
 
     name = "closed_form"
-    precision = "fp32"
-    margin_threshold = 0.0
 
     def __init__(self, lg, cf, backend: str, prefix_batch: int, fn: str):
         self.lg, self.cf, self.backend, self.prefix_batch, self.fn = lg, cf, backend, prefix_batch, fn
-
-    def prefix(self, x, y) -> Chunk:
-        return prefix_chunk(self.lg, x, y, self.prefix_batch)
 
     def ablated(self, chunk: Chunk, filt) -> torch.Tensor:
         """[F, n, classes] ablated logits of ``filt`` (the torch / cpu kernels)."""
@@ -63,14 +57,14 @@ class ClosedFormMethod(ScoringMethod):
                                                       cf.tail, chunk.logits, filt.to(y.device), y, cf.stride,
                                                       cf.padding, cf.dilation, backend=self.backend)
             if not bool(torch.isfinite(loss).all()):   # a non-finite logit makes its loss non-finite
-                check_finite(self.ablated(chunk, filt), self.fn, _WHAT)
+                check_finite(self.ablated(chunk, filt), self.fn, ABLATED)
         else:   # the ablated logits [f, n, classes] of a slice of filters at a time (at most ~128 MB)
             per = max(1, _SLICE_ELEMENTS // (n * chunk.num_classes))
             parts = []
             for s in range(0, F_, per):
                 f = filt[s:s + per]
                 abl = self.ablated(chunk, f).reshape(len(f) * n, -1)     # [f * n, classes]
-                check_finite(abl, self.fn, _WHAT)
+                check_finite(abl, self.fn, ABLATED)
                 slots = torch.arange(len(f), device=abl.device).repeat_interleave(n)
                 parts.append(score_reduce(abl, y.repeat(len(f)), slots, len(f), backend=self.backend,
                                           topk=chunk.topk))

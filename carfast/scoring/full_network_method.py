@@ -11,11 +11,9 @@ from carfast.graph.apply import applied
 from carfast.graph.masking import keep_mask
 from carfast.ops.score_reduce import score_reduce
 from carfast.scoring.chunks import Chunk, ImageResults
-from carfast.scoring.method import ScoringMethod
+from carfast.scoring.method import ABLATED, ScoringMethod
 
 __all__ = ["FullNetworkMethod"]
-
-_WHAT = "the model's output with a filter removed"
 
 
 class FullNetworkMethod(ScoringMethod):
@@ -23,8 +21,6 @@ class FullNetworkMethod(ScoringMethod):
     ``pair_batch`` images per run, ``backend`` of ``score_reduce``."""
 
     name = "full_network"
-    precision = "fp32"
-    margin_threshold = 0.0
 
     def __init__(self, model, flow, pair_batch: int, backend: str, fn: str):
         self.model, self.flow, self.pair_batch, self.backend, self.fn = model, flow, pair_batch, backend, fn
@@ -58,7 +54,7 @@ class FullNetworkMethod(ScoringMethod):
         every = torch.arange(y.numel(), device=y.device)
         for f, k in enumerate(filt.tolist()):
             abl = self.run_removed(chunk.x, list(removed) + [k])
-            check_finite(abl, self.fn, _WHAT)
+            check_finite(abl, self.fn, ABLATED)
             c, l, correct = score_reduce(abl, y, slots, 1, backend=self.backend, topk=chunk.topk)
             counts[f], loss[f] = c[0], l.sum()
             images.set(torch.full_like(every, f), every, correct, abl, y)

@@ -32,7 +32,10 @@ import torch
 
 from carfast.scoring.chunks import Chunk
 
-__all__ = ["ScoringMethod", "prefix_chunk"]
+__all__ = ["ScoringMethod", "prefix_chunk", "ABLATED"]
+
+#: what a method's ablated logits are, as the non-finite error names them (``batching.check_finite``)
+ABLATED = "the model's output with a filter removed"
 
 
 class ScoringMethod:
@@ -45,7 +48,9 @@ class ScoringMethod:
     margin_threshold = 0.0
 
     def prefix(self, x: torch.Tensor, y: torch.Tensor) -> Chunk:
-        raise NotImplementedError
+        """The split network's prefix (``self.lg``, a ``LayerGraph``) run ``self.prefix_batch`` images at a time;
+        a method without a split (the full network) overrides it."""
+        return prefix_chunk(self.lg, x, y, self.prefix_batch)
 
     def score_chunk(self, chunk: Chunk, filt, removed, per_image, stats, bar, *, image_loss: bool = False, memo=None,
                     float32: bool = False):

@@ -20,7 +20,7 @@ from carfast.graph.masking import keep_mask
 from carfast.ops.ablated_consumer import ablated_consumer
 from carfast.ops.consumer_delta import owned_weight
 from carfast.scoring.chunks import Chunk, ImageResults, PairStats, remove_at_consumers
-from carfast.scoring.method import ScoringMethod, prefix_chunk
+from carfast.scoring.method import ABLATED, ScoringMethod
 from carfast.scoring.pairs import (
     active_pairs,
     intact_counts,
@@ -32,8 +32,6 @@ from carfast.scoring.pairs import (
 from carfast.scoring.precision import CALIBRATION_PAIRS, margin_threshold, topk_margin
 
 __all__ = ["SuffixMethod"]
-
-_WHAT = "the model's output with a filter removed"
 
 
 class SuffixMethod(ScoringMethod):
@@ -62,9 +60,6 @@ class SuffixMethod(ScoringMethod):
         return float(self.threshold or 0.0)
 
     # ---- the chunk ---------------------------------------------------------------------------------------
-    def prefix(self, x, y) -> Chunk:
-        return prefix_chunk(self.lg, x, y, self.prefix_batch)
-
     def remove(self, chunk: Chunk, k: int, removed, known=None) -> None:
         """Remove filter ``k`` from ``chunk`` in place. The new logits are run through the suffix only for
         the images where the removal changes something: an image where k is all zero at the consumers
@@ -141,7 +136,7 @@ class SuffixMethod(ScoringMethod):
                 if redo.numel():
                     abl[redo] = self._exact_logits(chunk, filt, weights, removed, f_b[redo], n_b[redo])
                 stats.rechecked += redo.numel()
-            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, images, self.backend, self.fn, _WHAT,
+            reduce_pair_batch(abl, y[n_b], f_b, n_b, counts, loss, images, self.backend, self.fn, ABLATED,
                               chunk.topk)
             bar.update(f_b.numel())
         c, l = intact_counts(~active, chunk.base_correct, chunk.base_loss, y, C)
