@@ -4,8 +4,9 @@
 network loses when that filter is removed, equal to re-running the network once per filter;
 ``prune(model, layers, data, keep=...)`` removes filters greedily by CAR (or a baseline criterion of
 ``carfast.criteria``) and returns a physically smaller model; ``remove_filters`` is the surgery;
-``ClassImportance`` interprets the class-wise CAR of each filter. ``score_group`` and
-``remove_groups`` do the same for the coupled channels of a residual stream (``carfast.graph.find_group``);
+``ClassImportance`` interprets the class-wise CAR of each filter. A target given as ``Group(layer)``
+is the layer's coupling group: the coupled channels of a residual stream (``carfast.graph.find_group``),
+scored and cut by the same functions (``score_group`` and ``remove_groups`` take every target as one);
 ``layers(model)`` says which layers carfast scores alone, as a group, or not. A model whose forward does
 not take one tensor and return logits is scored through ``adapt(model, forward)``.
 
@@ -20,6 +21,7 @@ from carfast.adapter import adapt, unadapt
 from carfast.extensions import backends
 from carfast.graph import LayerInfo, layers
 from carfast.graph.registry import ModuleHandler, register_module, unregister_module
+from carfast.graph.target import Group
 from carfast.pruning import PruneResult, evaluate, load_pruned, prune
 from carfast.pruning.compare import CriteriaComparison, compare_criteria
 from carfast.report import write_report
@@ -51,7 +53,7 @@ try:
 except PackageNotFoundError:      # not installed (a bare checkout on sys.path)
     __version__ = "0+unknown"
 
-__all__ = ["score_layer", "LayerScorer", "score_group", "GroupScorer", "remove_groups", "layers", "LayerInfo",
+__all__ = ["score_layer", "LayerScorer", "Group", "score_group", "GroupScorer", "remove_groups", "layers", "LayerInfo",
            "LayerScores", "ScoreOptions", "Race", "prune", "PruneResult", "load_pruned", "compare_criteria",
            "CriteriaComparison", "remove_filters", "write_report",
            "evaluate", "ClassImportance", "criteria", "finetune", "integrations", "backends", "models",

@@ -35,8 +35,9 @@ def run(args) -> int:
     x, y = x[:args.n], y[:args.n]
     results = []
     for layer in layers:
-        score = carfast.score_group if args.group else carfast.score_layer
-        res = score(model, layer, (x, y), filters=args.filters, progress=None, **common.score_options(args))
+        target = carfast.Group(layer) if args.group else layer
+        res = carfast.score_layer(model, target, (x, y), filters=args.filters, progress=None,
+                                  **common.score_options(args))
         print(res.table(top=args.top))
         if args.group:
             print(f"  group of {len(res.members)} members: producers "

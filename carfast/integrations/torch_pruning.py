@@ -19,7 +19,7 @@ that prunes each group by its own ratio (not ``global_pruning``), the groups of 
 the paper's sequential schedule scores layers: each on a copy of the model from which the groups
 scored before it in this step have already lost the channels the step will remove from them.
 
-``greedy=False`` scores each channel alone (one ``score_layer`` / ``score_group``): cheaper, but
+``greedy=False`` scores each channel alone (one ``score_layer`` of the layer or its ``Group``): cheaper, but
 channels that stand in for each other each look unimportant alone, and a step that removes many of
 them at once removes them together (measured in benchmarks/RESULTS.md: far worse than magnitude).
 
@@ -68,15 +68,15 @@ from torch import nn
 from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.graph import analyze_units, is_channel_map
 from carfast.graph.groups import members_of
+from carfast.graph.target import target_spec
 from carfast.integrations.tp_internals import asked, graph_of, layer_name
 from carfast.progress import Progress
 from carfast.scoring.checks import count_images
-from carfast.scoring.group_scorer import GroupScorer, score_group
 from carfast.scoring.race import check_race_rule, check_search, race_scores
 from carfast.scoring.scorer import LayerScorer, score_layer
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision, score_by_rule, settled_keys
 from carfast.scoring.settings import SCORE_OPTIONS
-from carfast.surgery import remove_filters, remove_groups
+from carfast.surgery import remove_filters
 from carfast.surgery.slicers import remap_channel_map
 
 try:
@@ -108,7 +108,7 @@ def car_importance(scores, rank_by: str = "accuracy") -> torch.Tensor:
 
 
 def greedy_importance(scorer, steps: int, rule: str = DEFAULT_RULE, process_group=False, search=None) -> torch.Tensor:
-    """[F] float64 importance of a prepared ``LayerScorer`` / ``GroupScorer``'s channels from greedy CAR
+    """[F] float64 importance of a prepared ``LayerScorer``'s channels from greedy CAR
     inside it (see the module docstring), F its channels; the scorer is left with the removals made.
 
     The greedy makes ``steps`` removals (at most F - 1) under the selection ``rule``; removal j scores
@@ -165,7 +165,7 @@ class CARImportance(tp.importance.Importance):
             or "loss" (the loss increase alone); see ``car_importance``.
         fallback: None (default: a group carfast cannot score is left alone: None is returned) or a
             Torch-Pruning importance (e.g. ``tp.importance.MagnitudeImportance(p=1)``) that scores it.
-        **score_options: passed to ``score_layer`` / ``score_group`` (device, batch_size, memory_budget,
+        **score_options: passed to ``score_layer`` (device, batch_size, memory_budget,
             backend, precision, process_group, options, topk: the top-k accuracy CAR counts), but
             ``progress``: CARImportance's own, over the groups (see the module docstring).
     ``last_scores`` holds the ``LayerScores`` of the last group scored alone (greedy=False); ``skipped``
@@ -309,20 +309,18 @@ class CARImportance(tp.importance.Importance):
         """[F] float64 importance of the F channels of ``layer``'s group (a scorable one), scorers reporting
         their pairs to ``progress``."""
         if not self.greedy:
-            scores = (score_group if coupled else score_layer)(model, layer, self.data, progress=progress,
-                                                               **self.options)
+            scores = score_layer(model, target_spec(layer, coupled), self.data, progress=progress, **self.options)
             self.last_scores = scores
             return car_importance(scores, self.rank_by)
         sequential = self.pruner is not None and not self.pruner.global_pruning and self.depth is None
         if sequential and self._shadow_step != self.pruner.current_step:   # a new step: a fresh copy
             self._shadow, self._shadow_step = copy.deepcopy(model).eval(), self.pruner.current_step
         scored = self._shadow if sequential else model
-        scorer = (GroupScorer if coupled else LayerScorer)(scored, layer, self.data, progress=progress, **self.options)
+        scorer = LayerScorer(scored, target_spec(layer, coupled), self.data, progress=progress, **self.options)
         steps = self._steps(layer, root, scorer.num_filters)
         imp = greedy_importance(scorer, steps, self.rule, scorer.process_group, self.search)
         if sequential and scorer.removed:      # what this step will remove, cut before the next group is scored
-            cut = remove_groups if coupled else remove_filters
-            self._shadow = cut(self._shadow, {layer: list(scorer.removed)[:steps]})
+            self._shadow = remove_filters(self._shadow, {target_spec(layer, coupled): list(scorer.removed)[:steps]})
         return imp
 
     # -- progress ----------------------------------------------------------------------------------------------

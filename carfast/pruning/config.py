@@ -1,9 +1,10 @@
 """``PruneConfig``: the arguments of ``carfast.prune``, checked once, and what each name to prune means.
 
 A name in ``layers`` is a Conv2d / Linear. If its channels are coupled with other layers' (a residual
-stream; see ``carfast.graph.find_group``) it means its coupling group: the group's channels are pruned together,
-scored by ``score_group`` and cut by ``remove_groups``. ``Target`` records which, with the number of
-channels (filters, or the group's channels) and how many to keep.
+stream; see ``carfast.graph.find_group``), or it is given as ``carfast.Group(layer)``, it means its
+coupling group: the group's channels are pruned together, scored and cut as a ``Group`` target.
+``Target`` records which, with the number of channels (filters, or the group's channels) and how many to
+keep.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from torch import nn
 
 from carfast.batching import as_batches, check_batch, eval_mode, model_device
 from carfast.criteria import get_criterion
-from carfast.errors import resolve_layer
-from carfast.graph import analyze_units, build_graph
+from carfast.graph import analyze, analyze_units, build_graph
+from carfast.graph.target import Group, resolve_target, target_spec
 from carfast.scoring.race import Race, check_race_rule, check_search
 from carfast.scoring.selection import DEFAULT_RULE, check_rule, check_rule_precision
 from carfast.scoring.settings import SCORE_OPTIONS
@@ -40,6 +41,11 @@ class Target:
     @property
     def unit_word(self) -> str:
         return "channels" if self.group else "filters"
+
+    @property
+    def spec(self):
+        """The target as scoring and surgery take it: the layer's name, or ``Group(name)``."""
+        return target_spec(self.name, self.group)
 
 
 @dataclass
@@ -91,8 +97,8 @@ class PruneConfig:
         check_race_rule(search, rule, _FN)
         _check_finetune(finetune)
         example = _example(data)
-        names = _layer_names(model, layers)
-        targets = _targets(model, names, example)
+        names, groups = _layer_names(model, layers)
+        targets = _targets(model, names, groups, example)
         _set_keep(targets, keep)
         _set_drops(targets, max_accuracy_drop)
         return cls(targets, step, schedule, crit, "car" if crit is None else getattr(crit, "__name__", str(criterion)),
@@ -120,28 +126,35 @@ def _example(data) -> torch.Tensor:
     return check_batch(first, _FN)[0][:1]
 
 
-def _layer_names(model: nn.Module, layers) -> list[str]:
-    if isinstance(layers, (str, nn.Module)):
+def _layer_names(model: nn.Module, layers) -> tuple[list[str], set[str]]:
+    """The names of ``layers``, and those given as a ``Group``."""
+    if isinstance(layers, (str, nn.Module, Group)):
         layers = [layers]
     if not isinstance(layers, collections.abc.Iterable):
-        raise TypeError(f"{_FN}: layers must be a layer name, a module, or a list of them, got {type(layers).__name__}")
-    names = [resolve_layer(model, layer, _FN)[0] for layer in layers]
+        raise TypeError(f"{_FN}: layers must be a layer name, a module, a carfast.Group, or a list of them, got "
+                        f"{type(layers).__name__}")
+    resolved = [resolve_target(model, layer, _FN) for layer in layers]
+    names = [name for name, _, _ in resolved]
     if not names:
         raise ValueError(f"{_FN}: layers is empty; name at least one layer to prune")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"{_FN}: layers lists {dup} more than once; list each layer once")
-    return names
+    return names, {name for name, _, group in resolved if group}
 
 
-def _targets(model: nn.Module, names: list[str], example: torch.Tensor) -> list[Target]:
-    """Each name as a layer, or as its coupling group when its channels are coupled; refusals named now."""
+def _targets(model: nn.Module, names: list[str], groups: set[str], example: torch.Tensor) -> list[Target]:
+    """Each name as a layer, or as its coupling group when its channels are coupled or it is in ``groups``;
+    refusals named now."""
     targets, owner = [], {}
     example = example.to(model_device(model))
     with eval_mode(model), torch.no_grad():
         graph = build_graph(model, example)
         for name in names:
-            flow, group = analyze_units(model, name, example, _FN, graph=graph)
+            if name in groups:
+                flow, group = analyze(model, name, example, _FN, group=True, graph=graph), True
+            else:
+                flow, group = analyze_units(model, name, example, _FN, graph=graph)
             for p in flow.producers if group else ():
                 if p.op.name in owner:
                     raise ValueError(f"{_FN}: {owner[p.op.name]!r} and {name!r} are in one coupling group; list the "

@@ -1,9 +1,9 @@
 """The greedy loop of ``carfast.prune``, for layers and coupling groups alike.
 
 - ``schedule="sequential"`` (the paper's): the targets one after another. One scorer per target
-  (``LayerScorer``, or ``GroupScorer`` for a group) keeps the prefix cached and is updated in place after
+  (``LayerScorer`` of the layer or its ``Group``) keeps the prefix cached and is updated in place after
   each removal (docs/design.md 3.7), so each iteration only evaluates the remaining channels' removals.
-  When a target is done it is physically pruned (``remove_filters`` / ``remove_groups``) and the next
+  When a target is done it is physically pruned (``remove_filters``) and the next
   is scored on the smaller model.
 - ``schedule="global"``: each iteration scores every open target on the current (physically pruned)
   model and removes the best channels across all of them.
@@ -31,10 +31,10 @@ from carfast.progress import Progress
 from carfast.pruning.checkpoint import write_checkpoint
 from carfast.pruning.eta import RunClock
 from carfast.pruning.evaluate import Evaluation, evaluate
-from carfast.scoring import GroupScorer, LayerScorer
+from carfast.scoring import LayerScorer
 from carfast.scoring.race import race_scores
 from carfast.scoring.selection import score_by_rule, settled_keys
-from carfast.surgery import remove_filters, remove_groups
+from carfast.surgery import remove_filters
 
 __all__ = ["Candidate", "GreedyRun"]
 
@@ -130,12 +130,8 @@ class GreedyRun:
         removals = {n: ks for n, ks in removals.items() if ks}
         if not removals:
             return
-        layers = {n: ks for n, ks in removals.items() if not self.targets[n].group}
-        groups = {n: ks for n, ks in removals.items() if self.targets[n].group}
-        if layers:
-            self.model = remove_filters(self.model, layers, example=self.config.example)
-        if groups:
-            self.model = remove_groups(self.model, groups, example=self.config.example)
+        self.model = remove_filters(self.model, {self.targets[n].spec: ks for n, ks in removals.items()},
+                                    example=self.config.example)
         self.prebuilt = {}
         for n, ks in removals.items():
             gone = set(ks)
@@ -145,8 +141,7 @@ class GreedyRun:
         """A scorer of target ``name`` on the current model."""
         s = self.prebuilt.pop(name, None)
         if s is None:
-            cls = GroupScorer if self.targets[name].group else LayerScorer
-            s = cls(self.model, name, self.data, progress=False, **self.config.score_options)
+            s = LayerScorer(self.model, self.targets[name].spec, self.data, progress=False, **self.config.score_options)
         if s.num_filters != len(self.orig[name]):
             raise ValueError(f"{_FN}: removing channels of other targets also changed {name!r} ({s.num_filters} "
                              f"{self.targets[name].unit_word} where {len(self.orig[name])} remain; it lies on their "
@@ -233,8 +228,8 @@ class GreedyRun:
         else:
             now = self.model
             if scorer.removed:     # the criterion sees the model as it is now
-                remove = remove_groups if self.targets[name].group else remove_filters
-                now = remove(self.model, {name: list(scorer.removed)}, example=self.config.example)
+                now = remove_filters(self.model, {self.targets[name].spec: list(scorer.removed)},
+                                     example=self.config.example)
             imp = self.importance_of(name, now, len(rem))
         return sorted(rem, key=lambda j: (float(imp[rem.index(j)]), start[j])), {}
 
@@ -298,9 +293,8 @@ class GreedyRun:
             for i, c in enumerate(picks):
                 if c.layer in self.stops:
                     continue
-                remove = remove_groups if self.targets[c.layer].group else remove_filters
-                tentative = remove(self.model, {c.layer: [self.orig[c.layer].index(c.index)]},
-                                   example=self.config.example)
+                one = {self.targets[c.layer].spec: [self.orig[c.layer].index(c.index)]}
+                tentative = remove_filters(self.model, one, example=self.config.example)
                 ev = c.evaluation if i == 0 and c.evaluation is not None else \
                     evaluate(tentative, self.data, process_group=self.config.score_options["process_group"],
                              topk=self.config.score_options.get("topk", 1))

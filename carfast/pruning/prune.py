@@ -23,7 +23,7 @@ from carfast.pruning.eta import suffix_seconds
 from carfast.pruning.evaluate import evaluate
 from carfast.pruning.loop import GreedyRun
 from carfast.pruning.result import PruneResult
-from carfast.scoring import GroupScorer, LayerScorer, ScoreOptions
+from carfast.scoring import LayerScorer, ScoreOptions
 from carfast.scoring.checks import warn_near_chance
 from carfast.surgery.measure import ModelStats
 
@@ -66,8 +66,9 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
         model: the trained ``nn.Module`` (never changed).
         layers: a layer name / module, or a list of them (Conv2d / Linear). A layer whose channels are
             coupled with other layers' (a residual stream: a ResNet's stem or a block's second conv) means
-            its coupling group: the group's channels are scored together (``score_group``) and cut from
-            every member (``remove_groups``); name a group once, by any of its layers.
+            its coupling group, as does ``carfast.Group(layer)``: the group's channels are scored together
+            (``score_group``) and cut from every member (``remove_groups``); name a group once, by any of
+            its layers.
         data: ``(inputs [N, ...], labels [N])`` or a re-iterable of batches (a list, a DataLoader, a
             Dataset); the images the channels are scored on.
         keep: what to KEEP per layer (not what to remove): an int (filters, or a group's channels), a
@@ -140,8 +141,8 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
     _quiet_scorers(config)     # prune checks the input model's accuracy for near chance once, below
     work = copy.deepcopy(model).eval()
     # scorers built now fail early (before any data pass) and serve while the model is still the input model
-    prebuilt = {t.name: (GroupScorer if t.group else LayerScorer)(work, t.name, data, progress=False,
-                                                                   **config.score_options) for t in config.targets}
+    prebuilt = {t.name: LayerScorer(work, t.spec, data, progress=False, **config.score_options)
+                for t in config.targets}
     topk = config.score_options.get("topk", 1)
     base = evaluate(work, data, process_group=config.score_options["process_group"], topk=topk)
     _check_chance(work, config.example, base, topk)

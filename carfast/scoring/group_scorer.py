@@ -1,4 +1,5 @@
-"""CAR scores of coupled channels: ``score_group`` and ``GroupScorer`` (``graph/groups.py`` says what a group is).
+"""CAR scores of coupled channels: ``score_group`` and ``GroupScorer``, ``score_layer`` and ``LayerScorer`` with the
+target taken as a coupling group (``carfast.Group``; ``graph/groups.py`` says what a group is).
 
 Removing channel i of a coupling group removes it from every member: the channel-flow analysis
 (``carfast.graph``, with units allowed to pair up) gives its readers, and the engine scores it exactly as
@@ -10,10 +11,10 @@ with ``precision="bf16"``, in bf16 with the float32 re-run of near ties.
 """
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
-from carfast.errors import resolve_layer
-from carfast.graph.groups import members_of
 from carfast.scoring.scorer import LayerScorer, one_score
 from carfast.scoring.scores import LayerScores
 from carfast.scoring.settings import takes_score_options
@@ -22,8 +23,9 @@ __all__ = ["GroupScorer", "score_group"]
 
 
 class GroupScorer(LayerScorer):
-    """One coupling group prepared for CAR scoring; ``score(filters=None, per_image=False)`` returns
-    ``LayerScores`` over the group's channels; ``remove(k)`` removes channel k for good (greedy pruning).
+    """``LayerScorer`` with its target taken as a coupling group (``LayerScorer(model, Group(layer), data)``):
+    ``score(filters=None, per_image=False)`` returns ``LayerScores`` over the group's channels; ``remove(k)``
+    removes channel k for good (greedy pruning); ``members`` lists the group's layers.
 
     Takes the arguments of ``score_group`` except ``filters`` and ``per_image``.
     """
@@ -32,19 +34,11 @@ class GroupScorer(LayerScorer):
     as_group = True
 
     @property
-    def members(self) -> list[dict]:
-        """The group's layers and channel mappings (``groups.GroupMember.to_dict``)."""
-        return [m.to_dict() for m in members_of(self.flow)]
-
-    @property
     def num_channels(self) -> int:
+        """Deprecated: ``num_filters`` (the scorer's one count, a group's channels here)."""
+        warnings.warn("GroupScorer.num_channels is deprecated; use num_filters (the group's channels)",
+                      DeprecationWarning, stacklevel=2)
         return self.num_filters
-
-    def score(self, filters=None, per_image: bool = False, float32: bool = False, *, image_loss: bool = False,
-              images=None) -> LayerScores:
-        res = super().score(filters, per_image, float32, image_loss=image_loss, images=images)
-        res.coupled, res.members = self.flow.coupled, self.members
-        return res
 
 
 @takes_score_options
@@ -56,7 +50,7 @@ def score_group(model: nn.Module, layer, data, *, filters=None, per_image: bool 
     group (so it is gone wherever the residual stream is read), equal image by image to removing it at
     every reader and rerunning the whole network. With channel-padding ("option A") shortcuts each stage
     is its own group (see ``carfast.graph.find_group``). A layer coupled with no other gets the scores
-    ``score_layer`` gives.
+    ``score_layer`` gives. The same as ``score_layer(model, carfast.Group(layer), data, ...)``.
 
     Args:
         model, data: as ``score_layer`` takes them.
@@ -68,6 +62,4 @@ def score_group(model: nn.Module, layer, data, *, filters=None, per_image: bool 
         ``LayerScores`` with ``coupled`` True for a real group and ``members``: the layers of the group and
         how its channels map onto each (``groups.GroupMember``).
     """
-    if isinstance(model, nn.Module):
-        resolve_layer(model, layer, "score_group")
     return GroupScorer(model, layer, data, **one_score(settings, "score_group")).score(filters, per_image=per_image)

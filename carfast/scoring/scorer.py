@@ -51,10 +51,10 @@ from carfast.batching import (
     model_dtype,
 )
 from carfast.distributed import process_group_argument, resolve_group
-from carfast.errors import resolve_layer
 from carfast.graph import analyze as analyze_flow
-from carfast.graph import from_recording
+from carfast.graph import from_recording, members_of
 from carfast.graph.split import TraceError, analyze, target_num_filters
+from carfast.graph.target import resolve_target
 from carfast.ops import dispatch
 from carfast.progress import Progress
 from carfast.scoring.checks import (
@@ -125,20 +125,22 @@ def one_score(settings: dict, fn: str) -> dict:
 
 
 class LayerScorer:
-    """One layer prepared for CAR scoring: graph split, memory plan, the scoring method, the prefix cache.
+    """One target prepared for CAR scoring: graph split, memory plan, the scoring method, the prefix cache.
 
-    ``LayerScorer(model, layer, data, ...)`` takes the arguments of ``score_layer`` except ``filters``
-    and ``per_image``; ``score(filters=None, per_image=False)`` returns ``LayerScores``. The first
+    ``LayerScorer(model, target, data, ...)`` takes the arguments of ``score_layer`` except ``filters``
+    and ``per_image``: ``target`` is a layer or ``carfast.Group(layer)`` (``graph/target.py``);
+    ``score(filters=None, per_image=False)`` returns ``LayerScores``. The first
     ``score`` runs the prefix over the data and keeps it when it fits the memory budget, so later calls
     only evaluate removals. The model must not change between calls (the scorer holds a folded copy
     of the suffix). A one-shot iterator as data can be scored once unless its prefix was kept.
     ``remove(k)`` removes filter k for good (greedy pruning): later scores are those of the model
-    without the removed filters, and score only the filters that remain. ``GroupScorer`` is this
-    scorer on a coupling group's channels.
+    without the removed filters, and score only the filters that remain. For a group target the
+    "filters" are the group's channels (``members`` lists the layers they span); ``GroupScorer`` is this
+    scorer with every target taken as a group.
     """
 
     fn = "score_layer"     # the public function named in messages
-    as_group = False       # score the layer's coupling group (``GroupScorer``)
+    as_group = False       # every target is a coupling group (``GroupScorer``); else ``Group`` targets only
 
     @takes_score_options
     def __init__(self, model: nn.Module, layer, data, **settings):
@@ -151,7 +153,7 @@ class LayerScorer:
         self._dtype = check_precision(precision, self.fn)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{self.fn}: model must be a torch.nn.Module, got {type(model).__name__}")
-        self.name, _ = resolve_layer(model, layer, self.fn)
+        self.name, _, self.as_group = resolve_target(model, layer, self.fn, self.as_group)
         check_work_sizes(batch_size, memory_budget, self.fn)
         self._model, self._device = work_model(model, device)
         self._in_dtype = model_dtype(self._model, self.fn)
@@ -229,6 +231,11 @@ class LayerScorer:
     def cached(self) -> bool:
         """Whether the prefix of the whole data set is held in memory."""
         return self._cache_complete
+
+    @property
+    def members(self) -> list[dict] | None:
+        """A group target's layers and channel mappings (``groups.GroupMember.to_dict``); None for a layer."""
+        return [m.to_dict() for m in members_of(self.flow)] if self.as_group else None
 
     @property
     def remaining(self) -> list[int]:
@@ -447,6 +454,8 @@ class LayerScorer:
                          precision="fp32" if float32 else self._method.precision, pairs_rechecked=stats.rechecked,
                          margin_threshold=self._method.margin_threshold, topk=self.topk)
         res.backend_note = self.backend_note
+        if self.as_group:
+            res.coupled, res.members = self.flow.coupled, self.members
         if self._check_chance and not self.removed and images is None:
             self._check_chance = False
             warn_near_chance(res.base_accuracy, res.num_images, res.num_classes, self.fn, self.topk)
@@ -466,7 +475,9 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, per_image: bool 
         model: an ``nn.Module`` returning logits [N, classes]; evaluated in eval mode and left exactly as
             it came (weights, buffers, train/eval flags, hooks).
         layer: a name from ``model.named_modules()`` or the module: a Conv2d (any groups, bias or not)
-            or a Linear. A layer whose channels enter a residual add is refused (coupled channels).
+            or a Linear. A layer whose channels enter a residual add is refused (coupled channels): pass
+            ``carfast.Group(layer)`` to score the channels of its coupling group instead (see
+            ``score_group``; ``filters`` then index the group's channels).
         data: ``(inputs [N, ...], labels [N] int)`` or an iterable of such batches (a DataLoader).
         filters: filter indices to score, in the order wanted (default all).
         per_image: also return ``image_correct`` [F, N] bool and ``base_image_correct`` [N] bool (with
@@ -478,6 +489,7 @@ def score_layer(model: nn.Module, layer, data, *, filters=None, per_image: bool 
         ValueError / TypeError for bad input, each naming the problem and the fix.
     """
     if isinstance(model, nn.Module):   # check filters before the work of preparing the layer
-        name, module = resolve_layer(model, layer, _FN)
-        check_filters(filters, target_num_filters(module), name)
+        name, module, group = resolve_target(model, layer, _FN)
+        if not group:     # (a group's channels are counted by the analysis)
+            check_filters(filters, target_num_filters(module), name)
     return LayerScorer(model, layer, data, **one_score(settings, _FN)).score(filters, per_image=per_image)

@@ -24,13 +24,13 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from carfast.batching import eval_mode
-from carfast.errors import resolve_layer
 from carfast.graph import analyze, build_graph, from_recording
 from carfast.graph.apply import applied
 from carfast.graph.checks import profile, unit_axis
 from carfast.graph.example import infer_example, signature
 from carfast.graph.masking import keep_mask
 from carfast.graph.registry import layer_filters
+from carfast.graph.target import resolve_target
 from carfast.surgery.channel_map import rewrite_calls, traced_model
 from carfast.surgery.slicers import Edit, slice_module
 
@@ -44,8 +44,10 @@ def remove_filters(model: nn.Module, removals: Mapping, *, example: torch.Tensor
         model: the network (any training flags; they are kept on the copy).
         removals: ``{layer: filters}``; ``layer`` is a name from ``model.named_modules()`` or the module
             (a Conv2d or Linear), ``filters`` an iterable of distinct output-channel / feature indices
-            of that layer in ``model`` (ints or an integer tensor [R]). Several layers, including a layer
-            and its own consumer, are removed in one call; every index refers to ``model`` as passed in.
+            of that layer in ``model`` (ints or an integer tensor [R]). A key ``carfast.Group(layer)``
+            removes channels of the layer's coupling group instead (as ``remove_groups``). Several targets,
+            including a layer and its own consumer, are removed in one call; every index refers to
+            ``model`` as passed in.
         example: one input [1, ...] (a batch: its first item is used), needed to trace shapes. When
             None it is inferred: the input shape in ``model.carfast_arch`` (carfast's own models), else
             zeros [1, C, S, S] for a first Conv2d (S in 32, 224, 64, 28, 16, 96, 128) or [1, in_features]
@@ -81,32 +83,36 @@ def remove_groups(model: nn.Module, removals: Mapping, *, example: torch.Tensor 
     Raises:
         ValueError for bad indices, removing every channel of a group, a group listed twice, such a
         functional padding in a model torch.fx cannot trace, or anything ``remove_filters`` refuses.
+
+    The same as ``remove_filters`` with every key a ``carfast.Group``.
     """
     return _remove(model, removals, example, "remove_groups", group=True)
 
 
 def _remove(model, removals, example, fn: str, group: bool) -> nn.Module:
+    """``remove_filters`` (``group``: every target a coupling group, ``remove_groups``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(removals, Mapping):
         raise TypeError(f"{fn}: removals must be a dict {{layer: filter indices}}, got {type(removals).__name__}")
-    targets = {name: idx for name, idx in parse_removals(model, removals, fn).items() if idx}
+    parsed = _parse(model, removals, fn, group)
+    targets = {name: idx for name, (idx, _) in parsed.items() if idx}
+    coupled = {name: g for name, (_, g) in parsed.items()}
     work = copy.deepcopy(model)
     if not targets:
         return work
     with eval_mode(work), torch.no_grad():
         ex, out_sig = infer_example(work, example, fn)
         graph = build_graph(work, ex)
-        flows = {name: analyze(work, name, ex, fn, group=group, graph=graph) for name in targets}
-        units = {name: _units(flows[name], idx, fn, group) for name, idx in targets.items()}
-        if group:
-            _check_one_per_group(flows, fn)
+        flows = {name: analyze(work, name, ex, fn, group=coupled[name], graph=graph) for name in targets}
+        units = {name: _units(flows[name], idx, fn, coupled[name]) for name, idx in targets.items()}
+        _check_one_per_group({name: f for name, f in flows.items() if coupled[name]}, fn)
         calls = _functional_maps(flows)
         rewrites = rewrite_calls(work, graph, calls, fn) if calls else []
         edits: dict[str, Edit] = {}
         for name, flow in flows.items():
             plan_edits(flow, units[name], edits, fn)
-        reference = _removed_output(model, targets, units, ex, fn, group)
+        reference = _removed_output(model, targets, units, ex, fn, coupled)
         modules = dict(work.named_modules())
         _check_not_shared(graph, modules, edits, fn)
         for name, e in edits.items():
@@ -230,37 +236,51 @@ def _positions(codes: torch.Tensor, units: list[int], axis: int) -> list[int]:
 
 
 def parse_removals(model: nn.Module, removals: Mapping, fn: str) -> dict[str, list[int]]:
-    """{layer name: sorted filter indices} from ``removals``, checked; ``fn`` names the caller in errors."""
+    """{layer name: sorted filter indices} from ``removals``, checked; ``fn`` names the caller in errors. A
+    ``carfast.Group`` key gives its layer's name (its indices are the group's channels, checked by surgery)."""
+    return {name: idx for name, (idx, _) in _parse(model, removals, fn).items()}
+
+
+def _parse(model: nn.Module, removals: Mapping, fn: str, group: bool = False) -> dict[str, tuple[list[int], bool]]:
+    """{layer name: (sorted indices, whether they are channels of its coupling group)}; ``group``: every key
+    is a group (``remove_groups``)."""
     out = {}
-    for layer, filters in removals.items():
-        name, module = resolve_layer(model, layer, fn)
+    for target, filters in removals.items():
+        name, module, coupled = resolve_target(model, target, fn, group)
         if name in out:
-            raise ValueError(f"{fn}: layer {name!r} is given twice (by name and as a module); give it once "
-                             "with all its filters")
+            raise ValueError(f"{fn}: layer {name!r} is given twice (by name, as a module or as a Group); give it "
+                             "once with all its indices")
+        word = "channels" if coupled else "filters"
+        idx = _indices(filters, name, word, fn)
         num = layer_filters(module)
-        if isinstance(filters, torch.Tensor):
-            if filters.dtype.is_floating_point or filters.dtype == torch.bool or filters.is_complex():
-                raise TypeError(f"{fn}: filters of {name!r} must be integer indices, got a {filters.dtype} tensor")
-            filters = filters.flatten().tolist()
-        if isinstance(filters, (str, bytes)) or not hasattr(filters, "__iter__"):
-            raise TypeError(f"{fn}: filters of {name!r} must be an iterable of ints, got {type(filters).__name__}")
-        idx = list(filters)
-        for k in idx:
-            if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-                raise TypeError(f"{fn}: filters of {name!r} must be ints, got {k!r} ({type(k).__name__})")
-        idx = [int(k) for k in idx]
-        bad = [k for k in idx if not 0 <= k < num]
-        if bad:
-            raise ValueError(f"{fn}: filter indices {bad[:5]} are out of range for {name!r}, which has {num} "
-                             f"filters (valid: 0..{num - 1})")
+        bad = [k for k in idx if k < 0 or not (coupled or k < num)]
+        if bad:      # (a group's channel count comes from the analysis: surgery checks the upper end)
+            valid = ">= 0" if coupled else f"0..{num - 1}, of its {num} filters"
+            raise ValueError(f"{fn}: {word[:-1]} indices {bad[:5]} are out of range for {name!r} (valid: {valid})")
         dup = sorted(k for k, c in Counter(idx).items() if c > 1)
         if dup:
-            raise ValueError(f"{fn}: filter indices {dup[:5]} of {name!r} are listed more than once; list each once")
-        if len(idx) == num:
+            raise ValueError(f"{fn}: {word[:-1]} indices {dup[:5]} of {name!r} are listed more than once; list each "
+                             "once")
+        if len(idx) == num and not coupled:
             raise ValueError(f"{fn}: removing all {num} filters of {name!r} would cut the network; keep at least "
                              "one (to drop the layer, change the architecture)")
-        out[name] = sorted(idx)
+        out[name] = (sorted(idx), coupled)
     return out
+
+
+def _indices(filters, name: str, word: str, fn: str) -> list[int]:
+    """``filters`` (an iterable of ints or an integer tensor) as a list of ints, or TypeError."""
+    if isinstance(filters, torch.Tensor):
+        if filters.dtype.is_floating_point or filters.dtype == torch.bool or filters.is_complex():
+            raise TypeError(f"{fn}: {word} of {name!r} must be integer indices, got a {filters.dtype} tensor")
+        filters = filters.flatten().tolist()
+    if isinstance(filters, (str, bytes)) or not hasattr(filters, "__iter__"):
+        raise TypeError(f"{fn}: {word} of {name!r} must be an iterable of ints, got {type(filters).__name__}")
+    idx = list(filters)
+    for k in idx:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise TypeError(f"{fn}: {word} of {name!r} must be ints, got {k!r} ({type(k).__name__})")
+    return [int(k) for k in idx]
 
 
 def _check_not_shared(graph, modules: dict, edits: dict, fn: str) -> None:
@@ -282,7 +302,7 @@ def _check_not_shared(graph, modules: dict, edits: dict, fn: str) -> None:
                              "remove the parametrization first (e.g. torch.nn.utils.prune.remove)")
 
 
-def _removed_output(model, targets, units, ex, fn: str, group: bool) -> torch.Tensor:
+def _removed_output(model, targets, units, ex, fn: str, coupled: dict) -> torch.Tensor:
     """The original model's output on ``ex`` with the units removed where they are read (``graph.apply``),
     on a recording of an untouched copy (hooks on a copy: the caller's model is never touched)."""
     ref = copy.deepcopy(model)
@@ -290,7 +310,7 @@ def _removed_output(model, targets, units, ex, fn: str, group: bool) -> torch.Te
         graph = from_recording(ref, ex)
         contexts = []
         for name in targets:
-            flow = analyze(ref, name, ex, fn, group=group, graph=graph, cut_checks=False)
+            flow = analyze(ref, name, ex, fn, group=coupled[name], graph=graph, cut_checks=False)
             contexts.append(applied(ref, flow, keep_mask(None, units[name], flow.num_units, ex.device)))
         for c in contexts:
             c.__enter__()
