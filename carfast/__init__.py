@@ -35,7 +35,7 @@ from carfast.scoring import (
     score_group,
     score_layer,
 )
-from carfast.surgery import remove_filters, remove_groups
+from carfast.surgery import load_pruned_model, remove_filters, remove_groups, save_pruned
 
 _DEPRECATED_MODULES = ("groups", "train_data")     # carfast.graph / carfast.data now; importing them warns
 
@@ -55,6 +55,6 @@ except PackageNotFoundError:      # not installed (a bare checkout on sys.path)
 
 __all__ = ["score_layer", "LayerScorer", "Group", "score_group", "GroupScorer", "remove_groups", "layers", "LayerInfo",
            "LayerScores", "ScoreOptions", "Race", "prune", "PruneResult", "load_pruned", "compare_criteria",
-           "CriteriaComparison", "remove_filters", "write_report",
+           "CriteriaComparison", "remove_filters", "save_pruned", "load_pruned_model", "write_report",
            "evaluate", "ClassImportance", "criteria", "finetune", "integrations", "backends", "models",
            "data", "adapt", "unadapt", "ModuleHandler", "register_module", "unregister_module", "__version__"]

@@ -74,10 +74,9 @@ def ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images,
                                                                 images, stride, padding, dilation, out_dtype)
 
 
-def _triton(a, weight, z, scale, shift, residual, act, filters, images, stride, padding, dilation, out_dtype):
+def _triton(*args):
     from carfast.ops.triton import ablated_consumer as tri
-    return tri.ablated_consumer(a, weight, z, scale, shift, residual, act, filters, images, stride, padding,
-                                dilation, out_dtype)
+    return tri.ablated_consumer(*args)
 
 
 def _cuda(a, weight, z, scale, shift, residual, act, filters, images, stride, padding, dilation, out_dtype):

@@ -48,16 +48,14 @@ def closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, f
                                                                  logits, filters, labels, stride, padding, dilation)
 
 
-def _cpu(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride, padding, dilation):
-    """The C++ closed_form_logits kernel, then the reduction."""
-    return closed_form_score_ref(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride,
-                                 padding, dilation, backend="cpu")
+def _cpu(*args):
+    """The C++ closed_form_logits kernel, then the reduction (the reference's arguments)."""
+    return closed_form_score_ref(*args, backend="cpu")
 
 
-def _triton(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride, padding, dilation):
+def _triton(*args):
     from carfast.ops.triton import closed_form_score as tri
-    return tri.closed_form_score(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride,
-                                 padding, dilation)
+    return tri.closed_form_score(*args)
 
 
 def _cuda(a, weight, z, scale, shift, residual, act, tail, logits, filters, labels, stride, padding, dilation):

@@ -99,9 +99,9 @@ class PruneResult:
     model:    a new, physically smaller ``nn.Module`` (the input model is never changed).
     removed:  {layer: [original filter indices, in removal order]}.
     kept:     {layer: [original filter indices kept, ascending]}.
-    history:  one dict per removal: ``step``, ``layer``, ``filter`` (original index), ``correct``,
-              ``accuracy`` and ``loss`` (mean cross-entropy) of the model after it, ``remaining`` (filters
-              left in that layer), ``seconds`` (time to choose and apply it); with CAR also
+    history:  one dict per removal: ``step``, ``layer``, ``filter`` (original index: of the layer's
+              filters, or of its group's channels for a group target), ``correct``, ``accuracy`` and
+              ``loss`` (mean cross-entropy) of the model after it, ``remaining`` (units left in that target), ``seconds`` (time to choose and apply it); with CAR also
               ``evaluations`` (candidate-image evaluations made towards it) and ``exhaustive`` (those the
               exact search makes: equal, unless ``search="race"``).
     base:     {"accuracy", "loss", "num_images"} of the input model on the scoring data.
@@ -173,7 +173,8 @@ class PruneResult:
 
 
 def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> PruneResult:
-    """Load a ``PruneResult`` written by ``PruneResult.save``.
+    """Load a ``PruneResult`` written by ``PruneResult.save`` (a network alone, written by ``carfast.save_pruned``,
+    loads with ``carfast.load_pruned_model``).
 
     The architecture is rebuilt from the file's record for carfast's own models; for another model pass
     ``model=``, an unpruned instance of the same architecture (it is copied, not changed), and the
@@ -183,7 +184,7 @@ def load_pruned(path: str | os.PathLike, model: nn.Module | None = None) -> Prun
     if not isinstance(extra, dict) or extra.get("format") != _FORMAT:
         raise ValueError(f"load_pruned: {os.fspath(path)!r} holds a pruned model but no prune record "
                          f"(format {extra.get('format') if isinstance(extra, dict) else None!r}); load it with "
-                         "carfast.surgery.load_pruned_model instead")
+                         "carfast.load_pruned_model instead")
     return PruneResult(pruned, extra["removed"], extra["kept"], extra["history"], extra["base"], extra["settings"],
                        extra.get("stats", {}), extra.get("finetuned_accuracy"),
                        {layer: LayerScores.from_dict(d) for layer, d in extra.get("scores", {}).items()},

@@ -20,32 +20,27 @@ from torch import fx, nn
 from carfast.graph.catalog import classify
 from carfast.graph.split import LayerGraph, fn_name, subgraph
 from carfast.ops.closed_form_logits import ACTIVATIONS
+from carfast.ops.consumer import ConvConsumer, LinearConsumer
 
-__all__ = ["ClosedForm", "find_closed_form", "consumer_epilogue", "gathered_weight"]
+__all__ = ["ClosedForm", "find_closed_form", "consumer_epilogue", "conv_consumer", "gathered_weight"]
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 
 
 @dataclass
 class ClosedForm:
-    """Operands of ``ops.closed_form_logits`` (conv) / ``ops.closed_form_linear`` that do not depend on
-    the images.
-
-    kind "conv" or "linear"; weight [O, K, kh, kw] or [O, K*width]; scale/shift [O], act code,
-    residual_index (which boundary value is the residual, or None), tail [classes, O, Ho, Wo] or
-    [classes, O], the consumer's stride/padding/dilation (conv), width (linear).
-    """
-    kind: str
-    weight: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
-    act: int
+    """The closed form of a layer's ablations, beyond the images: ``consumer`` (``ops.consumer.ConvConsumer`` or
+    ``LinearConsumer``: the consumer and its epilogue), ``residual_index`` (which boundary value is the
+    epilogue's residual, or None) and ``tail`` [classes, O, Ho, Wo] (conv) or [classes, O] (linear), the
+    affine tail's linear part."""
+    consumer: ConvConsumer | LinearConsumer
     residual_index: int | None
     tail: torch.Tensor
-    stride: tuple
-    padding: tuple
-    dilation: tuple
-    width: int = 1
+
+    @property
+    def kind(self) -> str:
+        """"conv" or "linear": the consumer's type."""
+        return self.consumer.kind
 
 
 def _bn_affine(bn: nn.modules.batchnorm._BatchNorm):
@@ -150,10 +145,14 @@ def find_closed_form(lg: LayerGraph) -> ClosedForm | None:
     tail = _tail_matrix(lg, y, tail_nodes, y.meta["tensor_meta"].shape)
     weight = gathered_weight(c)
     if m.kind == "linear":
-        return ClosedForm("linear", weight, scale.contiguous(), shift.contiguous(), act, residual, tail, (), (), (),
-                          c.width)
-    return ClosedForm("conv", weight, scale.contiguous(), shift.contiguous(), act, residual, tail, tuple(m.stride),
-                      tuple(m.padding), tuple(m.dilation))
+        return ClosedForm(LinearConsumer(weight, c.width, scale.contiguous(), shift.contiguous(), act), residual, tail)
+    return ClosedForm(conv_consumer(weight, scale, shift, act, m), residual, tail)
+
+
+def conv_consumer(weight, scale, shift, act: int, m) -> ConvConsumer:
+    """The ``ConvConsumer`` of a consumer conv whose settings ``m`` holds (a ``graph.LayerSpec``)."""
+    return ConvConsumer(weight, scale.contiguous(), shift.contiguous(), act, tuple(m.stride), tuple(m.padding),
+                        tuple(m.dilation))
 
 
 def gathered_weight(c) -> torch.Tensor:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import torch
 
 from carfast.batching import check_finite
-from carfast.ops.closed_form_linear import closed_form_linear_ref
-from carfast.ops.closed_form_logits import closed_form_logits
-from carfast.ops.closed_form_score import closed_form_score
 from carfast.ops.score_reduce import pair_loss, score_reduce
 from carfast.scoring.chunks import Chunk, ImageResults, remove_at_consumers
 from carfast.scoring.method import ABLATED, ScoringMethod
@@ -33,14 +30,15 @@ class ClosedFormMethod(ScoringMethod):
 
     def ablated(self, chunk: Chunk, filt) -> torch.Tensor:
         """[F, n, classes] ablated logits of ``filt`` (the torch / cpu kernels)."""
-        cf, A, Z, logits = self.cf, chunk.A, chunk.Z, chunk.logits
-        R = chunk.B[cf.residual_index] if cf.residual_index is not None else None
-        if cf.kind == "linear":
-            return closed_form_linear_ref(A[0], cf.weight, cf.width, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail,
-                                          logits, filt.to(logits.device))
-        return closed_form_logits(A[0], cf.weight, Z[0], cf.scale, cf.shift, R, cf.act, cf.tail, logits,
-                                  filt.to(logits.device), cf.stride, cf.padding, cf.dilation,
-                                  backend="cpu" if self.backend == "cpu" else "torch")
+        logits = chunk.logits
+        return self.cf.consumer.closed_form_logits(chunk.A[0], chunk.Z[0], self._residual(chunk), self.cf.tail, logits,
+                                                   filt.to(logits.device),
+                                                   backend="cpu" if self.backend == "cpu" else "torch")
+
+    def _residual(self, chunk: Chunk):
+        """The epilogue's residual [n, O, ...] of the chunk's images, or None."""
+        i = self.cf.residual_index
+        return chunk.B[i] if i is not None else None
 
     def remove(self, chunk: Chunk, k: int, removed, known=None) -> None:
         chunk.set_logits(self.ablated(chunk, torch.tensor([k]))[0])   # the removal's closed form is the new base
@@ -52,10 +50,9 @@ class ClosedFormMethod(ScoringMethod):
         F_, n = len(filt), y.numel()
         losses = []
         if cf.kind == "conv" and chunk.topk == 1 and not image_loss:    # the fused op counts top-1
-            R = chunk.B[cf.residual_index] if cf.residual_index is not None else None
-            counts, loss, correct = closed_form_score(chunk.A[0], cf.weight, chunk.Z[0], cf.scale, cf.shift, R, cf.act,
-                                                      cf.tail, chunk.logits, filt.to(y.device), y, cf.stride,
-                                                      cf.padding, cf.dilation, backend=self.backend)
+            counts, loss, correct = cf.consumer.closed_form_score(chunk.A[0], chunk.Z[0], self._residual(chunk),
+                                                                  cf.tail, chunk.logits, filt.to(y.device), y,
+                                                                  backend=self.backend)
             if not bool(torch.isfinite(loss).all()):   # a non-finite logit makes its loss non-finite
                 check_finite(self.ablated(chunk, filt), self.fn, ABLATED)
         else:   # the ablated logits [f, n, classes] of a slice of filters at a time (at most ~128 MB)

@@ -13,26 +13,19 @@ from dataclasses import dataclass
 from torch import fx
 
 from carfast.graph.split import LayerGraph, subgraph
-from carfast.scoring.closed_form import consumer_epilogue, gathered_weight
+from carfast.ops.consumer import ConvConsumer
+from carfast.scoring.closed_form import consumer_epilogue, conv_consumer, gathered_weight
 
 __all__ = ["FusedConsumer", "find_fused_consumer"]
 
 
 @dataclass
 class FusedConsumer:
-    """Operands of ``ops.ablated_consumer`` that do not depend on the images, and the rest of the network.
-
-    weight [O, K, kh, kw]; scale/shift [O]; act code; residual_index (which boundary value is the
-    residual, or None); the consumer's stride/padding/dilation; post: (y, B_1..B_b) -> logits.
-    """
-    weight: object
-    scale: object
-    shift: object
-    act: int
+    """The fused-consumer split: ``consumer`` (``ops.consumer.ConvConsumer``, the conv and its epilogue, for
+    ``ops.ablated_consumer``), ``residual_index`` (which boundary value is the epilogue's residual, or None)
+    and ``post``: (y, B_1..B_b) -> logits, the network after the epilogue."""
+    consumer: ConvConsumer
     residual_index: int | None
-    stride: tuple
-    padding: tuple
-    dilation: tuple
     post: fx.GraphModule
 
 
@@ -50,5 +43,4 @@ def find_fused_consumer(lg: LayerGraph) -> FusedConsumer | None:
     body = [n for n in lg.changed if n not in used and n.op != "output"] + [out]
     inputs = [(y, "y")] + [(b, f"b{i}") for i, b in enumerate(lg.boundary)]
     post = subgraph(lg.gm, inputs, body)
-    return FusedConsumer(gathered_weight(c), scale.contiguous(), shift.contiguous(), act, residual,
-                         tuple(m.stride), tuple(m.padding), tuple(m.dilation), post)
+    return FusedConsumer(conv_consumer(gathered_weight(c), scale, shift, act, m), residual, post)

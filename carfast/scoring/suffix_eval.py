@@ -17,7 +17,6 @@ import copy
 import torch
 
 from carfast.graph.masking import keep_mask
-from carfast.ops.ablated_consumer import ablated_consumer
 from carfast.ops.consumer_delta import owned_weight
 from carfast.scoring.chunks import Chunk, ImageResults, PairStats, remove_at_consumers
 from carfast.scoring.method import ABLATED, ScoringMethod
@@ -167,8 +166,8 @@ class SuffixMethod(ScoringMethod):
             return suffix_logits(suffix, self.lg.consumers, weights, filt, A, Z, B, f_b, n_b, self.channels_last,
                                  dtype, self._keep(filt, removed, f_b))
         R = B[fc.residual_index] if fc.residual_index is not None else None
-        y_abl = ablated_consumer(A[0], fc.weight, Z[0], fc.scale, fc.shift, R, fc.act, filt.to(A[0].device)[f_b],
-                                 n_b, fc.stride, fc.padding, fc.dilation, out_dtype=dtype, backend=self.backend)
+        y_abl = fc.consumer.ablated(A[0], Z[0], R, filt.to(A[0].device)[f_b], n_b, out_dtype=dtype,
+                                    backend=self.backend)
         post = fc.post if dtype == torch.float32 else self._low_copy(fc.post)
         return run_suffix(post, [y_abl], [b[n_b] for b in B], self.channels_last, dtype)
 

@@ -204,7 +204,8 @@ def read_pruned(path: str | os.PathLike, model: nn.Module | None, fn: str) -> tu
 
 
 def load_pruned_model(path: str | os.PathLike, model: nn.Module | None = None) -> tuple[nn.Module, dict | None]:
-    """``(network, extra)`` from a file written by ``save_pruned``.
+    """``(network, extra)`` from a file written by ``save_pruned`` (a whole prune record, written by
+    ``PruneResult.save``, loads with ``carfast.load_pruned``; this reads its network too).
 
     Args:
         path: the file; read with ``torch.load(..., weights_only=True)`` onto the CPU.
