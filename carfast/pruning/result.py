@@ -101,7 +101,8 @@ class PruneResult:
     kept:     {layer: [original filter indices kept, ascending]}.
     history:  one dict per removal: ``step``, ``layer``, ``filter`` (original index: of the layer's
               filters, or of its group's channels for a group target), ``correct``, ``accuracy`` and
-              ``loss`` (mean cross-entropy) of the model after it, ``remaining`` (units left in that target), ``seconds`` (time to choose and apply it); with CAR also
+              ``loss`` (mean cross-entropy) of the model after it, ``remaining`` (units left in that target),
+              ``seconds`` (time to choose and apply it); with CAR also
               ``evaluations`` (candidate-image evaluations made towards it) and ``exhaustive`` (those the
               exact search makes: equal, unless ``search="race"``).
     base:     {"accuracy", "loss", "num_images"} of the input model on the scoring data.
