@@ -344,7 +344,8 @@ def _history_section(page, result) -> None:
              f"{r['seconds']:.2f}") for r in result.history]
     page.add(f"<details><summary>{len(rows)} removals, in order</summary>")
     page.add(table(["step", "layer", "filter or group channel (original index)",
-                    f"top-{result.summary().topk} % after", "loss after", "remaining", "seconds"], rows, num_cols=(0, 2, 3, 4, 5, 6)))
+                    f"top-{result.summary().topk} % after", "loss after", "remaining", "seconds"], rows,
+                   num_cols=(0, 2, 3, 4, 5, 6)))
     page.add("</details>")
 
 
