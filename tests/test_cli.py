@@ -250,3 +250,54 @@ def test_layers_of_a_users_model(tmp_path, capsys, monkeypatch):
     assert "3 layers: 2 alone, 0 in coupling groups, 1 refused" in capsys.readouterr().out
     assert main(["layers", "--model", "nosuch:make"]) == 2
     assert "cannot import it" in capsys.readouterr().err
+
+
+def _training_npz(tmp_path, packed: bool) -> str:
+    """A small training set: 48 CIFAR-10 test images as uint8 x / y, or JPEG-packed (jpeg_bytes, offsets, labels)."""
+    import io
+
+    import numpy as np
+    x, y = carfast.data.cifar10_test(48, normalization=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    images = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    path = tmp_path / ("packed.npz" if packed else "xy.npz")
+    if not packed:
+        np.savez(path, x=images, y=y.numpy())
+        return str(path)
+    Image = pytest.importorskip("PIL.Image")
+    files = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=75)
+        files.append(np.frombuffer(buf.getvalue(), np.uint8))
+    offsets = np.cumsum([0] + [len(f) for f in files]).astype(np.int64)
+    np.savez(path, jpeg_bytes=np.concatenate(files), offsets=offsets, labels=y.numpy())
+    return str(path)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_prune_then_finetune_with_distillation(tmp_path, capsys, packed):
+    out, ckpt = tmp_path / "r.pt", tmp_path / "ft.pt"
+    data = _training_npz(tmp_path, packed)
+    assert main(["prune", "--model", "resnet20", "--layer", "layer1.0.conv1", "--n", "40", "--keep", "14",
+                 "--finetune-data", data, "--finetune-epochs", "1", "--finetune-batch-size", "16", "--distill", "0.9",
+                 "--bn-stats", "update", "--calibrate", "--finetune-checkpoint", str(ckpt), "--out", str(out)]) == 0
+    result = carfast.load_pruned(out)
+    assert result.settings["finetune"]["distill"] == 0.9 and result.settings["finetune"]["checkpoint"] == str(ckpt)
+    assert result.finetuned_accuracy is not None and ckpt.exists()
+    assert "fine-tuned top-1 %" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--distill", "0.9"], "--distill set(s) the fine-tune; add --finetune-data"),
+    (["--calibrate", "--finetune-epochs", "2"], "--finetune-epochs, --calibrate set(s) the fine-tune"),
+    (["--finetune-data", "XY", "--distill", "2"], "fine-tune: distill must be a number in [0, 1]"),
+    (["--finetune-data", "MISSING"], "--finetune-data"),
+])
+def test_prune_finetune_bad_arguments(argv, expected, tmp_path, capsys):
+    argv = [_training_npz(tmp_path, False) if a == "XY" else str(tmp_path / "nope.npz") if a == "MISSING" else a
+            for a in argv]
+    out = tmp_path / "r.pt"
+    assert main(["prune", "--model", "resnet20", "--layer", "layer1.0.conv1", "--n", "10", "--keep", "14",
+                 "--out", str(out), *argv]) == 2
+    assert expected in _one_line_error(capsys, "prune")
+    assert not out.exists()

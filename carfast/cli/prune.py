@@ -25,6 +25,7 @@ from carfast.cli.common import (
     build_model,
     check_layers,
     criteria_list,
+    existing_file,
     keep_value,
     load_data,
     plain_norm,
@@ -89,8 +90,81 @@ def add_parser(sub) -> None:
                    help="stop a layer before accuracy falls more than this below the original (fraction: 0.02 = "
                         "2 points)")
     add_compute_options(r)
+    _add_finetune_options(r)
     r.add_argument("--out", required=True, help="file to save the PruneResult to (e.g. result.pt)")
     add_threads(r)
+
+
+def _add_finetune_options(r) -> None:
+    ft = r.add_argument_group("fine-tuning the pruned network (carfast.finetune; with --compare, every criterion's)")
+    ft.add_argument("--finetune-data", metavar="FILE.npz", default=None,
+                    help="training images to fine-tune on: an .npz of x, y (as --data) or a JPEG-packed one "
+                         "(jpeg_bytes, offsets, labels: the format of carfast.data.cifar10_train)")
+    ft.add_argument("--finetune-epochs", type=positive_int, default=None, help="epochs (default 1)")
+    ft.add_argument("--finetune-lr", type=float, default=None, help="peak learning rate, cosine (default 0.01)")
+    ft.add_argument("--finetune-batch-size", type=positive_int, default=None, help="batch size (default 128)")
+    ft.add_argument("--distill", type=float, default=None,
+                    help="weight in [0, 1] of distillation from the network before pruning (e.g. 0.9); default 0: "
+                         "the labels alone")
+    ft.add_argument("--bn-stats", choices=("freeze", "update"), default=None,
+                    help="BatchNorm statistics while training: kept (freeze, default) or re-estimated (update)")
+    ft.add_argument("--calibrate", action="store_true",
+                    help="after fine-tuning, re-estimate the BatchNorm statistics on the scoring images (use when "
+                         "the training images differ from them, e.g. JPEG copies)")
+    ft.add_argument("--finetune-checkpoint", metavar="FILE", default=None,
+                    help="save the fine-tune's state here as it goes; a later run with the same options resumes it")
+    ft.add_argument("--finetune-seed", type=int, default=None, help="seed of the order and augmentation (default 0)")
+
+
+#: --flag: the ``FinetuneConfig`` field it sets (unset flags keep the field's default)
+_FINETUNE_FIELDS = {"finetune_epochs": "epochs", "finetune_lr": "lr", "finetune_batch_size": "batch_size",
+                    "distill": "distill", "bn_stats": "bn_stats", "finetune_seed": "seed"}
+
+
+def _finetune(args, norm, scoring):
+    """The ``finetune=`` dict of ``carfast.prune`` from the --finetune-* flags, or None (CliError when a flag is
+    given without --finetune-data, or a value is out of range)."""
+    fields = {f: getattr(args, k) for k, f in _FINETUNE_FIELDS.items() if getattr(args, k) is not None}
+    if args.finetune_data is None:
+        given = [f"--{k.replace('_', '-')}" for k in (*_FINETUNE_FIELDS, "calibrate", "finetune_checkpoint")
+                 if getattr(args, k) not in (None, False)]
+        if given:
+            raise CliError(f"{', '.join(given)} set(s) the fine-tune; add --finetune-data FILE.npz (training images)")
+        return None
+    from carfast.finetune import FinetuneConfig
+    try:
+        config = FinetuneConfig(**fields).to_dict()
+    except ValueError as err:
+        raise CliError(str(err).replace("FinetuneConfig: ", "fine-tune: ")) from None
+    config["data"] = _finetune_data(args, norm)
+    if args.calibrate:
+        config["calibrate"] = scoring
+    if args.finetune_checkpoint is not None:
+        config["checkpoint"] = args.finetune_checkpoint
+    return config
+
+
+def _finetune_data(args, norm):
+    """(x, y) of --finetune-data: a JPEG-packed .npz is decoded, any other read as --data is."""
+    import numpy as np
+
+    from carfast.data import cifar10_train
+    path = existing_file(args.finetune_data, "--finetune-data", "pass an .npz of training images")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            packed = "jpeg_bytes" in z.files
+    except (OSError, ValueError) as err:
+        raise CliError(f"--finetune-data {path} is not an .npz file ({type(err).__name__})") from None
+    if packed:
+        try:
+            return cifar10_train(path, normalization=norm if norm is not None else _UNIT)
+        except (ValueError, TypeError, ImportError) as err:
+            raise CliError(str(err)) from None
+    x, y, _, _ = load_data(path, args.normalize, norm, option="--finetune-data", model=user_spec(args.model))
+    return x, y
+
+
+_UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))      # no normalisation: x / 255 only
 
 
 def _held_out(args, x, y, norm):
@@ -148,7 +222,8 @@ def run(args) -> int:
     x_all, y_all, _, norm = load_data(args.data, args.normalize, norm, need=args.n, model=user_spec(args.model))
     x, y = x_all[:args.n], y_all[:args.n]
     options = dict(step=args.step, schedule=args.schedule, max_accuracy_drop=args.max_accuracy_drop, rule=args.rule,
-                   checkpoint=args.checkpoint, progress=None, search=search, **score_options(args))
+                   checkpoint=args.checkpoint, progress=None, search=search, finetune=_finetune(args, norm, (x, y)),
+                   **score_options(args))
     if args.compare is None:
         result = carfast.prune(model, args.layer, (x, y), keep=args.keep, criterion=args.criterion, **options)
     else:

@@ -32,15 +32,24 @@ __all__ = ["prune"]
 _FN = "prune"
 
 
-def _finetune(model, finetune):
+#: keys of a ``finetune=`` dict that are ``carfast.finetune.finetune``'s arguments, not ``FinetuneConfig`` fields
+_FINETUNE_ARGS = ("data", "teacher", "calibrate", "checkpoint")
+
+
+def _finetune(model, finetune, original):
+    """The pruned ``model`` fine-tuned as ``finetune`` says; a dict with ``distill`` > 0 and no ``teacher``
+    distils from ``original``, the model before pruning."""
     if callable(finetune):
         out = finetune(model)
         if not isinstance(out, nn.Module):
             raise TypeError(f"{_FN}: finetune must return the fine-tuned nn.Module, got {type(out).__name__}")
         return out
     from carfast.finetune import finetune as run_finetune
-    cfg = dict(finetune)
-    return run_finetune(model, cfg.pop("data"), cfg)
+    cfg = {k: v for k, v in finetune.items() if k not in _FINETUNE_ARGS}
+    args = {k: finetune[k] for k in _FINETUNE_ARGS[1:] if k in finetune}
+    if cfg.get("distill") and "teacher" not in args:
+        args["teacher"] = original
+    return run_finetune(model, finetune["data"], cfg, **args)
 
 
 def _quiet_scorers(config) -> None:
@@ -104,7 +113,10 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
             ``data``) below the input model's minus its budget; the other layers go on.
             ``PruneResult.stops`` (and the summary) say which layers stopped, where and why.
         finetune: None, a callable ``model -> model``, or a dict of ``FinetuneConfig`` fields plus ``data``
-            (training data) to fine-tune the pruned model (``carfast.finetune``).
+            (training data) to fine-tune the pruned model (``carfast.finetune``), and optionally
+            ``calibrate`` (images whose BatchNorm statistics are re-estimated afterwards), ``checkpoint``
+            (a path: resumable) and ``teacher``; with ``distill`` > 0 the teacher defaults to ``model``,
+            the network before pruning.
         checkpoint: a JSON path written after every removal; an existing one is resumed (a sequential run
             may be continued to a smaller ``keep``: the removals it already made are replayed).
         progress: None (a bar on a terminal, periodic lines elsewhere), True, False, or
@@ -177,8 +189,9 @@ def prune(model: nn.Module, layers, data, *, keep, step: int = 1, schedule: str 
                          {"accuracy": base.accuracy, "loss": base.loss, "num_images": base.num_images}, settings,
                          stats, scores=run.first_scores, stops=run.stops)
     if finetune is not None:
-        result.model = _finetune(result.model, finetune)
+        result.model = _finetune(result.model, finetune, model)
         result.finetuned_accuracy = evaluate(result.model, data, topk=topk).accuracy
-        result.settings["finetune"] = ({k: v for k, v in finetune.items() if k != "data"}
-                                       if isinstance(finetune, dict) else getattr(finetune, "__name__", "callable"))
+        result.settings["finetune"] = (
+            {k: v for k, v in finetune.items() if k not in _FINETUNE_ARGS or k == "checkpoint"}
+            if isinstance(finetune, dict) else getattr(finetune, "__name__", "callable"))
     return result

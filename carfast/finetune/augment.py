@@ -1,0 +1,31 @@
+"""Data augmentation of the fine-tune: ``random_crop_flip``, done in torch on each batch."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["random_crop_flip"]
+
+
+def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per image, a random H x W crop of ``x`` reflect-padded by ``padding`` and a random horizontal flip.
+
+    x: [N, C, H, W] float -> [N, C, H, W] (a new tensor). Reflect padding (not zeros) keeps the border
+    in the image's own colours whatever the normalisation; images smaller than ``padding + 1`` pixels
+    are zero-padded instead. Randomness from ``generator`` (drawn on the CPU, so results match across devices).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"random_crop_flip: expected images [N, C, H, W], got shape {tuple(x.shape)}; "
+                         "pass augment=False for non-image inputs")
+    n, _, h, w = x.shape
+    mode = "reflect" if min(h, w) > padding else "constant"
+    padded = F.pad(x, (padding,) * 4, mode=mode)
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]          # [N, 1, H, 1]
+    cols = dx[:, None] + torch.arange(w, device=x.device)                             # [N, W]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]           # [N, 1, 1, W]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chans, rows, cols]
