@@ -15,7 +15,9 @@ each retraining budget:
 - ``select2000``: the fine-tune on record (``whole_network.FINETUNE``: 10 epochs on the 2,000 lossless
   selection images), its results read from ``whole_<run>_seed<S>.json`` (run here where missing);
 - ``train5000``: 10 % of the CIFAR-10 training set (5,000 JPEG images, class-balanced), 10 epochs;
-- ``train50000``: the whole training set, ``FULL_EPOCHS`` epochs.
+- ``train50000``: the whole training set, ``FULL_EPOCHS`` epochs;
+- ``train5000-ce`` (an ablation, seed 0, three networks): ``train5000`` without distillation and without
+  re-estimating the BatchNorm statistics: what the JPEG training images alone do.
 
 The two training-set budgets use one recipe (``RECIPE``): SGD as the field retrains (Nesterov, lr 0.01
 cosine, batch 128, weight decay 5e-4, crop + flip), distillation from the unpruned network (distill 0.9,
@@ -59,16 +61,21 @@ RECIPE = {"lr": 0.01, "batch_size": 128, "schedule": "cosine", "augment": True, 
 #: the fine-tune on record (``whole_network.FINETUNE``)
 SELECT2000 = {"epochs": 10, "lr": 0.005, "batch_size": 128, "schedule": "cosine", "augment": True,
               "bn_stats": "update"}
-TRAIN = {"train5000": (5000, 10), "train50000": (50000, FULL_EPOCHS)}      # images, epochs
+TRAIN = {"train5000": (5000, 10), "train50000": (50000, FULL_EPOCHS), "train5000-ce": (5000, 10)}  # images, epochs
+#: the ablation ``train5000-ce``: the recipe without distillation and without re-estimating BatchNorm statistics
+#: on the lossless images, i.e. the labels of the JPEG training images alone
+CE_ONLY = {"distill": 0.0}
 
 
 def jobs() -> list[tuple[str, str, int]]:
-    """Every (run, budget, seed), cheapest budget first; within one, L1, CAR and the ceiling first."""
+    """Every (run, budget, seed), cheapest budget first; within one, L1, CAR and the ceiling first; the
+    ablation of the recipe (``train5000-ce``) before the full training set."""
     order = ("l1", "car-loss", "unpruned", "taylor", "car-accuracy", "random", "car-loss-race")
     out = [(r, "none", 0) for r in order]
-    for budget in ("select2000", "train5000", "train50000"):
+    for budget in ("select2000", "train5000"):
         out += [(r, budget, s) for s in SEEDS for r in order]
-    return out
+    out += [(r, "train5000-ce", 0) for r in ("unpruned", "l1", "car-loss")]
+    return out + [(r, "train50000", s) for s in SEEDS for r in order]
 
 
 def name(run: str, budget: str, seed: int) -> str:
@@ -120,13 +127,15 @@ def run_job(run: str, budget: str, seed: int, data: dict, threads: int) -> dict:
             return rec
         config = dict(SELECT2000, seed=seed)
         rec = {"config": config}
-        tuned = finetune(model, select, config, progress=True)
+        tuned = finetune(model, select, config, checkpoint=OUT / f"{name(run, budget, seed)}_ckpt.pt", progress=True)
     else:
         n, epochs = TRAIN[budget]
-        config = dict(RECIPE, epochs=epochs, seed=seed)
-        rec = {"config": config, "train_images": n}
-        tuned = finetune(model, data["train"](n), config, teacher=data["teacher"], calibrate=select,
-                         checkpoint=OUT / f"{name(run, budget, seed)}_ckpt.pt", progress=True)
+        ce = budget.endswith("-ce")
+        config = dict(RECIPE, epochs=epochs, seed=seed, **(CE_ONLY if ce else {}))
+        rec = {"config": config, "train_images": n, "calibrated": not ce}
+        tuned = finetune(model, data["train"](n), config, teacher=None if ce else data["teacher"],
+                         calibrate=None if ce else select, checkpoint=OUT / f"{name(run, budget, seed)}_ckpt.pt",
+                         progress=True)
     rec.update(seconds=time.perf_counter() - t0, threads=threads, held_out_correct=correct_string(tuned, held),
                selection_accuracy=evaluate(tuned, select).accuracy)
     return rec

@@ -129,7 +129,7 @@ def analyze(model: nn.Module, name: str, example: torch.Tensor, fn: str, group: 
         w = walk(graph, target, modules, allow_merge=group)
     except UnitMerge as err:
         raise FlowError(f"{fn}: layer {name!r}: its {err} ({_describe(err.op)}), so they cannot be removed one at "
-                        f"a time; score them together with carfast.score_group({name!r})", "merge") from None
+                        f"a time; score them together: pass carfast.Group({name!r}) as the layer", "merge") from None
     _check_ops(w, name, fn)
     readers, producers = _readers(w, name, fn), _producers(w, name, fn)
     entry = _coupling(w, producers)
@@ -309,8 +309,10 @@ def _coupled_message(fn: str, name: str, op: Op) -> str:
             f"channels meet other layers' channels at {op.label} (a residual add or the gated side of a "
             "multiplication), so removing one means removing it from every member of the coupling group. ")
     if fn.startswith("remove") or fn == "to_masks":
-        return head + f"Cut the group's channels with carfast.remove_groups({{{name!r}: channels}})"
-    return head + (f"Score the whole group with carfast.score_group({name!r}) (carfast score --group) or prune it "
+        return head + (f"Cut the group's channels with carfast.remove_filters({{carfast.Group({name!r}): channels}}) "
+                       f"(or carfast.remove_groups({{{name!r}: channels}}))")
+    return head + (f"Score the whole group as the target carfast.Group({name!r}) (carfast.score_group({name!r}); "
+                   "carfast score --group) or prune it "
                    f"with carfast.prune (which takes {name!r} as its group), or score a layer whose channels reach "
                    "only convolutions or linears, such as a ResNet block's first conv")
 
