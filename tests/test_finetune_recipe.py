@@ -130,6 +130,10 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     with pytest.raises(ValueError, match="written for 96 training images, data has 48"):
         finetune(_net(), (x[:48], y[:48]), dict(CFG, epochs=1), checkpoint=path, progress=False)
     finetune(_net(), (x, y), dict(CFG, epochs=1, checkpoint_images=64), checkpoint=path, progress=False)  # fine
+    wider = nn.Sequential(nn.Conv2d(3, 9, 3, padding=1), nn.BatchNorm2d(9), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Dropout(0.1), nn.Linear(9, 3))
+    with pytest.raises(ValueError, match="written for another model"):
+        finetune(wider, (x, y), dict(CFG, epochs=1), checkpoint=path, progress=False)
     with pytest.raises(ValueError, match="needs \\(inputs, labels\\) tensors"):
         finetune(_net(), [(x, y)], dict(CFG, epochs=1), checkpoint=tmp_path / "b.pt", progress=False)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")

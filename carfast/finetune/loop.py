@@ -214,7 +214,12 @@ class _Run:
         state = load_state(checkpoint, cfg, n) if checkpoint is not None else None
         epoch0, batch0, order = 0, 0, None
         if state is not None:
-            self.net.load_state_dict(state["model"])
+            try:
+                self.net.load_state_dict(state["model"])
+            except RuntimeError as err:
+                raise ValueError(f"finetune: the checkpoint {str(checkpoint)!r} was written for another model "
+                                 f"({str(err).splitlines()[0]}); pass the same model to resume, or delete it to start "
+                                 "over") from None
             self.opt.load_state_dict(state["optimizer"])
             self.gen.set_state(state["generator"])
             self.step, epoch0, batch0, order = state["step"], state["epoch"], state["batch"], state["order"]
