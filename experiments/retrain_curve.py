@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from whole_network import FINETUNE, save_figure
 
 import carfast
 from carfast.atomic import write_json_atomic
@@ -58,9 +58,8 @@ FULL_EPOCHS = 5
 #: the retraining recipe of the training-set budgets (``carfast.finetune``)
 RECIPE = {"lr": 0.01, "batch_size": 128, "schedule": "cosine", "augment": True, "bn_stats": "update",
           "distill": 0.9, "temperature": 4.0, "channels_last": True}
-#: the fine-tune on record (``whole_network.FINETUNE``)
-SELECT2000 = {"epochs": 10, "lr": 0.005, "batch_size": 128, "schedule": "cosine", "augment": True,
-              "bn_stats": "update"}
+#: the fine-tune on record
+SELECT2000 = {k: v for k, v in FINETUNE.items() if k != "seed"}
 TRAIN = {"train5000": (5000, 10), "train50000": (50000, FULL_EPOCHS), "train5000-ce": (5000, 10)}  # images, epochs
 #: the ablation ``train5000-ce``: the recipe without distillation and without re-estimating BatchNorm statistics
 #: on the lossless images, i.e. the labels of the JPEG training images alone
@@ -252,12 +251,7 @@ def figure(path: Path) -> None:
     ax.set_title("ResNet-56, every block conv1 at half: accuracy after retraining", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -251,6 +251,12 @@ def figure(out_dir: Path, settings: dict, path: Path) -> None:
     right.set_title("held out, before and after one fixed fine-tune", fontsize=10)
     right.grid(axis="y", alpha=0.3)
     right.legend(fontsize=8, loc="upper center", ncol=2)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` (a PNG) atomically and close it."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
