@@ -311,7 +311,7 @@ def _coupled_message(fn: str, name: str, op: Op) -> str:
     if fn.startswith("remove") or fn == "to_masks":
         return head + (f"Cut the group's channels with carfast.remove_filters({{carfast.Group({name!r}): channels}}) "
                        f"(or carfast.remove_groups({{{name!r}: channels}}))")
-    return head + (f"Score the whole group as the target carfast.Group({name!r}) (carfast.score_group({name!r}); "
+    return head + (f"Score the whole group with carfast.score_group({name!r}) (the target carfast.Group({name!r}); "
                    "carfast score --group) or prune it "
                    f"with carfast.prune (which takes {name!r} as its group), or score a layer whose channels reach "
                    "only convolutions or linears, such as a ResNet block's first conv")
