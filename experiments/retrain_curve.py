@@ -28,11 +28,19 @@ one (network, budget, seed) with seeds 0 and 1; it checkpoints as it trains
 (``results/retrain/<job>_ckpt.pt``) and resumes when run again, and writes
 ``results/retrain/<job>.json`` with each held-out image's correctness, so differences from L1 are paired
 image by image.
+
+Two workers may run at once (``--work`` twice, e.g. ``--seed-first 1`` for the second): each claims its job
+with a lock file. The teacher's logits are memoised on disk by the content of the batch (``MemoTeacher``):
+the batches a seed draws do not depend on the network trained, so every network after the first of a seed
+reads the teacher's outputs instead of recomputing them (about 40 % of a pruned network's training step), and
+the result is the same bit for bit.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -50,7 +58,7 @@ SHARED = REPO.parent / "shared" / "data" / "cifar10"
 RESULTS = REPO / "experiments" / "results"
 OUT = RESULTS / "retrain"
 FIGURE = REPO / "experiments" / "figures" / "retrain_curve.png"
-RUNS = ("car-loss", "car-accuracy", "taylor", "l1", "random", "car-loss-race", "unpruned")
+RUNS = ("car-loss", "car-accuracy", "taylor", "l1", "random", "car-loss-race", "car-loss-staged", "unpruned")
 BUDGETS = ("none", "select2000", "train5000", "train50000")
 SEEDS = (0, 1)
 N_SELECT, N_HELD = 2000, 5000
@@ -66,10 +74,63 @@ TRAIN = {"train5000": (5000, 10), "train50000": (50000, FULL_EPOCHS), "train5000
 CE_ONLY = {"distill": 0.0}
 
 
+class MemoTeacher(torch.nn.Module):
+    """``teacher`` whose outputs are kept in ``folder``, one file per input batch, keyed by the batch's bytes.
+
+    forward(x: (N, 3, 32, 32)) -> (N, 10) logits, read from the folder when that exact batch was seen
+    before (by any process), else computed and written atomically. Exact: a batch's logits are what the
+    teacher gave for those very bytes. ``counts`` (a class attribute: ``finetune`` works on a deep copy)
+    tallies the batches read and computed.
+    """
+    counts = {"read": 0, "computed": 0}
+
+    def __init__(self, teacher: torch.nn.Module, folder: Path):
+        super().__init__()
+        self.teacher, self.folder = teacher, Path(folder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = hashlib.blake2b(x.detach().cpu().numpy().tobytes(), digest_size=20).hexdigest()
+        path = self.folder / f"{key}.pt"
+        if path.is_file():
+            MemoTeacher.counts["read"] += 1
+            return torch.load(path, weights_only=True)
+        MemoTeacher.counts["computed"] += 1
+        out = self.teacher(x)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(out.detach().clone(), tmp)
+        os.replace(tmp, path)
+        return out
+
+
+def chosen(run: str) -> bool:
+    """Whether ``run``'s pruning has finished (``staged_car.py`` may not have run yet)."""
+    return run == "unpruned" or (RESULTS / f"whole_{run}_ckpt.json").is_file()
+
+
+def claim(job: str) -> bool:
+    """Take ``job`` for this process by creating its lock file; False when a live process holds it."""
+    lock = OUT / f"{job}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False                     # held by a live worker
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)     # left by a worker that stopped
+                continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return True
+    return False
+
+
 def jobs() -> list[tuple[str, str, int]]:
     """Every (run, budget, seed), cheapest budget first; within one, L1, CAR and the ceiling first; the
     ablation of the recipe (``train5000-ce``) before the full training set."""
-    order = ("l1", "car-loss", "unpruned", "taylor", "car-accuracy", "random", "car-loss-race")
+    order = ("l1", "car-loss", "unpruned", "taylor", "car-accuracy", "random", "car-loss-race", "car-loss-staged")
     out = [(r, "none", 0) for r in order]
     for budget in ("select2000", "train5000"):
         out += [(r, budget, s) for s in SEEDS for r in order]
@@ -86,12 +147,14 @@ def pruned(run: str, select) -> torch.nn.Module:
     model = carfast.models.cifar_resnet(56)
     if run == "unpruned":
         return model
-    history = json.loads((RESULTS / f"whole_{run}_ckpt.json").read_text())["history"]
+    rec = json.loads((RESULTS / f"whole_{run}_ckpt.json").read_text())
+    history = rec["history"]
     removed: dict[str, list[int]] = {}
     for row in history:
         removed.setdefault(row["layer"], []).append(row["filter"])
     net = carfast.remove_filters(model, removed).eval()
-    got, want = evaluate(net, select).correct, history[-1]["correct"]
+    # (staged_car.py chose on networks that recovered between stages: it records the rebuilt network's count)
+    got, want = evaluate(net, select).correct, rec.get("rebuilt_correct", history[-1]["correct"])
     if abs(got - want) > 2:     # (a near tie may flip with another thread count; a wrong rebuild moves hundreds)
         raise RuntimeError(f"{run}: the rebuilt network gets {got} selection images right, the run's history {want}")
     return net
@@ -117,6 +180,8 @@ def run_job(run: str, budget: str, seed: int, data: dict, threads: int) -> dict:
     select, held = data["select"], data["held"]
     model = pruned(run, select)
     t0 = time.perf_counter()
+    # a job resumed from its checkpoint times only this sitting: the time table leaves it out
+    resumed = (OUT / f"{name(run, budget, seed)}_ckpt.pt").is_file()
     if budget == "none":
         rec = {"config": None}
         tuned = model
@@ -132,11 +197,14 @@ def run_job(run: str, budget: str, seed: int, data: dict, threads: int) -> dict:
         ce = budget.endswith("-ce")
         config = dict(RECIPE, epochs=epochs, seed=seed, **(CE_ONLY if ce else {}))
         rec = {"config": config, "train_images": n, "calibrated": not ce}
+        MemoTeacher.counts.update(read=0, computed=0)
         tuned = finetune(model, data["train"](n), config, teacher=None if ce else data["teacher"],
                          calibrate=None if ce else select, checkpoint=OUT / f"{name(run, budget, seed)}_ckpt.pt",
                          progress=True)
-    rec.update(seconds=time.perf_counter() - t0, threads=threads, held_out_correct=correct_string(tuned, held),
-               selection_accuracy=evaluate(tuned, select).accuracy)
+        if not ce:      # the teacher's batches read from the memo make a job faster (its seconds say less)
+            rec["teacher_batches"] = dict(MemoTeacher.counts)
+    rec.update(seconds=time.perf_counter() - t0, resumed=resumed, threads=threads,
+               held_out_correct=correct_string(tuned, held), selection_accuracy=evaluate(tuned, select).accuracy)
     return rec
 
 
@@ -148,7 +216,7 @@ def load(run: str, budget: str, seed: int) -> dict | None:
 def work(args) -> None:
     torch.set_num_threads(args.threads)
     x, y = carfast.data.cifar10_test(path=args.test)
-    teacher = carfast.models.cifar_resnet(56).eval()
+    teacher = MemoTeacher(carfast.models.cifar_resnet(56).eval(), OUT / "teacher_logits")
     cache = {}
 
     def train(n):
@@ -160,17 +228,28 @@ def work(args) -> None:
     data = {"select": (x[:N_SELECT], y[:N_SELECT]), "held": held, "teacher": teacher, "train": train}
     OUT.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 3600 * args.hours
-    for run, budget, seed in jobs():
+    todo = jobs()
+    if args.seed_first is not None:      # within each budget, this seed's jobs first (a second worker's order)
+        budget_rank = {b: i for i, b in enumerate(dict.fromkeys(b for _, b, _ in todo))}
+        todo.sort(key=lambda j: (budget_rank[j[1]], j[2] != args.seed_first))
+    for run, budget, seed in todo:
         if time.time() > deadline:
             break
-        if load(run, budget, seed) is not None or (args.only and budget not in args.only):
+        job = name(run, budget, seed)
+        if load(run, budget, seed) is not None or (args.only and budget not in args.only) or not chosen(run) \
+                or not claim(job):
             continue
-        print(f"== {name(run, budget, seed)}", flush=True)
-        rec = run_job(run, budget, seed, data, args.threads)
-        acc = rec["held_out_correct"].count("1") / len(rec["held_out_correct"])
-        write_json_atomic(OUT / f"{name(run, budget, seed)}.json",
-                          {"run": run, "budget": budget, "seed": seed, "held_out_accuracy": acc, **rec})
-        print(f"   {100 * acc:.2f} % held out", flush=True)
+        try:
+            if load(run, budget, seed) is not None:     # finished by another worker since
+                continue
+            print(f"== {job}", flush=True)
+            rec = run_job(run, budget, seed, data, args.threads)
+            acc = rec["held_out_correct"].count("1") / len(rec["held_out_correct"])
+            write_json_atomic(OUT / f"{job}.json",
+                              {"run": run, "budget": budget, "seed": seed, "held_out_accuracy": acc, **rec})
+            print(f"   {100 * acc:.2f} % held out", flush=True)
+        finally:
+            (OUT / f"{job}.lock").unlink(missing_ok=True)
 
 
 def results() -> dict:
@@ -214,14 +293,37 @@ def table() -> str:
                 cell += f"<br>{100 * d[0]:+.2f} ± {100 * d[1]:.2f}"
             cells.append(cell)
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
-    times = ["", "| budget | median seconds per job | jobs | threads |", "| --- | ---: | ---: | ---: |"]
+    times = ["", "| budget | median s per pruned network's job, teacher computed (jobs) | the same, teacher read "
+             "from the memo (jobs) |", "| --- | ---: | ---: |"]
     for budget in BUDGETS[1:]:
-        secs = [(r["seconds"], r.get("threads")) for r in (load(*j) for j in jobs() if j[1] == budget)
-                if r is not None and r.get("seconds")]
-        if secs:
-            times.append(f"| {budget} | {statistics.median(s for s, _ in secs):,.0f} | {len(secs)} | "
-                         f"{sorted({t for _, t in secs})} |")
-    return "\n".join(lines + times)
+        recs = [r for r in (load(*j) for j in jobs() if j[1] == budget and j[0] != "unpruned")
+                if r is not None and r.get("seconds") and not r.get("resumed")]
+        read = [r["seconds"] for r in recs if r.get("teacher_batches", {}).get("read", 0) > 0]
+        computed = [r["seconds"] for r in recs if r.get("teacher_batches", {}).get("read", 0) == 0]
+        cells = [f"{statistics.median(v):,.0f} ({len(v)})" if v else "" for v in (computed, read)]
+        if recs:
+            times.append(f"| {budget} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + times + ablation(res))
+
+
+def ablation(res: dict) -> list[str]:
+    """The recipe against the labels alone (``train5000-ce``), seed 0: each network's held-out top-1 and,
+    for the pruned ones, the paired difference from L1 under the same recipe."""
+    out = ["", "| network | train5000, seed 0 (the recipe) | train5000-ce, seed 0 (labels alone) |",
+           "| --- | ---: | ---: |"]
+    for run in ("unpruned", "l1", "car-loss"):
+        cells = []
+        for budget in ("train5000", "train5000-ce"):
+            mine = {0: res[(run, budget)][0]} if 0 in res.get((run, budget), {}) else {}
+            if not mine:
+                cells.append("")
+                continue
+            cell = f"{100 * sum(mine[0]) / len(mine[0]):.2f}"
+            base = res.get(("l1", budget), {})
+            d = paired(mine, {0: base[0]}) if run not in ("l1", "unpruned") and 0 in base else None
+            cells.append(cell + (f"<br>{100 * d[0]:+.2f} ± {100 * d[1]:.2f}" if d else ""))
+        out.append(f"| {run} | " + " | ".join(cells) + " |")
+    return out
 
 
 def figure(path: Path) -> None:
@@ -231,7 +333,7 @@ def figure(path: Path) -> None:
 
     res = results()
     colours = {"car-loss": "tab:red", "car-accuracy": "darkred", "taylor": "tab:green", "l1": "tab:blue",
-               "random": "0.5", "car-loss-race": "tab:orange", "unpruned": "k"}
+               "random": "0.5", "car-loss-race": "tab:orange", "car-loss-staged": "tab:purple", "unpruned": "k"}
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
     for run in RUNS:
         xs, ys, es = [], [], []
@@ -258,7 +360,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", action="store_true", help="run the next unfinished jobs")
     ap.add_argument("--hours", type=float, default=100.0, help="start no job after this many hours")
-    ap.add_argument("--only", nargs="*", choices=BUDGETS, help="run only these budgets' jobs")
+    ap.add_argument("--only", nargs="*", choices=BUDGETS + ("train5000-ce",), help="run only these budgets' jobs")
+    ap.add_argument("--seed-first", type=int, choices=SEEDS, help="within each budget, take this seed's jobs first")
     ap.add_argument("--status", action="store_true", help="list the jobs done and left")
     ap.add_argument("--table", action="store_true", help="print the results as Markdown tables")
     ap.add_argument("--figure", type=Path, nargs="?", const=FIGURE, help="draw the curve")

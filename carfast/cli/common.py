@@ -272,7 +272,7 @@ def load_data(path: str | None, normalize: str | None, default_norm, need: int |
                        "normalisation carfast cannot know: pass --normalize MEAN/STD as in its training (e.g. "
                        "0.49,0.48,0.45/0.25,0.24,0.26), cifar, or none (only scaled to [0, 1])")
     if raw is None:
-        x, y = cifar10_test(normalization=norm if norm is not None else _UNIT)
+        x, y = cifar10_test(normalization=norm if norm is not None else NO_NORMALIZATION)
         classes = cifar10_classes()
     else:
         try:
@@ -285,7 +285,7 @@ def load_data(path: str | None, normalize: str | None, default_norm, need: int |
     return x, y, classes, norm
 
 
-_UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))      # no normalisation: x / 255 only
+NO_NORMALIZATION = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))      # no normalisation: x / 255 only
 
 
 def plain_norm(norm) -> list | None:

@@ -17,6 +17,7 @@ import os
 from carfast.cli.common import (
     DATA_HELP,
     KEEP_HELP,
+    NO_NORMALIZATION,
     CliError,
     add_compute_options,
     add_data_options,
@@ -157,14 +158,11 @@ def _finetune_data(args, norm):
         raise CliError(f"--finetune-data {path} is not an .npz file ({type(err).__name__})") from None
     if packed:
         try:
-            return cifar10_train(path, normalization=norm if norm is not None else _UNIT)
+            return cifar10_train(path, normalization=norm if norm is not None else NO_NORMALIZATION)
         except (ValueError, TypeError, ImportError) as err:
             raise CliError(str(err)) from None
     x, y, _, _ = load_data(path, args.normalize, norm, option="--finetune-data", model=user_spec(args.model))
     return x, y
-
-
-_UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))      # no normalisation: x / 255 only
 
 
 def _held_out(args, x, y, norm):
