@@ -278,11 +278,16 @@ def _training_npz(tmp_path, packed: bool) -> str:
 def test_prune_then_finetune_with_distillation(tmp_path, capsys, packed):
     out, ckpt = tmp_path / "r.pt", tmp_path / "ft.pt"
     data = _training_npz(tmp_path, packed)
+    pad = ["--finetune-pad", "black"] if packed else []
     assert main(["prune", "--model", "resnet20", "--layer", "layer1.0.conv1", "--n", "40", "--keep", "14",
                  "--finetune-data", data, "--finetune-epochs", "1", "--finetune-batch-size", "16", "--distill", "0.9",
-                 "--bn-stats", "update", "--calibrate", "--finetune-checkpoint", str(ckpt), "--out", str(out)]) == 0
+                 "--bn-stats", "update", "--calibrate", "--finetune-checkpoint", str(ckpt), "--out", str(out),
+                 *pad]) == 0
     result = carfast.load_pruned(out)
     assert result.settings["finetune"]["distill"] == 0.9 and result.settings["finetune"]["checkpoint"] == str(ckpt)
+    mean, std = carfast.models.cifar.CIFAR_RESNET_NORMALIZATION     # black after the model's normalisation
+    black = [-m / s for m, s in zip(mean, std)]
+    assert result.settings["finetune"]["pad_fill"] == (pytest.approx(black) if packed else None)
     assert result.finetuned_accuracy is not None and ckpt.exists()
     assert "fine-tuned top-1 %" in capsys.readouterr().out
 
@@ -292,6 +297,7 @@ def test_prune_then_finetune_with_distillation(tmp_path, capsys, packed):
     (["--calibrate", "--finetune-epochs", "2"], "--finetune-epochs, --calibrate set(s) the fine-tune"),
     (["--finetune-data", "XY", "--distill", "2"], "fine-tune: distill must be a number in [0, 1]"),
     (["--finetune-data", "MISSING"], "--finetune-data"),
+    (["--finetune-pad", "black"], "--finetune-pad set(s) the fine-tune"),
 ])
 def test_prune_finetune_bad_arguments(argv, expected, tmp_path, capsys):
     argv = [_training_npz(tmp_path, False) if a == "XY" else str(tmp_path / "nope.npz") if a == "MISSING" else a

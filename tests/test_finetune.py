@@ -163,6 +163,23 @@ def test_random_crop_flip_is_a_window_of_the_padded_image(shape):
     assert torch.equal(out, again)
 
 
+@pytest.mark.parametrize("fill", [0.0, -1.5, (-2.0, 0.5, 3.0)])
+def test_random_crop_flip_pads_with_the_fill(fill):
+    """A constant ``fill`` (one value, or one per channel) pads instead of reflection; the image itself is
+    copied unchanged."""
+    x = torch.randn(16, 3, 8, 8)
+    out = random_crop_flip(x, 4, torch.Generator().manual_seed(0), fill=fill)
+    value = torch.as_tensor(fill, dtype=x.dtype).reshape(-1, 1, 1).expand(3, 16, 16)
+    padded = value.clone().unsqueeze(0).repeat(16, 1, 1, 1)
+    padded[:, :, 4:12, 4:12] = x
+    for i in range(16):
+        windows = [padded[i, :, r:r + 8, c:c + 8] for r in range(9) for c in range(9)]
+        assert any(torch.equal(out[i], v) or torch.equal(out[i], v.flip(-1)) for v in windows)
+    assert (out == value[:, :8, :8]).any()          # some border was padded
+    with pytest.raises(ValueError, match="fill has 2 values for 3 channels"):
+        random_crop_flip(x, 4, fill=(0.0, 1.0))
+
+
 def test_random_crop_flip_varies():
     x = torch.randn(32, 3, 8, 8)
     out = random_crop_flip(x, 4, torch.Generator().manual_seed(0))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carfast.finetune import FinetuneConfig, finetune, recalibrate_bn
+from carfast.finetune import FinetuneConfig, finetune, random_crop_flip, recalibrate_bn
 
 
 def _net(seed=0):
@@ -88,12 +88,58 @@ def test_recalibrate_bn_is_the_statistics_of_the_images():
         recalibrate_bn(nn.Linear(3, 2), (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)))
 
 
-def test_finetune_calibrate_equals_recalibrating_after():
+@pytest.mark.parametrize("pad_fill", [None, -1.0])
+def test_finetune_calibrate_equals_recalibrating_after(pad_fill):
+    """calibrate= re-estimates on the images augmented as the training batches are (seeded with the
+    config's seed), over calibrate_passes passes; without augmentation, on the images as they are."""
     x, y = _data()
     clean = _data(64, seed=5)
-    a = finetune(_net(), (x, y), CFG, calibrate=clean, progress=False)
-    b = recalibrate_bn(finetune(_net(), (x, y), CFG, progress=False), clean, batch_size=CFG["batch_size"])
+    cfg = dict(CFG, pad_fill=pad_fill, calibrate_passes=3)
+    a = finetune(_net(), (x, y), cfg, calibrate=clean, progress=False)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    b = recalibrate_bn(finetune(_net(), (x, y), cfg, progress=False), clean, batch_size=CFG["batch_size"],
+                       transform=lambda t: random_crop_flip(t, 4, gen, pad_fill), passes=3)
     assert _same(a, b)
+    plain = dict(cfg, augment=False)
+    a = finetune(_net(), (x, y), plain, calibrate=clean, progress=False)
+    b = recalibrate_bn(finetune(_net(), (x, y), plain, progress=False), clean, batch_size=CFG["batch_size"])
+    assert _same(a, b)
+
+
+def test_recalibrate_bn_transform_and_passes():
+    """Passes of the same images leave the statistics as one pass does; ``transform`` applies to every
+    batch; bad values are refused."""
+    model, data = _net(), _data(64)
+    one = recalibrate_bn(model, data, batch_size=32)
+    three = recalibrate_bn(model, data, batch_size=32, passes=3)
+    assert torch.allclose(one[1].running_mean, three[1].running_mean, atol=1e-6)
+    assert torch.allclose(one[1].running_var, three[1].running_var, rtol=1e-5)
+    doubled = recalibrate_bn(model, data, batch_size=32, transform=lambda t: 2 * t)
+    direct = recalibrate_bn(model, (2 * data[0], data[1]), batch_size=32)
+    assert torch.equal(doubled[1].running_mean, direct[1].running_mean)
+    with pytest.raises(ValueError, match="passes must be a positive int"):
+        recalibrate_bn(model, data, passes=0)
+    with pytest.raises(TypeError, match="transform must be callable"):
+        recalibrate_bn(model, data, transform=3)
+
+
+def test_pad_fill_is_checked_and_old_checkpoints_resume(tmp_path):
+    """pad_fill takes None, a number or one per channel (a list becomes a tuple); a checkpoint written
+    before a config field existed resumes when the field has its default."""
+    assert FinetuneConfig(pad_fill=[-1, 0.5, 2.0]).pad_fill == (-1, 0.5, 2.0)
+    for bad in ("black", (), (1.0, float("nan")), True):
+        with pytest.raises(ValueError, match="pad_fill must be None"):
+            FinetuneConfig(pad_fill=bad)
+    x, y = _data()
+    ckpt = tmp_path / "ft.pt"
+    done = finetune(_net(), (x, y), CFG, checkpoint=ckpt, progress=False)
+    state = torch.load(ckpt, weights_only=True)
+    for key in ("pad_fill", "calibrate_passes"):
+        del state["config"][key]
+    torch.save(state, ckpt)
+    assert _same(finetune(_net(), (x, y), CFG, checkpoint=ckpt, progress=False), done)
+    with pytest.raises(ValueError, match="pad_fill: None there, -1.0 now"):
+        finetune(_net(), (x, y), dict(CFG, pad_fill=-1.0), checkpoint=ckpt, progress=False)
 
 
 class _Stop(Exception):

@@ -115,6 +115,9 @@ def _add_finetune_options(r) -> None:
     ft.add_argument("--finetune-checkpoint", metavar="FILE", default=None,
                     help="save the fine-tune's state here as it goes; a later run with the same options resumes it")
     ft.add_argument("--finetune-seed", type=int, default=None, help="seed of the order and augmentation (default 0)")
+    ft.add_argument("--finetune-pad", choices=("reflect", "black"), default=None,
+                    help="how the random crops are padded: reflect (default) or black, as torchvision's "
+                         "RandomCrop(padding=4) pads, which the bundled CIFAR networks were trained with")
 
 
 #: --flag: the ``FinetuneConfig`` field it sets (unset flags keep the field's default)
@@ -127,12 +130,16 @@ def _finetune(args, norm, scoring):
     given without --finetune-data, or a value is out of range)."""
     fields = {f: getattr(args, k) for k, f in _FINETUNE_FIELDS.items() if getattr(args, k) is not None}
     if args.finetune_data is None:
-        given = [f"--{k.replace('_', '-')}" for k in (*_FINETUNE_FIELDS, "calibrate", "finetune_checkpoint")
+        given = [f"--{k.replace('_', '-')}" for k in (*_FINETUNE_FIELDS, "calibrate", "finetune_checkpoint",
+                                                      "finetune_pad")
                  if getattr(args, k) not in (None, False)]
         if given:
             raise CliError(f"{', '.join(given)} set(s) the fine-tune; add --finetune-data FILE.npz (training images)")
         return None
     from carfast.finetune import FinetuneConfig
+    if args.finetune_pad == "black":      # a black pixel after the normalisation in use
+        mean, std = norm if norm is not None else NO_NORMALIZATION
+        fields["pad_fill"] = tuple(-m / s for m, s in zip(mean, std))
     try:
         config = FinetuneConfig(**fields).to_dict()
     except ValueError as err:

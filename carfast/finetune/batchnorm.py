@@ -21,8 +21,9 @@ def _norms(net: nn.Module) -> list:
     return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def recalibrate(net: nn.Module, data, batch_size: int, device, fn: str) -> None:
-    """Re-estimate ``net``'s BatchNorm statistics in place (``net`` is the caller's own copy)."""
+def recalibrate(net: nn.Module, data, batch_size: int, device, fn: str, transform=None, passes: int = 1) -> None:
+    """Re-estimate ``net``'s BatchNorm statistics in place (``net`` is the caller's own copy), over
+    ``passes`` passes of ``data``, each batch's inputs through ``transform`` (or as they are)."""
     norms = _norms(net)
     if not norms:
         raise ValueError(f"{fn}: the model has no BatchNorm layer with running statistics, so there is nothing to "
@@ -37,12 +38,14 @@ def recalibrate(net: nn.Module, data, batch_size: int, device, fn: str) -> None:
     seen = 0
     try:
         with torch.no_grad():
-            for batch in _batches(data, batch_size, fn):
-                x, _ = check_batch(batch, fn)
-                if x.shape[0] < 2:
-                    continue       # a one-image batch has no variance
-                net(x.to(device))
-                seen += x.shape[0]
+            for _ in range(passes):
+                for batch in _batches(data, batch_size, fn):
+                    x, _ = check_batch(batch, fn)
+                    if x.shape[0] < 2:
+                        continue       # a one-image batch has no variance
+                    x = x.to(device)
+                    net(transform(x) if transform is not None else x)
+                    seen += x.shape[0]
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
@@ -61,8 +64,15 @@ def _batches(data, batch_size: int, fn: str):
     yield from as_batches(data, fn)
 
 
-def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, device=None) -> nn.Module:
+def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, device=None, transform=None,
+                   passes: int = 1) -> nn.Module:
     """A copy of ``model`` (eval mode) whose BatchNorm running statistics are re-estimated on ``data``.
+
+    Estimate them on images as the network saw them in training: a network trained on augmented batches
+    normalises with their statistics, so pass its augmentation as ``transform`` (e.g. ``lambda x:
+    random_crop_flip(x, 4, torch.Generator().manual_seed(0), fill=black)``) and a few ``passes``. The
+    pretrained ResNet-56 re-estimated on 2,000 plain test images loses 1.8 points of test accuracy, and
+    none on four passes of them cropped with the black padding it was trained with (experiments/RESULTS.md).
 
     Args:
         model: the network; never changed.
@@ -70,14 +80,21 @@ def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, device=None
             images of the distribution the network will be evaluated on.
         batch_size: images per forward pass for tensor data.
         device: where to run (default: where the model's parameters are).
+        transform: None, or ``callable(inputs [B, ...]) -> inputs [B, ...]`` applied to every batch.
+        passes: how many times to run over ``data`` (a positive int; more than one makes sense with a
+            random ``transform``).
     Returns:
         The recalibrated copy in eval mode.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"recalibrate_bn: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"recalibrate_bn: passes must be a positive int, got {passes!r}")
+    if transform is not None and not callable(transform):
+        raise TypeError(f"recalibrate_bn: transform must be callable or None, got {type(transform).__name__}")
     net = copy.deepcopy(model)
     device = torch.device(device) if device is not None else next(
         (t.device for t in [*net.parameters(), *net.buffers()]), torch.device("cpu"))
     net.to(device)
-    recalibrate(net, data, batch_size, device, "recalibrate_bn")
+    recalibrate(net, data, batch_size, device, "recalibrate_bn", transform, passes)
     return net.eval()

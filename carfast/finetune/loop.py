@@ -105,8 +105,9 @@ def finetune(model: nn.Module, data, config: FinetuneConfig | dict | None = None
         teacher: a network to distil from (``config.distill`` > 0), e.g. the model before pruning; copied,
             run in eval mode, never changed.
         calibrate: images of the test distribution (tensors or batches, as ``recalibrate_bn`` takes) on
-            which every BatchNorm's statistics are re-estimated after training; None keeps those training
-            left (``config.bn_stats``).
+            which every BatchNorm's statistics are re-estimated after training, augmented as the training
+            batches are (``config.augment``, ``pad_fill``) over ``config.calibrate_passes`` passes; None
+            keeps those training left (``config.bn_stats``).
         checkpoint: a file path: the state is saved there as training goes (``state.py``); a run given the
             path of an unfinished run's checkpoint, with the same model, data and config, resumes it and
             ends with the weights the uninterrupted run gives; a finished one returns its result at
@@ -143,8 +144,11 @@ def finetune(model: nn.Module, data, config: FinetuneConfig | dict | None = None
         run.train_tensors(x_all, y_all, checkpoint, progress)
     else:
         run.train_batches(data, progress)
-    if calibrate is not None:
-        recalibrate(run.net, calibrate, cfg.batch_size, device, "finetune")
+    if calibrate is not None:     # on the images augmented as the training batches were, seeded apart from them
+        gen = torch.Generator().manual_seed(cfg.seed)
+        augment = (lambda x: random_crop_flip(x, 4, gen, cfg.pad_fill)) if cfg.augment else None
+        recalibrate(run.net, calibrate, cfg.batch_size, device, "finetune", augment,
+                    cfg.calibrate_passes if cfg.augment else 1)
     return run.net.to(memory_format=torch.contiguous_format).eval()
 
 
@@ -178,7 +182,7 @@ class _Run:
             frac = min(self.step / max(self.total_steps, 1), 1.0)
             for group in self.opt.param_groups:
                 group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
-        x = random_crop_flip(x, 4, self.gen) if cfg.augment else x
+        x = random_crop_flip(x, 4, self.gen, cfg.pad_fill) if cfg.augment else x
         if x.dim() == 4:
             x = x.contiguous(memory_format=self.memory)
         loss = _loss(self.net, self.teacher, x, y, cfg, labels_to_check)

@@ -43,11 +43,12 @@ def load_state(path, cfg: FinetuneConfig, num_images: int) -> dict | None:
         raise ValueError(f"finetune: {where!r} is not a fine-tune checkpoint (format "
                          f"{obj.get('format') if isinstance(obj, dict) else None!r}); pass another path")
     mine = cfg.to_dict()
-    differ = sorted(k for k in set(mine) | set(obj["config"])
-                    if mine.get(k) != obj["config"].get(k) and k != "checkpoint_images")   # (when to save only)
+    theirs = {**FinetuneConfig().to_dict(), **obj["config"]}     # (fields added since: their defaults)
+    differ = sorted(k for k in set(mine) | set(theirs)
+                    if mine.get(k) != theirs.get(k) and k != "checkpoint_images")   # (when to save only)
     if differ:
         raise ValueError(f"finetune: the checkpoint {where!r} was written with another config ("
-                         + ", ".join(f"{k}: {obj['config'].get(k)!r} there, {mine.get(k)!r} now" for k in differ)
+                         + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)
                          + "); pass the same config to resume, or delete the checkpoint to start over")
     if obj["num_images"] != num_images:
         raise ValueError(f"finetune: the checkpoint {where!r} was written for {obj['num_images']} training images, "
