@@ -14,8 +14,8 @@ def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generat
     x: [N, C, H, W] float -> [N, C, H, W] (a new tensor). ``fill`` None pads by reflection, which keeps the
     border in the image's own colours whatever the normalisation (images smaller than ``padding + 1``
     pixels are zero-padded instead); a number, or one per channel, pads with that constant, in the units
-    of ``x``: torchvision's ``RandomCrop(32, padding=4)``, which most CIFAR networks were trained with, pads
-    with black, i.e. ``-mean / std`` per channel after normalisation. Randomness from ``generator`` (drawn
+    of ``x``: torchvision's ``RandomCrop(32, padding=4)`` pads with black, i.e. ``-mean / std`` per
+    channel after normalisation. Randomness from ``generator`` (drawn
     on the CPU, so results match across devices).
     """
     if x.dim() != 4:

@@ -22,8 +22,8 @@ class FinetuneConfig:
     "constant" keeps ``lr``. ``augment``: random crop of the image padded by 4 pixels and a random
     horizontal flip, per image (``random_crop_flip``); ``pad_fill`` None pads by reflection, a number or
     one per channel pads with that constant (in the data's units; black is ``-mean / std`` per channel
-    for normalised images). Use the padding the network was trained with: the pretrained CIFAR ResNets
-    were trained with black padding, and their BatchNorm statistics are those of such crops.
+    for normalised images). Use the padding the network was trained with: the bundled CIFAR ResNets'
+    BatchNorm statistics are those of black-padded crops (experiments/RESULTS.md).
     ``max_images``: at most this many images per epoch.
     ``seed`` fixes the shuffle, the augmentation and dropout, so runs repeat bit for bit.
     ``bn_stats``: "freeze" (default) keeps every BatchNorm's running mean and variance as they are (the
