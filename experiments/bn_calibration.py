@@ -18,7 +18,7 @@ import torch
 
 import carfast
 from carfast.atomic import write_json_atomic
-from carfast.finetune import random_crop_flip, recalibrate_bn
+from carfast.finetune import black_fill, random_crop_flip, recalibrate_bn
 from carfast.pruning.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     x, y = carfast.data.cifar10_test(path=args.test)
     select, held = (x[:2000], y[:2000]), (x[2000:7000], y[2000:7000])
     model = carfast.models.cifar_resnet(56).eval()
-    black = tuple(-m / s for m, s in zip(*carfast.models.cifar.CIFAR_RESNET_NORMALIZATION))
+    black = black_fill(carfast.models.cifar.CIFAR_RESNET_NORMALIZATION)
 
     def crops(fill):
         gen = torch.Generator().manual_seed(0)

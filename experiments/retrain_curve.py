@@ -49,8 +49,8 @@ import torch
 from whole_network import FINETUNE, save_figure
 
 import carfast
-from carfast.atomic import write_json_atomic
-from carfast.finetune import finetune
+from carfast.atomic import atomic_path, write_json_atomic
+from carfast.finetune import black_fill, finetune
 from carfast.pruning.evaluate import evaluate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ FULL_EPOCHS = 5
 RECIPE = {"lr": 0.01, "batch_size": 128, "schedule": "cosine", "augment": True, "bn_stats": "update",
           "distill": 0.9, "temperature": 4.0, "channels_last": True, "calibrate_passes": 4,
           # crops padded with black, as the pretrained ResNets were trained (torchvision's RandomCrop)
-          "pad_fill": tuple(-m / s for m, s in zip(*carfast.models.cifar.CIFAR_RESNET_NORMALIZATION))}
+          "pad_fill": black_fill(carfast.models.cifar.CIFAR_RESNET_NORMALIZATION)}
 #: the fine-tune on record
 SELECT2000 = {k: v for k, v in FINETUNE.items() if k != "seed"}
 TRAIN = {"train5000": (5000, 10), "train50000": (50000, FULL_EPOCHS), "train5000-ce": (5000, 10)}  # images, epochs
@@ -98,10 +98,8 @@ class MemoTeacher(torch.nn.Module):
             return torch.load(path, weights_only=True)
         MemoTeacher.counts["computed"] += 1
         out = self.teacher(x)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(out.detach().clone(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, ".pt") as tmp:
+            torch.save(out.detach().clone(), tmp)
         return out
 
 

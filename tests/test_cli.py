@@ -286,7 +286,7 @@ def test_prune_then_finetune_with_distillation(tmp_path, capsys, packed):
     result = carfast.load_pruned(out)
     assert result.settings["finetune"]["distill"] == 0.9 and result.settings["finetune"]["checkpoint"] == str(ckpt)
     mean, std = carfast.models.cifar.CIFAR_RESNET_NORMALIZATION     # black after the model's normalisation
-    black = [-m / s for m, s in zip(mean, std)]
+    black = [-m / s for m, s in zip(mean, std)]     # (written out: the test checks black_fill too)
     assert result.settings["finetune"]["pad_fill"] == (pytest.approx(black) if packed else None)
     assert result.finetuned_accuracy is not None and ckpt.exists()
     assert "fine-tuned top-1 %" in capsys.readouterr().out

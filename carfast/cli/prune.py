@@ -137,10 +137,9 @@ def _finetune(args, norm, scoring):
         if given:
             raise CliError(f"{', '.join(given)} set(s) the fine-tune; add --finetune-data FILE.npz (training images)")
         return None
-    from carfast.finetune import FinetuneConfig
+    from carfast.finetune import FinetuneConfig, black_fill
     if args.finetune_pad == "black":      # a black pixel after the normalisation in use
-        mean, std = norm if norm is not None else NO_NORMALIZATION
-        fields["pad_fill"] = tuple(-m / s for m, s in zip(mean, std))
+        fields["pad_fill"] = black_fill(norm if norm is not None else NO_NORMALIZATION)
     try:
         config = FinetuneConfig(**fields).to_dict()
     except ValueError as err:

@@ -11,9 +11,9 @@ interrupted run. Top-1 accuracy: ``carfast.evaluate``.
 Modules: ``config`` (the options), ``loop`` (the training), ``augment``, ``batchnorm``, ``state`` (the
 checkpoint).
 """
-from carfast.finetune.augment import random_crop_flip
+from carfast.finetune.augment import black_fill, random_crop_flip
 from carfast.finetune.batchnorm import recalibrate_bn
 from carfast.finetune.config import FinetuneConfig
 from carfast.finetune.loop import finetune
 
-__all__ = ["FinetuneConfig", "finetune", "random_crop_flip", "recalibrate_bn"]
+__all__ = ["FinetuneConfig", "finetune", "random_crop_flip", "black_fill", "recalibrate_bn"]

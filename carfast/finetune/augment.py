@@ -4,7 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["random_crop_flip"]
+__all__ = ["random_crop_flip", "black_fill"]
+
+
+def black_fill(normalization) -> tuple:
+    """The per-channel value of a black pixel after ``normalization`` = ((mean...), (std...)): ``-mean / std``,
+    the ``fill`` of ``random_crop_flip`` (``FinetuneConfig.pad_fill``) that pads as torchvision's ``RandomCrop``."""
+    mean, std = normalization
+    return tuple(-m / s for m, s in zip(mean, std))
 
 
 def random_crop_flip(x: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None,
