@@ -142,6 +142,20 @@ def test_pad_fill_is_checked_and_old_checkpoints_resume(tmp_path):
         finetune(_net(), (x, y), dict(CFG, pad_fill=-1.0), checkpoint=ckpt, progress=False)
 
 
+def test_a_finished_checkpoint_serves_another_calibration(tmp_path):
+    """calibrate_passes acts after training: a finished run's checkpoint resumes with other passes and
+    gives what a fresh run with those passes gives."""
+    x, y = _data()
+    ckpt = tmp_path / "ft.pt"
+    finetune(_net(), (x, y), dict(CFG, calibrate_passes=1), calibrate=(x, y), checkpoint=ckpt, progress=False)
+    fresh = finetune(_net(), (x, y), dict(CFG, calibrate_passes=3), calibrate=(x, y), progress=False)
+    resumed = finetune(_net(), (x, y), dict(CFG, calibrate_passes=3), calibrate=(x, y), checkpoint=ckpt,
+                       progress=_interrupt_after(0))     # raises if it trains again
+    assert _same(resumed, fresh)
+    one = finetune(_net(), (x, y), dict(CFG, calibrate_passes=1), calibrate=(x, y), progress=False)
+    assert not _same(one, fresh)      # the passes do change the statistics
+
+
 class _Stop(Exception):
     pass
 

@@ -3,7 +3,8 @@
 One ``torch.save`` file, written atomically after about ``FinetuneConfig.checkpoint_images`` images and at
 the end of every epoch: the network's and the optimizer's state, the step, the epoch and the batch within
 it, the epoch's image order, the augmentation generator's and torch's random states, and the config and
-data size it belongs to (a run with another config or data refuses it). Read with ``weights_only=True``.
+data size it belongs to (a run with another config or data refuses it; ``checkpoint_images`` and
+``calibrate_passes`` may differ, since the state does not depend on them). Read with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from carfast.finetune.config import FinetuneConfig
 __all__ = ["save_state", "load_state"]
 
 _FORMAT = "carfast-finetune-checkpoint/1"
+#: config fields the saved state does not depend on: when to save, and how ``calibrate=`` runs after training
+_AFTER = ("checkpoint_images", "calibrate_passes")
 
 
 def save_state(path, cfg: FinetuneConfig, num_images: int, *, step: int, epoch: int, batch: int, order, gen, net,
@@ -44,8 +47,7 @@ def load_state(path, cfg: FinetuneConfig, num_images: int) -> dict | None:
                          f"{obj.get('format') if isinstance(obj, dict) else None!r}); pass another path")
     mine = cfg.to_dict()
     theirs = {**FinetuneConfig().to_dict(), **obj["config"]}     # (fields added since: their defaults)
-    differ = sorted(k for k in set(mine) | set(theirs)
-                    if mine.get(k) != theirs.get(k) and k != "checkpoint_images")   # (when to save only)
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in _AFTER)
     if differ:
         raise ValueError(f"finetune: the checkpoint {where!r} was written with another config ("
                          + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in differ)
