@@ -278,7 +278,7 @@ def _training_npz(tmp_path, packed: bool) -> str:
 def test_prune_then_finetune_with_distillation(tmp_path, capsys, packed):
     out, ckpt = tmp_path / "r.pt", tmp_path / "ft.pt"
     data = _training_npz(tmp_path, packed)
-    pad = ["--finetune-pad", "black"] if packed else []
+    pad = [] if packed else ["--finetune-pad", "reflect"]      # black is the default
     assert main(["prune", "--model", "resnet20", "--layer", "layer1.0.conv1", "--n", "40", "--keep", "14",
                  "--finetune-data", data, "--finetune-epochs", "1", "--finetune-batch-size", "16", "--distill", "0.9",
                  "--bn-stats", "update", "--calibrate", "--finetune-checkpoint", str(ckpt), "--out", str(out),
@@ -287,7 +287,7 @@ def test_prune_then_finetune_with_distillation(tmp_path, capsys, packed):
     assert result.settings["finetune"]["distill"] == 0.9 and result.settings["finetune"]["checkpoint"] == str(ckpt)
     mean, std = carfast.models.cifar.CIFAR_RESNET_NORMALIZATION     # black after the model's normalisation
     black = [-m / s for m, s in zip(mean, std)]     # (written out: the test checks black_fill too)
-    assert result.settings["finetune"]["pad_fill"] == (pytest.approx(black) if packed else None)
+    assert result.settings["finetune"]["pad_fill"] == (pytest.approx(black) if packed else None)   # None: reflect
     assert result.finetuned_accuracy is not None and ckpt.exists()
     assert "fine-tuned top-1 %" in capsys.readouterr().out
 

@@ -115,10 +115,10 @@ def _add_finetune_options(r) -> None:
     ft.add_argument("--finetune-checkpoint", metavar="FILE", default=None,
                     help="save the fine-tune's state here as it goes; a later run with the same options resumes it")
     ft.add_argument("--finetune-seed", type=int, default=None, help="seed of the order and augmentation (default 0)")
-    ft.add_argument("--finetune-pad", choices=("reflect", "black"), default=None,
-                    help="how the random crops are padded: reflect (default) or black, as torchvision's "
-                         "RandomCrop(padding=4) pads; use black for the bundled CIFAR ResNets, whose BatchNorm "
-                         "statistics are those of black-padded crops (--calibrate loses about 2 points otherwise)")
+    ft.add_argument("--finetune-pad", choices=("black", "reflect"), default=None,
+                    help="how the random crops are padded: black (default), as torchvision's RandomCrop(padding=4) "
+                         "pads and the bundled CIFAR networks were trained, or reflect. Use the padding the network "
+                         "was trained with: with --calibrate, the bundled ResNet-56 loses about 2 points otherwise")
 
 
 #: --flag: the ``FinetuneConfig`` field it sets (unset flags keep the field's default)
@@ -138,7 +138,7 @@ def _finetune(args, norm, scoring):
             raise CliError(f"{', '.join(given)} set(s) the fine-tune; add --finetune-data FILE.npz (training images)")
         return None
     from carfast.finetune import FinetuneConfig, black_fill
-    if args.finetune_pad == "black":      # a black pixel after the normalisation in use
+    if args.finetune_pad in (None, "black"):      # a black pixel after the normalisation in use
         fields["pad_fill"] = black_fill(norm if norm is not None else NO_NORMALIZATION)
     try:
         config = FinetuneConfig(**fields).to_dict()
