@@ -287,10 +287,14 @@ def table() -> str:
             acc = [100 * sum(v) / len(v) for v in seeds.values()]
             cell = f"{statistics.mean(acc):.2f}"
             if budget != "none":
-                cell += f" ({len(acc)} seeds)"
-            d = paired(seeds, res.get(("l1", budget), {})) if run != "l1" else None
+                cell += f" ({len(acc)} seeds" + (": " + ", ".join(f"{a:.2f}" for a in acc) if run == "l1" else "") + ")"
+            base = res.get(("l1", budget), {})
+            d = paired(seeds, base) if run != "l1" else None
             if d is not None:
                 cell += f"<br>{100 * d[0]:+.2f} ± {100 * d[1]:.2f}"
+                if budget != "none" and d[2] > 1:   # each seed's own: the spread the SE over images leaves out
+                    cell += " (" + ", ".join(f"{100 * paired({s: seeds[s]}, {s: base[s]})[0]:+.2f}"
+                                             for s in sorted(set(seeds) & set(base))) + ")"
             cells.append(cell)
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
     times = ["", "| budget | median s per pruned network's job, teacher computed (jobs) | the same, teacher read "
