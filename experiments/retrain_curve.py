@@ -63,6 +63,8 @@ BUDGETS = ("none", "select2000", "train5000", "train50000")
 SEEDS = (0, 1)
 N_SELECT, N_HELD = 2000, 5000
 FULL_EPOCHS = 5
+#: the retraining budgets' names on the figure's axes
+BUDGET_LABELS = ("2,000 test images\n10 epochs", "5,000 train\n10 epochs", f"50,000 train\n{FULL_EPOCHS} epochs")
 #: the retraining recipe of the training-set budgets (``carfast.finetune``)
 RECIPE = {"lr": 0.01, "batch_size": 128, "schedule": "cosine", "augment": True, "bn_stats": "update",
           "distill": 0.9, "temperature": 4.0, "channels_last": True, "calibrate_passes": 4,
@@ -338,8 +340,10 @@ def figure(path: Path) -> None:
     res = results()
     colours = {"car-loss": "tab:red", "car-accuracy": "darkred", "taylor": "tab:green", "l1": "tab:blue",
                "random": "0.5", "car-loss-race": "tab:orange", "car-loss-staged": "tab:purple", "unpruned": "k"}
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=130)
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(12.5, 4.8), dpi=130, gridspec_kw={"width_ratios": (4, 3)})
+    retrained = BUDGETS[1:]
     for run in RUNS:
+        style = dict(color=colours[run], lw=1.6, marker="o", ms=4, capsize=3, ls="--" if run == "unpruned" else "-")
         xs, ys, es = [], [], []
         for i, budget in enumerate(BUDGETS):
             seeds = res.get((run, budget))
@@ -349,14 +353,23 @@ def figure(path: Path) -> None:
                 ys.append(statistics.mean(acc))
                 es.append(statistics.stdev(acc) if len(acc) > 1 else 0.0)
         if xs:
-            ax.errorbar(xs, ys, yerr=es, color=colours[run], lw=1.6, marker="o", ms=4, capsize=3,
-                        ls="--" if run == "unpruned" else "-", label=run + (" (ceiling)" if run == "unpruned" else ""))
-    ax.set_xticks(range(len(BUDGETS)), ["none", "2,000 test images\n10 epochs", "5,000 train\n10 epochs",
-                                        f"50,000 train\n{FULL_EPOCHS} epochs"])
-    ax.set_ylabel(f"top-1 %, {N_HELD:,} held-out test images")
+            ax.errorbar(xs, ys, yerr=es, label=run + (" (ceiling)" if run == "unpruned" else ""), **style)
+        diffs = [(i, paired(res.get((run, b), {}), res.get(("l1", b), {}))) for i, b in enumerate(retrained)]
+        diffs = [(i, d) for i, d in diffs if d is not None and run not in ("l1", "unpruned")]
+        if diffs:
+            dx.errorbar([i for i, _ in diffs], [100 * d[0] for _, d in diffs], yerr=[100 * d[1] for _, d in diffs],
+                        **style)
+    ax.set_xticks(range(len(BUDGETS)), ["none", *BUDGET_LABELS])
+    ax.set_ylabel(f"top-1 %, {N_HELD:,} held-out test images (± the seeds' SD)")
     ax.set_title("ResNet-56, every block conv1 at half: accuracy after retraining", fontsize=10)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    dx.axhline(0, color=colours["l1"], lw=1.2)
+    dx.set_xticks(range(len(retrained)), BUDGET_LABELS)
+    dx.set_xlim(-0.4, len(retrained) - 0.6)
+    dx.set_ylabel("minus L1, points (paired over images, ± SE)")
+    dx.set_title("the retrained networks against L1", fontsize=10)
+    for a in (ax, dx):
+        a.grid(alpha=0.3)
     save_figure(fig, path)
 
 
