@@ -110,7 +110,9 @@ class PruneResult:
     stats:    {"before": {"params", "macs"}, "after": {...}}, counted at ``settings["input_shape"]``.
     finetuned_accuracy: accuracy on the scoring data after ``finetune`` (None when not fine-tuned).
     scores:   {layer: LayerScores} of each layer's first CAR scoring (all its filters, before any of them
-              was removed): the class-wise view of the layer (``carfast.ClassImportance``). Empty for
+              was removed): the class-wise view of the layer (``carfast.ClassImportance``). With
+              ``search="race"``, only the first race's survivors, the filters it scored on every image
+              (``scores[layer].filters`` names them; ``carfast.score_layer`` scores all). Empty for
               other criteria and for layers whose removals were all replayed from a checkpoint.
     stops:    {layer: {"reason", "remaining", "accuracy_after_next", "threshold", "iteration"}} for each
               layer that stopped before its ``keep`` (``max_accuracy_drop``).
