@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from whole_network import block_conv1s
 
 import carfast
 from carfast.atomic import write_json_atomic
@@ -35,10 +36,6 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_TEST = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"
 RESULTS = REPO / "experiments" / "results"
 N_SELECT, KEEP, DEPTH = 1000, 0.75, 20
-
-
-def block_conv1s(model) -> list[str]:
-    return [n for n, _ in model.named_modules() if n.startswith("layer") and n.endswith(".conv1")]
 
 
 def exact_row(rule: str, offset: int) -> dict:

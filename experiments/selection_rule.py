@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from whole_network import block_conv1s
 
 import carfast
 from carfast.atomic import write_json_atomic
@@ -33,10 +34,6 @@ from carfast.surgery import remove_filters
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TEST = REPO.parent / "shared" / "data" / "cifar10" / "test.npz"
-
-
-def block_conv1s(model) -> list[str]:
-    return [n for n, _ in model.named_modules() if n.startswith("layer") and n.endswith(".conv1")]
 
 
 def crossfit_prune(model, layers, select, keep: float):

@@ -65,7 +65,9 @@ FINETUNE = {"epochs": 10, "lr": 0.005, "batch_size": 128, "schedule": "cosine", 
             "bn_stats": "update", "seed": 0}
 
 
-def block_conv1s(model, order: str) -> list[str]:
+def block_conv1s(model, order: str = "forward") -> list[str]:
+    """The block conv1s of a CIFAR ResNet (``layerS.B.conv1``), in model order or, ``order="reverse"``, deepest
+    first."""
     names = [n for n, _ in model.named_modules() if n.startswith("layer") and n.endswith(".conv1")]
     return names[::-1] if order == "reverse" else names
 
