@@ -117,7 +117,7 @@ def _add_finetune_options(r) -> None:
     ft.add_argument("--finetune-seed", type=int, default=None, help="seed of the order and augmentation (default 0)")
     ft.add_argument("--finetune-pad", choices=("black", "reflect"), default=None,
                     help="how the random crops are padded: black (default), as torchvision's RandomCrop(padding=4) "
-                         "pads and the bundled CIFAR networks were trained, or reflect. Use the padding the network "
+                         "pads and the bundled CIFAR ResNets were trained, or reflect. Use the padding the network "
                          "was trained with: with --calibrate, the bundled ResNet-56 loses about 2 points otherwise")
 
 
