@@ -289,7 +289,8 @@ def table() -> str:
             acc = [100 * sum(v) / len(v) for v in seeds.values()]
             cell = f"{statistics.mean(acc):.2f}"
             if budget != "none":
-                cell += f" ({len(acc)} seed{'s' if len(acc) > 1 else ''}" + (": " + ", ".join(f"{a:.2f}" for a in acc) if run == "l1" else "") + ")"
+                each = ": " + ", ".join(f"{a:.2f}" for a in acc) if run == "l1" else ""   # L1's per seed
+                cell += f" ({len(acc)} seed{'s' if len(acc) > 1 else ''}{each})"
             base = res.get(("l1", budget), {})
             d = paired(seeds, base) if run != "l1" else None
             if d is not None:
