@@ -355,8 +355,10 @@ def figure(path: Path) -> None:
                 es.append(statistics.stdev(acc) if len(acc) > 1 else 0.0)
         if xs:
             ax.errorbar(xs, ys, yerr=es, label=run + (" (ceiling)" if run == "unpruned" else ""), **style)
+        if run in ("l1", "unpruned"):     # the right panel holds the criteria only
+            continue
         diffs = [(i, paired(res.get((run, b), {}), res.get(("l1", b), {}))) for i, b in enumerate(retrained)]
-        diffs = [(i, d) for i, d in diffs if d is not None and run not in ("l1", "unpruned")]
+        diffs = [(i, d) for i, d in diffs if d is not None]
         if diffs:
             dx.errorbar([i for i, _ in diffs], [100 * d[0] for _, d in diffs], yerr=[100 * d[1] for _, d in diffs],
                         **style)
