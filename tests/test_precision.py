@@ -5,6 +5,8 @@ fallback is needed); the threshold's derivation is checked on its own.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from nets import NETS, SCORABLE, make_data
@@ -65,15 +67,22 @@ def test_fused_consumer_path_equals_plain_suffix(resnet20_data):
     assert torch.equal(low.image_correct, refs["layer1.0.conv1"].image_correct)
 
 
+@pytest.mark.parametrize("emulated", [False, True])
 @pytest.mark.parametrize("net", [n for n in SCORABLE if n != "untraceable"])
-def test_fp16_and_fused_on_synthetic_nets(net):
+def test_fp16_and_fused_on_synthetic_nets(net, emulated, monkeypatch):
+    """Counts equal float32's on every net, with this CPU's own convolutions and with the float32
+    emulation of CPUs without native bf16 / fp16 (forced: ``emulated``)."""
+    if emulated:
+        monkeypatch.setattr(suffix_opt, "onednn_supports", lambda dtype: dtype == torch.float32)
     case = NETS[net]()
     model, layer = case.model, case.layer
     x, y = make_data(case, 48)
     ref = _score(model, layer, (x, y))
     for prec in ("fp16", "bf16"):
         for fused in (False, True):
-            r = _score(model, layer, (x, y), precision=prec, options=carfast.ScoreOptions(fused_consumer=fused))
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "score_layer: this CPU has no native")
+                r = _score(model, layer, (x, y), precision=prec, options=carfast.ScoreOptions(fused_consumer=fused))
             assert torch.equal(r.image_correct, ref.image_correct), (net, prec, fused)
 
 
@@ -124,11 +133,68 @@ def test_fused_conv_ops_on_cpus_with_and_without_onednn_support(dtype, onednn, m
     lo = [t.to(dtype).contiguous(memory_format=cl) if t.dim() == 4 else t.to(dtype) for t in (x, w, b, other)]
     got = suffix_opt.conv_relu(lo[0], lo[1], lo[2], *args)
     got_add = suffix_opt.conv_add_relu(lo[0], lo[3], lo[1], lo[2], *args)
+    got_plain = suffix_opt.conv2d(lo[0], lo[1], lo[2], *args)
     tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
-    assert got.dtype == dtype and got_add.dtype == dtype
+    assert got.dtype == dtype and got_add.dtype == dtype and got_plain.dtype == dtype
     assert torch.allclose(got.double(), ref, rtol=tol, atol=tol * ref.abs().max())
+    assert torch.allclose(got_plain.double(), pre, rtol=tol, atol=tol * pre.abs().max())
     ref_add = torch.relu(pre + other.to(dtype).double())
     assert torch.allclose(got_add.double(), ref_add, rtol=tol, atol=tol * ref_add.abs().max())
+
+
+def test_emulated_low_precision_rounds_float32_arithmetic_once(monkeypatch):
+    """Without native bf16 / fp16 (forced), each convolution is float32 arithmetic on the low-precision
+    operands rounded once to their dtype, so it differs from the float32 result by at most half an ulp
+    of the dtype (and by more than float32 rounding: it is not float32 in disguise)."""
+    monkeypatch.setattr(suffix_opt, "onednn_supports", lambda dtype: dtype == torch.float32)
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 8, 10, 10, generator=g), torch.randn(4, 8, 3, 3, generator=g)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    for dtype, ulp in ((torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)):
+        xl, wl = x.to(dtype), w.to(dtype)
+        assert suffix_opt.emulates_low_precision(xl) and not suffix_opt.emulates_low_precision(x)
+        exact = torch.nn.functional.conv2d(xl.double(), wl.double(), None, 1, 1)
+        got = suffix_opt.conv2d(xl, wl, None, *args).double()
+        rel = ((got - exact).abs() / exact.abs().clamp_min(1e-3)).max().item()
+        assert 1e-5 < rel <= ulp / 2 * 1.01, (dtype, rel)
+
+
+def test_conv_ops_leave_non_cpu_tensors_to_pytorch(monkeypatch):
+    """oneDNN's kernels take CPU tensors only: with tensors elsewhere (the suffix on a GPU; here "meta")
+    the ops are plain PyTorch whatever the host CPU supports."""
+    monkeypatch.setattr(suffix_opt, "onednn_supports", lambda dtype: True)
+
+    def cpu_only(*args):
+        raise AssertionError("oneDNN's kernel called with non-CPU tensors")
+
+    monkeypatch.setattr(suffix_opt.onednn, "conv_relu", cpu_only)
+    monkeypatch.setattr(suffix_opt.onednn, "conv_add_relu", cpu_only)
+    x, w, other = (torch.empty(2, 4, 6, 6, device="meta"), torch.empty(5, 4, 3, 3, device="meta"),
+                   torch.empty(2, 5, 6, 6, device="meta"))
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, wd, od = x.to(dtype), w.to(dtype), other.to(dtype)
+        assert not suffix_opt.emulates_low_precision(xd)
+        for out in (suffix_opt.conv_relu(xd, wd, None, *args), suffix_opt.conv_add_relu(xd, od, wd, None, *args),
+                    suffix_opt.conv2d(xd, wd, None, *args)):
+            assert out.device.type == "meta" and out.shape == (2, 5, 6, 6) and out.dtype == dtype
+
+
+def test_low_precision_warns_where_the_cpu_has_no_native_convolutions(monkeypatch):
+    """precision="bf16" on a CPU without native bf16 convolutions (forced) warns that it is emulated and
+    names the fix; with them (forced, on the plain suffix) or in float32 it does not."""
+    case = NETS["mobilenet_chain"]()
+    d = make_data(case, 24)
+    monkeypatch.setattr(suffix_opt, "onednn_supports", lambda dtype: dtype == torch.float32)
+    for prec in ("bf16", "fp16"):
+        with pytest.warns(UserWarning, match=f"score_layer: this CPU has no native {prec} convolutions.*"
+                                             "use precision='fp32' on this CPU"):
+            _score(case.model, case.layer, d, precision=prec)
+    monkeypatch.setattr(suffix_opt, "onednn_supports", lambda dtype: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _score(case.model, case.layer, d, precision="bf16", options=carfast.ScoreOptions(fold_bn=False))
+        _score(case.model, case.layer, d)
 
 
 def test_fp16_scores_exact_without_onednn_fp16(resnet20_data, monkeypatch):

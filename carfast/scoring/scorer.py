@@ -33,6 +33,7 @@ import collections.abc
 import dataclasses
 import itertools
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,7 @@ from carfast.graph.split import TraceError, analyze, target_num_filters
 from carfast.graph.target import resolve_target
 from carfast.ops import dispatch
 from carfast.progress import Progress
+from carfast.scoring import suffix_opt
 from carfast.scoring.checks import (
     check_filters,
     count_images,
@@ -299,8 +301,21 @@ class LayerScorer:
             if fused is not None and opt.fold_bn:
                 fused.post = optimized_suffix(fused.post, channels_last)
         low = self._dtype != torch.float32
+        if low and cpu:
+            self._warn_if_emulated(precision)
         return SuffixMethod(lg, suffix, fused, channels_last, self._dtype, backend, self._pair_batch, prefix_batch,
                             precision if low else "fp32", self.fn)
+
+    def _warn_if_emulated(self, precision: str) -> None:
+        """UserWarning where this CPU has no native ``precision`` convolutions: the suffix computes them in
+        float32 and rounds (``suffix_opt.py``), exact as always but no faster than float32."""
+        if suffix_opt.onednn_supports(self._dtype):
+            return
+        needs = "AVX-512 BF16 or AMX" if precision == "bf16" else "AVX-512-FP16 or AVX-NE-CONVERT"
+        warnings.warn(f"{self.fn}: this CPU has no native {precision} convolutions (they need {needs}), so "
+                      f"precision={precision!r} computes them in float32 and rounds: the same counts as "
+                      "precision='fp32', but slower (the threshold's calibration and the re-run come on top); "
+                      "use precision='fp32' on this CPU", stacklevel=2)
 
     # ---- the prefix, cached when it fits ------------------------------------------------------------------
     def _chunks(self):
