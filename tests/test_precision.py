@@ -152,7 +152,8 @@ def test_emulated_low_precision_rounds_float32_arithmetic_once(monkeypatch):
     args = ([1, 1], [1, 1], [1, 1], 1)
     for dtype, ulp in ((torch.bfloat16, 2.0 ** -7), (torch.float16, 2.0 ** -10)):
         xl, wl = x.to(dtype), w.to(dtype)
-        assert suffix_opt.emulates_low_precision(xl) and not suffix_opt.emulates_low_precision(x)
+        assert suffix_opt.emulates_low_precision(xl.dtype, xl.device) and \
+            not suffix_opt.emulates_low_precision(x.dtype, x.device)
         exact = torch.nn.functional.conv2d(xl.double(), wl.double(), None, 1, 1)
         got = suffix_opt.conv2d(xl, wl, None, *args).double()
         rel = ((got - exact).abs() / exact.abs().clamp_min(1e-3)).max().item()
@@ -174,7 +175,7 @@ def test_conv_ops_leave_non_cpu_tensors_to_pytorch(monkeypatch):
     args = ([1, 1], [1, 1], [1, 1], 1)
     for dtype in (torch.float32, torch.bfloat16):
         xd, wd, od = x.to(dtype), w.to(dtype), other.to(dtype)
-        assert not suffix_opt.emulates_low_precision(xd)
+        assert not suffix_opt.emulates_low_precision(xd.dtype, xd.device)
         for out in (suffix_opt.conv_relu(xd, wd, None, *args), suffix_opt.conv_add_relu(xd, od, wd, None, *args),
                     suffix_opt.conv2d(xd, wd, None, *args)):
             assert out.device.type == "meta" and out.shape == (2, 5, 6, 6) and out.dtype == dtype

@@ -301,21 +301,22 @@ class LayerScorer:
             if fused is not None and opt.fold_bn:
                 fused.post = optimized_suffix(fused.post, channels_last)
         low = self._dtype != torch.float32
-        if low and cpu:
+        if low:
             self._warn_if_emulated(precision)
         return SuffixMethod(lg, suffix, fused, channels_last, self._dtype, backend, self._pair_batch, prefix_batch,
                             precision if low else "fp32", self.fn)
 
     def _warn_if_emulated(self, precision: str) -> None:
-        """UserWarning where this CPU has no native ``precision`` convolutions: the suffix computes them in
-        float32 and rounds (``suffix_opt.py``), exact as always but no faster than float32."""
-        if suffix_opt.onednn_supports(self._dtype):
+        """UserWarning where this CPU has no native ``precision`` convolutions: the optimised suffix computes
+        them in float32 and rounds (``suffix_opt.py``; without ``fold_bn``, PyTorch's slow kernel runs), exact
+        as always but slower than float32."""
+        if not suffix_opt.emulates_low_precision(self._dtype, self._device):
             return
         needs = "AVX-512 BF16 or AMX" if precision == "bf16" else "AVX-512-FP16 or AVX-NE-CONVERT"
         warnings.warn(f"{self.fn}: this CPU has no native {precision} convolutions (they need {needs}), so "
-                      f"precision={precision!r} computes them in float32 and rounds: the same counts as "
-                      "precision='fp32', but slower (the threshold's calibration and the re-run come on top); "
-                      "use precision='fp32' on this CPU", stacklevel=2)
+                      f"precision={precision!r} gives the same counts as precision='fp32' but more slowly (its "
+                      "convolutions compute in float32 and round, and the threshold's calibration and the re-run "
+                      "come on top); use precision='fp32' on this CPU", stacklevel=2)
 
     # ---- the prefix, cached when it fits ------------------------------------------------------------------
     def _chunks(self):

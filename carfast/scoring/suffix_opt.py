@@ -41,10 +41,11 @@ _RELU_FUNCTIONS = ("relu", "relu_")
 onednn_supports = onednn.supports
 
 
-def emulates_low_precision(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a bf16 / fp16 CPU tensor whose dtype this CPU's oneDNN cannot convolve natively, so
-    the convolutions here compute in float32 and round (module docstring)."""
-    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not onednn_supports(x.dtype)
+def emulates_low_precision(dtype: torch.dtype, device) -> bool:
+    """Whether ``dtype`` is bf16 / fp16 on a CPU ``device`` whose oneDNN cannot convolve it natively, so the
+    convolutions here compute in float32 and round (module docstring)."""
+    return torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) \
+        and not onednn_supports(dtype)
 
 
 def _onednn_runs(x: torch.Tensor) -> bool:
@@ -58,8 +59,8 @@ def _conv_f32(x, weight, bias, padding, stride, dilation, groups) -> torch.Tenso
 
 
 def conv2d(x, weight, bias, padding, stride, dilation, groups):
-    """conv2d(x) in x's dtype: float32 arithmetic rounded once where ``emulates_low_precision(x)``."""
-    if emulates_low_precision(x):
+    """conv2d(x) in x's dtype: float32 arithmetic rounded once where ``emulates_low_precision``."""
+    if emulates_low_precision(x.dtype, x.device):
         return _conv_f32(x, weight, bias, padding, stride, dilation, groups).to(x.dtype)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -76,7 +77,7 @@ def conv_add_relu(x, other, weight, bias, padding, stride, dilation, groups):
     the sum is rounded once, as oneDNN's float32 post-ops do."""
     if _onednn_runs(x):
         return onednn.conv_add_relu(x, other, weight, bias, padding, stride, dilation, groups)
-    if emulates_low_precision(x):
+    if emulates_low_precision(x.dtype, x.device):
         y = _conv_f32(x, weight, bias, padding, stride, dilation, groups)
         return torch.relu(y + other.float()).to(x.dtype)
     return torch.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + other)
